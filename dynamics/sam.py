@@ -1,0 +1,131 @@
+"""The SAM perturbation and the logits-SAM transform: the one place this math lives.
+
+SAM (Foret et al., 2021) evaluates the loss at an adversarially perturbed point
+
+    e   = sg(rho * g / ||g||),   g = d/dθ L(θ),   e = 0 when ||g|| = 0     (Thm A.2 (3))
+    out = L(θ + e)
+
+and descends along d/dθ out: the first-order SAM gradient (no second-order term through
+e, hence the stop-gradient). ``rho`` is signed: the theory pairs a negative learning
+rate with a negative radius (paper §3.2, Cor 3.6), the practical DPO convention keeps
+both positive (Table 4).
+
+Logits-SAM (paper §3.3, Algorithm 1) applies the same perturbation to the output layer
+W only. With trunk features ``h`` (..., d) and a loss of the head ``L(h, W)``:
+
+    gW  = d/dW L(sg(h), W)
+    e   = sg(rho * gW / ||gW||_F)
+    out = L(h, W + e)
+
+Gradients of ``out`` flow to W and, through h, to every trunk parameter: one trunk
+forward and backward; under ``jit`` XLA shares the trunk between both uses of h. In the
+fixed-feature toy the whole model is the output layer (h = φ), so SAM there *is*
+logits-SAM and both halves of the project run this code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+def global_norm(tree: PyTree) -> jax.Array:
+    """Frobenius norm over every leaf of ``tree`` (accumulated in float32 or wider)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    acc = jnp.result_type(jnp.float32, *leaves)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(acc))) for x in leaves))
+
+
+def sam_perturbation(grads: PyTree, rho: float | jax.Array) -> PyTree:
+    """``rho * grads / ||grads||`` with the zero-gradient convention ``e = 0``.
+
+    The norm is global over the whole pytree (and, for sharded arrays, over every
+    device: ``jit`` inserts the all-reduce).
+    """
+    norm = global_norm(grads)
+    safe = jnp.where(norm > 0, norm, 1.0)
+    scale = jnp.where(norm > 0, rho / safe, 0.0)
+    return jax.tree_util.tree_map(lambda g: (scale * g).astype(g.dtype), grads)
+
+
+def sam_loss(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    rho: float | jax.Array,
+    *args: Any,
+    has_aux: bool = False,
+) -> Any:
+    """The SAM objective ``loss_fn(params + e, *args)`` with ``e`` from the gradient at ``params``.
+
+    Args:
+      loss_fn: ``loss_fn(params, *args) -> scalar`` (or ``(scalar, aux)`` if ``has_aux``).
+      params: the pytree that is perturbed.
+      rho: signed radius.
+      *args: further inputs; gradients of the result flow into them, but the inner
+        gradient that sets ``e`` treats them as constants.
+      has_aux: ``loss_fn`` returns ``(loss, aux)``. The returned aux is the one of the
+        *unperturbed* evaluation (the metrics of the current model), computed by the
+        inner gradient pass at no extra cost.
+
+    Returns:
+      ``out`` (and ``aux``), whose gradient w.r.t. ``params`` and ``args`` is the SAM
+      gradient.
+    """
+    frozen = jax.lax.stop_gradient((params, args))
+    inner = jax.grad(lambda p: loss_fn(p, *frozen[1]), has_aux=has_aux)(frozen[0])
+    grads, aux = inner if has_aux else (inner, None)
+    e = jax.lax.stop_gradient(sam_perturbation(grads, rho))
+    perturbed = jax.tree_util.tree_map(jnp.add, params, e)
+    out = loss_fn(perturbed, *args)
+    if has_aux:
+        return out[0], aux
+    return out
+
+
+def logits_sam_loss(
+    loss_fn: Callable[..., Any],
+    hidden: PyTree,
+    head: PyTree,
+    rho: float | jax.Array,
+    *args: Any,
+    has_aux: bool = False,
+) -> Any:
+    """The logits-SAM objective ``L(h, W + e)`` (paper §3.3, Algorithm 1).
+
+    Args:
+      loss_fn: ``loss_fn(hidden, head, *args) -> scalar`` (or ``(scalar, aux)``). Any
+        loss of the logits ``hidden @ head.T``, computed however the caller likes
+        (whole or chunk by chunk), with any leading batch/token axes in ``hidden``.
+      hidden: final features h, e.g. (..., d); the output of the trunk, so gradients of
+        the result reach the trunk parameters through it.
+      head: the output layer W, e.g. (V, d) (or a pytree such as weight and bias).
+      rho: signed radius; ``rho = 0`` gives the plain loss and its gradient.
+      *args: further loss inputs (labels, masks, reference log-probs), constants of the
+        inner gradient.
+      has_aux: see :func:`sam_loss`.
+    """
+    return sam_loss(
+        lambda w, h, *rest: loss_fn(h, w, *rest), head, rho, hidden, *args, has_aux=has_aux
+    )
+
+
+def head_step(
+    loss_fn: Callable[..., jax.Array],
+    hidden: PyTree,
+    head: PyTree,
+    eta: float | jax.Array,
+    rho: float | jax.Array,
+    *args: Any,
+) -> PyTree:
+    """One signed (logits-)SAM step on the head: ``W ← W − η ∇_W L(h, W + e)``.
+
+    ``rho = 0`` is plain gradient descent; both ``eta`` and ``rho`` may be negative (the
+    theory's y⁻ objective is descent with η < 0, Table 4). With fixed features
+    (``hidden = φ``) this is exactly the SAM update of Theorem A.2.
+    """
+    grads = jax.grad(lambda w: logits_sam_loss(loss_fn, hidden, w, rho, *args))(head)
+    return jax.tree_util.tree_map(lambda w, g: w - eta * g, head, grads)
