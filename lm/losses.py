@@ -1,0 +1,319 @@
+"""Sequence log-probabilities, the DPO family of preference losses, and their metrics.
+
+Log-probs (one function for policy and reference). For hidden states h (N, T, d) after
+the final norm, an output layer W (V, d) and token ids x (N, T), the log-prob of token
+t+1 given the prefix up to t is
+
+    log π(x_{t+1} | x_{≤t}) = z_t[x_{t+1}] − logsumexp(z_t),   z_t = h_t Wᵀ ∈ R^V
+
+counted where ``loss_mask[t+1] = 1`` (response tokens, EOS included). The vocabulary ×
+tokens logits are never materialised: tokens are processed in chunks, each chunk under
+``jax.checkpoint`` so the backward pass also only holds one chunk's logits.
+
+Losses. Each is a pure function of a :class:`PairLogps` (policy and reference sequence
+log-probs of chosen y_w and rejected y_l, and their token counts) and its
+hyper-parameters, returning per-pair losses [B]. With
+
+    Δ = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))     (paper eq. 2)
+
+  dpo     −log σ(βΔ)                                              Rafailov et al.
+  cdpo    −(1−ε) log σ(βΔ) − ε log σ(−βΔ)                         label smoothing
+  robust  (−(1−ε) log σ(βΔ) + ε log σ(−βΔ)) / (1 − 2ε)            Chowdhury et al.
+  ipo     (Δ̄ − 1/(2β))², Δ̄ = Δ with per-token (length-normalised) log-probs
+  hinge   max(0, 1 − βΔ)
+  dpop    −log σ(β(Δ − λ max(0, log π_ref(y_w) − log π(y_w))))      DPO-Positive
+  slic    max(0, δ − log π(y_w) + log π(y_l)) − λ log π(y_w)        paper Table 5
+  cpo     −log σ(β log π(y_w) − β log π(y_l)) − λ log π(y_w)        paper Table 5
+  simpo   −log σ(β/|y_w| log π(y_w) − β/|y_l| log π(y_l) − γ)       Meng et al.
+
+slic, cpo and simpo are reference-free: they never read the reference log-probs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def _chunk_token_logps(hidden: jax.Array, head: jax.Array, targets: jax.Array) -> jax.Array:
+    """log softmax(h Wᵀ)[target] for one chunk: h (C, d), W (V, d), targets (C,) → (C,)."""
+    logits = hidden.astype(jnp.float32) @ head.astype(jnp.float32).T
+    target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return target_logit - jax.nn.logsumexp(logits, axis=-1)
+
+
+def token_logps(
+    hidden: jax.Array,
+    head: jax.Array,
+    input_ids: jax.Array,
+    loss_mask: jax.Array,
+    *,
+    chunk_size: int | None = None,
+) -> jax.Array:
+    """Masked per-token log-probs of the next token: (N, T, d), (V, d) → (N, T − 1) float32.
+
+    Entry [n, t] is log π(x_{n,t+1} | x_{n,≤t}) where ``loss_mask[n, t+1]`` is set, else 0.
+
+    Args:
+      hidden: final hidden states h (N, T, d), any float dtype (upcast to float32).
+      head: output layer W (V, d) (for tied models, the embedding matrix).
+      input_ids: int (N, T).
+      loss_mask: (N, T), 1 on the tokens whose log-probs count (the response, EOS incl.).
+      chunk_size: tokens per chunk of the (tokens × V) logits; ``None`` = all at once.
+    """
+    n, t, d = hidden.shape
+    h = hidden[:, :-1].reshape(-1, d)
+    targets = input_ids[:, 1:].reshape(-1).astype(jnp.int32)
+    num = h.shape[0]
+    if chunk_size is None or chunk_size >= num:
+        flat = _chunk_token_logps(h, head, targets)
+    else:
+        if chunk_size < 1:
+            raise ValueError(f"--chunk-size must be a positive integer, got {chunk_size}")
+        chunks = -(-num // chunk_size)
+        pad = chunks * chunk_size - num
+        h = jnp.pad(h, ((0, pad), (0, 0))).reshape(chunks, chunk_size, d)
+        tg = jnp.pad(targets, (0, pad)).reshape(chunks, chunk_size)
+        body = jax.checkpoint(lambda xs: _chunk_token_logps(xs[0], head, xs[1]))
+        flat = jax.lax.map(body, (h, tg)).reshape(-1)[:num]
+    mask = loss_mask[:, 1:].astype(jnp.float32)
+    return jnp.where(mask > 0, flat.reshape(n, t - 1), 0.0)
+
+
+def sequence_logps(
+    hidden: jax.Array,
+    head: jax.Array,
+    input_ids: jax.Array,
+    loss_mask: jax.Array,
+    *,
+    chunk_size: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Summed response log-probs log π(y | x) (N,) and response token counts |y| (N,).
+
+    See :func:`token_logps` for the arguments; both outputs are float32.
+    """
+    logps = token_logps(hidden, head, input_ids, loss_mask, chunk_size=chunk_size)
+    counts = jnp.sum(loss_mask[:, 1:].astype(jnp.float32), axis=-1)
+    return jnp.sum(logps, axis=-1), counts
+
+
+# ---------------------------------------------------------------------------- pair losses
+
+
+class PairLogps(NamedTuple):
+    """Sequence log-probs of a batch of preference pairs, each (B,).
+
+    ``ref_*`` are zeros (and unused) for reference-free losses; ``*_len`` are response
+    token counts, used by the length-normalised losses.
+    """
+
+    chosen: jax.Array
+    rejected: jax.Array
+    ref_chosen: jax.Array
+    ref_rejected: jax.Array
+    chosen_len: jax.Array
+    rejected_len: jax.Array
+
+    def per_token(self) -> "PairLogps":
+        """The same pairs with every log-prob divided by its response length (≥ 1)."""
+        c = jnp.maximum(self.chosen_len, 1.0)
+        r = jnp.maximum(self.rejected_len, 1.0)
+        return self._replace(
+            chosen=self.chosen / c,
+            rejected=self.rejected / r,
+            ref_chosen=self.ref_chosen / c,
+            ref_rejected=self.ref_rejected / r,
+        )
+
+
+def log_ratio_margin(p: PairLogps) -> jax.Array:
+    """Δ = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)), (B,).
+
+    The DPO margin is β·Δ (paper eq. 2); every reference-based loss goes through here.
+    """
+    return (p.chosen - p.ref_chosen) - (p.rejected - p.ref_rejected)
+
+
+def _smoothed_sigmoid(x: jax.Array, eps: float, robust: bool) -> jax.Array:
+    pos, neg = -jax.nn.log_sigmoid(x), -jax.nn.log_sigmoid(-x)
+    if robust:
+        return ((1.0 - eps) * pos - eps * neg) / (1.0 - 2.0 * eps)
+    return (1.0 - eps) * pos + eps * neg
+
+
+def dpo(p: PairLogps, *, beta: float) -> jax.Array:
+    return -jax.nn.log_sigmoid(beta * log_ratio_margin(p))
+
+
+def cdpo(p: PairLogps, *, beta: float, label_smoothing: float) -> jax.Array:
+    return _smoothed_sigmoid(beta * log_ratio_margin(p), label_smoothing, robust=False)
+
+
+def robust(p: PairLogps, *, beta: float, label_smoothing: float) -> jax.Array:
+    return _smoothed_sigmoid(beta * log_ratio_margin(p), label_smoothing, robust=True)
+
+
+def ipo(p: PairLogps, *, beta: float) -> jax.Array:
+    return jnp.square(log_ratio_margin(p.per_token()) - 1.0 / (2.0 * beta))
+
+
+def hinge(p: PairLogps, *, beta: float) -> jax.Array:
+    return jax.nn.relu(1.0 - beta * log_ratio_margin(p))
+
+
+def dpop(p: PairLogps, *, beta: float, lam: float) -> jax.Array:
+    penalty = lam * jax.nn.relu(p.ref_chosen - p.chosen)
+    return -jax.nn.log_sigmoid(beta * (log_ratio_margin(p) - penalty))
+
+
+def slic(p: PairLogps, *, delta: float, lam: float) -> jax.Array:
+    return jax.nn.relu(delta - p.chosen + p.rejected) - lam * p.chosen
+
+
+def cpo(p: PairLogps, *, beta: float, lam: float) -> jax.Array:
+    return -jax.nn.log_sigmoid(beta * p.chosen - beta * p.rejected) - lam * p.chosen
+
+
+def simpo(p: PairLogps, *, beta: float, gamma: float) -> jax.Array:
+    q = p.per_token()
+    return -jax.nn.log_sigmoid(beta * q.chosen - beta * q.rejected - gamma)
+
+
+# ------------------------------------------------------------------------------ registry
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _non_negative(v: float) -> bool:
+    return v >= 0
+
+
+_CHECKS: dict[str, tuple[Callable[[float], bool], str]] = {
+    "beta": (_positive, "> 0"),
+    "lam": (_non_negative, ">= 0"),
+    "delta": (_non_negative, ">= 0"),
+    "gamma": (_non_negative, ">= 0"),
+    "label_smoothing": (lambda v: 0 <= v <= 0.5, "in [0, 0.5]"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """A preference loss with its hyper-parameters bound.
+
+    Attributes:
+      name: registry name.
+      fn: ``fn(PairLogps, **hparams) -> (B,)`` per-pair losses.
+      hparams: the bound hyper-parameters.
+      reference_free: the loss never reads ``ref_*``.
+      length_normalized: the loss compares per-token log-probs; rewards follow suit.
+    """
+
+    name: str
+    fn: Callable[..., jax.Array]
+    hparams: Mapping[str, float]
+    reference_free: bool
+    length_normalized: bool
+
+    def __call__(self, logps: PairLogps) -> jax.Array:
+        return self.fn(logps, **self.hparams)
+
+    def metrics(self, logps: PairLogps, losses: jax.Array) -> dict[str, jax.Array]:
+        """TRL-named batch means: implicit rewards, accuracies, log-probs, loss.
+
+        Rewards are β(log π − log π_ref), or β log π for reference-free losses, with
+        per-token log-probs for the length-normalised losses (ipo, simpo) and β = 1 for
+        losses without one (slic). ``logps/*`` are always the summed sequence log-probs
+        log π(y | x): their fall for the chosen responses is the squeezing effect.
+        """
+        scale = self.hparams.get("beta", 1.0)
+        q = logps.per_token() if self.length_normalized else logps
+        if self.reference_free:
+            rc, rr = scale * q.chosen, scale * q.rejected
+        else:
+            rc, rr = scale * (q.chosen - q.ref_chosen), scale * (q.rejected - q.ref_rejected)
+        return {
+            "loss": jnp.mean(losses),
+            "rewards/chosen": jnp.mean(rc),
+            "rewards/rejected": jnp.mean(rr),
+            "rewards/margins": jnp.mean(rc - rr),
+            "rewards/accuracies": jnp.mean((rc > rr).astype(jnp.float32)),
+            "logps/chosen": jnp.mean(logps.chosen),
+            "logps/rejected": jnp.mean(logps.rejected),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    fn: Callable[..., jax.Array]
+    defaults: Mapping[str, float]
+    reference_free: bool = False
+    length_normalized: bool = False
+    checks: Mapping[str, tuple[Callable[[float], bool], str]] = dataclasses.field(
+        default_factory=dict
+    )
+
+
+# Defaults: β = 0.1 as in the DPO paper / TRL; SLiC-HF δ = 1, λ = 0.1 and CPO λ = 1, β = 0.1
+# from the paper's Table 5 grids; SimPO β = 2, γ = 1 (Meng et al.'s γ/β = 0.5); DPOP
+# λ = 50 (Pal et al.); cDPO / robust ε = 0.1.
+LOSSES: dict[str, _Spec] = {
+    "dpo": _Spec(dpo, {"beta": 0.1}),
+    "cdpo": _Spec(cdpo, {"beta": 0.1, "label_smoothing": 0.1}),
+    "robust": _Spec(
+        robust,
+        {"beta": 0.1, "label_smoothing": 0.1},
+        checks={"label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)")},
+    ),
+    "ipo": _Spec(ipo, {"beta": 0.1}, length_normalized=True),
+    "hinge": _Spec(hinge, {"beta": 0.1}),
+    "dpop": _Spec(dpop, {"beta": 0.1, "lam": 50.0}),
+    "slic": _Spec(slic, {"delta": 1.0, "lam": 0.1}, reference_free=True),
+    "cpo": _Spec(cpo, {"beta": 0.1, "lam": 1.0}, reference_free=True),
+    "simpo": _Spec(
+        simpo, {"beta": 2.0, "gamma": 1.0}, reference_free=True, length_normalized=True
+    ),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def get_loss(name: str, **hparams: Any) -> Loss:
+    """The loss ``name`` with its defaults overridden by ``hparams``.
+
+    Raises:
+      ValueError: one line naming the flag: unknown loss, a hyper-parameter the loss does
+        not take, or a value out of range (β ≤ 0, λ < 0, ε outside [0, 0.5], non-finite).
+    """
+    spec = LOSSES.get(name)
+    if spec is None:
+        raise ValueError(f"--loss: unknown loss {name!r}; choose from {', '.join(LOSSES)}")
+    unknown = sorted(set(hparams) - set(spec.defaults))
+    if unknown:
+        raise ValueError(
+            f"{_flag(unknown[0])}: loss {name!r} takes no {unknown[0]!r}; "
+            f"its hyper-parameters are {', '.join(spec.defaults)}"
+        )
+    bound: dict[str, float] = {}
+    for key, default in spec.defaults.items():
+        value = hparams.get(key, default)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{_flag(key)}: expected a number, got {value!r}") from None
+        ok, rule = spec.checks.get(key, _CHECKS[key])
+        if not math.isfinite(value) or not ok(value):
+            raise ValueError(f"{_flag(key)} must be {rule} for loss {name!r}, got {value}")
+        bound[key] = value
+    return Loss(name, spec.fn, bound, spec.reference_free, spec.length_normalized)

@@ -1,0 +1,211 @@
+"""Log-probs against a naive full-logits gather; every loss against numpy by hand."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm import losses as L
+
+N, T, D, V = 3, 7, 5, 11
+
+
+def _inputs(seed=0, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    hidden = jnp.asarray(rng.normal(size=(N, T, D)), dtype)
+    head = jnp.asarray(rng.normal(size=(V, D)), dtype)
+    ids = jnp.asarray(rng.integers(0, V, size=(N, T)), jnp.int32)
+    mask = np.zeros((N, T), np.int32)
+    mask[0, 3:] = 1
+    mask[1, 2:5] = 1  # right padding after the response
+    mask[2, 6:] = 1
+    return hidden, head, ids, jnp.asarray(mask)
+
+
+def _naive_token_logps(hidden, head, ids, mask):
+    """Full logits, jax.nn.log_softmax, a Python-loop gather."""
+    logp = np.asarray(jax.nn.log_softmax(jnp.einsum("ntd,vd->ntv", hidden, head), axis=-1))
+    out = np.zeros((N, T - 1))
+    for n in range(N):
+        for t in range(T - 1):
+            if mask[n, t + 1]:
+                out[n, t] = logp[n, t, int(ids[n, t + 1])]
+    return out
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 4, 18, 100])
+def test_token_logps_match_naive_gather(chunk_size):
+    hidden, head, ids, mask = _inputs()
+    got = L.token_logps(hidden, head, ids, mask, chunk_size=chunk_size)
+    np.testing.assert_allclose(got, _naive_token_logps(hidden, head, ids, mask), atol=1e-5)
+    seq, counts = L.sequence_logps(hidden, head, ids, mask, chunk_size=chunk_size)
+    np.testing.assert_allclose(seq, np.asarray(got).sum(-1), atol=1e-5)
+    np.testing.assert_array_equal(counts, [4, 3, 1])
+
+
+def test_chunked_gradients_match_unchunked():
+    hidden, head, ids, mask = _inputs(1)
+    w = jnp.arange(N, dtype=jnp.float32) + 1.0
+
+    def f(h, W, chunk):
+        return jnp.sum(w * L.sequence_logps(h, W, ids, mask, chunk_size=chunk)[0])
+
+    g_full = jax.grad(f, argnums=(0, 1))(hidden, head, None)
+    g_chunk = jax.jit(jax.grad(f, argnums=(0, 1)), static_argnums=2)(hidden, head, 4)
+    for a, b in zip(g_full, g_chunk):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # Positions whose next token is masked get no gradient.
+    assert np.all(np.asarray(g_full[0])[2, :5] == 0)
+
+
+def test_logps_are_float32_from_bfloat16():
+    hidden, head, ids, mask = _inputs(2, jnp.bfloat16)
+    seq, _ = L.sequence_logps(hidden, head, ids, mask, chunk_size=5)
+    assert seq.dtype == jnp.float32
+    ref = _naive_token_logps(hidden.astype(jnp.float32), head.astype(jnp.float32), ids, mask)
+    np.testing.assert_allclose(seq, ref.sum(-1), atol=1e-4)
+
+
+def test_bad_chunk_size():
+    hidden, head, ids, mask = _inputs()
+    with pytest.raises(ValueError, match="--chunk-size"):
+        L.token_logps(hidden, head, ids, mask, chunk_size=0)
+
+
+# ------------------------------------------------------------------------------- losses
+
+RNG = np.random.default_rng(3)
+PC, PR, RC, RR = (-RNG.uniform(1, 30, size=6) for _ in range(4))
+LC, LR = RNG.integers(1, 20, size=6).astype(float), RNG.integers(1, 20, size=6).astype(float)
+PAIRS = L.PairLogps(*(jnp.asarray(x, jnp.float32) for x in (PC, PR, RC, RR, LC, LR)))
+
+
+def _logsig(x):
+    return -np.log1p(np.exp(-x))
+
+
+def _hand(name, hp):
+    d = (PC - RC) - (PR - RR)
+    b = hp.get("beta")
+    if name == "dpo":
+        return -_logsig(b * d)
+    if name == "cdpo":
+        e = hp["label_smoothing"]
+        return -(1 - e) * _logsig(b * d) - e * _logsig(-b * d)
+    if name == "robust":
+        e = hp["label_smoothing"]
+        return (-(1 - e) * _logsig(b * d) + e * _logsig(-b * d)) / (1 - 2 * e)
+    if name == "ipo":
+        dn = (PC / LC - RC / LC) - (PR / LR - RR / LR)
+        return (dn - 1 / (2 * b)) ** 2
+    if name == "hinge":
+        return np.maximum(0, 1 - b * d)
+    if name == "dpop":
+        return -_logsig(b * (d - hp["lam"] * np.maximum(0, RC - PC)))
+    if name == "slic":
+        return np.maximum(0, hp["delta"] - PC + PR) - hp["lam"] * PC
+    if name == "cpo":
+        return -_logsig(b * PC - b * PR) - hp["lam"] * PC
+    if name == "simpo":
+        return -_logsig(b / LC * PC - b / LR * PR - hp["gamma"])
+    raise AssertionError(name)
+
+
+CASES = [
+    ("dpo", {"beta": 0.3}),
+    ("cdpo", {"beta": 0.2, "label_smoothing": 0.2}),
+    ("robust", {"beta": 0.2, "label_smoothing": 0.2}),
+    ("ipo", {"beta": 0.5}),
+    ("hinge", {"beta": 0.05}),
+    ("dpop", {"beta": 0.1, "lam": 5.0}),
+    ("slic", {"delta": 2.0, "lam": 0.5}),
+    ("cpo", {"beta": 0.05, "lam": 1.0}),
+    ("simpo", {"beta": 2.0, "gamma": 0.5}),
+]
+
+
+def test_registry_covers_every_case():
+    assert {c[0] for c in CASES} == set(L.LOSSES)
+
+
+@pytest.mark.parametrize("name,hp", CASES)
+def test_loss_equals_hand_computation(name, hp):
+    loss = L.get_loss(name, **hp)
+    np.testing.assert_allclose(loss(PAIRS), _hand(name, hp), rtol=1e-5, atol=1e-5)
+
+
+def test_dpop_penalty_is_active_in_the_test_data():
+    assert np.any(RC > PC) and np.any(RC < PC)
+
+
+@pytest.mark.parametrize("name", ["slic", "cpo", "simpo"])
+def test_reference_free_losses_ignore_the_reference(name):
+    loss = L.get_loss(name)
+    moved = PAIRS._replace(ref_chosen=PAIRS.ref_chosen + 7.0, ref_rejected=PAIRS.ref_rejected * 3)
+    np.testing.assert_array_equal(loss(PAIRS), loss(moved))
+    assert loss.reference_free
+    np.testing.assert_array_equal(
+        list(loss.metrics(PAIRS, loss(PAIRS)).values()),
+        list(loss.metrics(moved, loss(moved)).values()),
+    )
+
+
+def test_reference_losses_read_the_reference():
+    for name, spec in L.LOSSES.items():
+        if spec.reference_free:
+            continue
+        loss = L.get_loss(name)
+        moved = PAIRS._replace(ref_chosen=PAIRS.ref_chosen + 3.0)
+        assert not np.allclose(loss(PAIRS), loss(moved)), name
+
+
+def test_label_smoothing_zero_is_dpo():
+    for name in ("cdpo", "robust"):
+        np.testing.assert_allclose(
+            L.get_loss(name, beta=0.3, label_smoothing=0.0)(PAIRS),
+            L.get_loss("dpo", beta=0.3)(PAIRS),
+            rtol=1e-6,
+        )
+
+
+def test_metrics_by_hand():
+    beta = 0.3
+    loss = L.get_loss("dpo", beta=beta)
+    m = loss.metrics(PAIRS, loss(PAIRS))
+    rc, rr = beta * (PC - RC), beta * (PR - RR)
+    np.testing.assert_allclose(m["rewards/chosen"], rc.mean(), rtol=1e-5)
+    np.testing.assert_allclose(m["rewards/rejected"], rr.mean(), rtol=1e-5)
+    np.testing.assert_allclose(m["rewards/margins"], (rc - rr).mean(), rtol=1e-5)
+    np.testing.assert_allclose(m["rewards/accuracies"], (rc > rr).mean())
+    np.testing.assert_allclose(m["logps/chosen"], PC.mean(), rtol=1e-6)
+    np.testing.assert_allclose(m["logps/rejected"], PR.mean(), rtol=1e-6)
+    np.testing.assert_allclose(m["loss"], _hand("dpo", {"beta": beta}).mean(), rtol=1e-5)
+    cpo = L.get_loss("cpo", beta=0.05)
+    m = cpo.metrics(PAIRS, cpo(PAIRS))
+    np.testing.assert_allclose(m["rewards/chosen"], 0.05 * PC.mean(), rtol=1e-5)
+    simpo = L.get_loss("simpo", beta=2.0)
+    m = simpo.metrics(PAIRS, simpo(PAIRS))
+    np.testing.assert_allclose(m["rewards/rejected"], 2.0 * (PR / LR).mean(), rtol=1e-5)
+    np.testing.assert_allclose(m["logps/rejected"], PR.mean(), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name,hp,flag",
+    [
+        ("nope", {}, "--loss"),
+        ("dpo", {"beta": -0.1}, "--beta"),
+        ("dpo", {"beta": 0.0}, "--beta"),
+        ("ipo", {"beta": float("nan")}, "--beta"),
+        ("dpo", {"gamma": 1.0}, "--gamma"),
+        ("slic", {"lam": -1.0}, "--lam"),
+        ("robust", {"label_smoothing": 0.5}, "--label-smoothing"),
+        ("cdpo", {"label_smoothing": 0.7}, "--label-smoothing"),
+        ("simpo", {"gamma": "x"}, "--gamma"),
+    ],
+)
+def test_bad_hyper_parameters_name_the_flag(name, hp, flag):
+    with pytest.raises(ValueError, match=flag) as err:
+        L.get_loss(name, **hp)
+    assert "\n" not in str(err.value)
