@@ -1,0 +1,165 @@
+"""Tokenising preference records: prompt and responses separately, with a length policy.
+
+For a record ``(x, y+, y-)`` the two sequences are
+
+    prompt_ids   = [bos] + enc(x)                 (bos only when ``bos_id`` is set)
+    response_ids = enc(y) + [eos]                 for y in (y+, y-)
+    sequence     = prompt_ids + response_ids
+
+Encoding the prompt and the responses separately makes the prompt/response boundary
+exact, so the loss mask covers the response tokens and nothing else. ``enc`` is
+``tokenizer.encode(text, add_special_tokens=False).ids`` (a ``tokenizers.Tokenizer`` or
+anything with that method): special tokens are added here, once, not by a post-processor.
+
+Length policy (``max_len`` total, ``max_prompt_len`` prompt, both in tokens, BOS
+included):
+
+- A prompt longer than ``max_prompt_len`` is *not* truncated: the record is reported as
+  ``"prompt_too_long"`` under ``on_error`` (fail, or skip and count). Cutting a dialogue
+  silently changes what the preference was about.
+- A response that does not fit in ``max_len - len(prompt_ids)`` is truncated from the
+  right, and its EOS is dropped with the cut: the model is not taught to stop where the
+  text merely ran out of room. Truncated responses are counted in ``Report.truncated``.
+- ``max_prompt_len < max_len``, so every response keeps at least one token.
+- An empty prompt needs ``bos_id``: the first response token must have a context token to
+  be predicted from (reason ``"empty_prompt"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from lm.data.records import DataError, PreferenceRecord, Report, check_on_error
+
+
+class Encoding(Protocol):
+    ids: list[int]
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str, add_special_tokens: bool = ...) -> Encoding: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeConfig:
+    """Token budget and special ids. ``pad_id`` defaults to ``eos_id``."""
+
+    max_len: int
+    max_prompt_len: int
+    eos_id: int
+    bos_id: int | None = None
+    pad_id: int | None = None
+
+    def __post_init__(self):
+        if not 0 < self.max_prompt_len < self.max_len:
+            raise ValueError(
+                f"need 0 < max_prompt_len < max_len, got max_prompt_len={self.max_prompt_len}, "
+                f"max_len={self.max_len}"
+            )
+
+    @property
+    def pad(self) -> int:
+        return self.eos_id if self.pad_id is None else self.pad_id
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedPairs:
+    """Ragged token ids of N pairs: ``prompt[i] + chosen[i]`` and ``prompt[i] + rejected[i]``.
+
+    Arrays are int32. ``source[i]`` names the record (file and line) the pair came from.
+    """
+
+    prompt: list[np.ndarray]
+    chosen: list[np.ndarray]
+    rejected: list[np.ndarray]
+    source: list[str]
+
+    def __len__(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """[N] int: the longer of the two sequences of each pair (what the pair pads to)."""
+        return np.array(
+            [len(p) + max(len(c), len(r)) for p, c, r in zip(self.prompt, self.chosen, self.rejected)],
+            dtype=np.int64,
+        )
+
+    def take(self, indices: Sequence[int] | np.ndarray) -> TokenizedPairs:
+        """The pairs at ``indices``, in that order."""
+        idx = [int(i) for i in indices]
+        return TokenizedPairs(
+            [self.prompt[i] for i in idx],
+            [self.chosen[i] for i in idx],
+            [self.rejected[i] for i in idx],
+            [self.source[i] for i in idx],
+        )
+
+
+def _encode_all(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    if hasattr(tokenizer, "encode_batch"):
+        return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    return [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+
+
+def tokenize_records(
+    records: Sequence[PreferenceRecord],
+    tokenizer: Tokenizer,
+    config: TokenizeConfig,
+    *,
+    on_error: str = "fail",
+    report: Report | None = None,
+) -> tuple[TokenizedPairs, Report]:
+    """Tokenise ``records`` under the length policy of the module docstring.
+
+    Args:
+      records: from :func:`lm.data.files.read_records` (or built in memory).
+      tokenizer: ``encode(text, add_special_tokens=False).ids`` (``encode_batch`` is used
+        when present).
+      config: lengths and special ids.
+      on_error: ``"fail"`` or ``"skip"``; applies to too-long and empty prompts.
+      report: the report from reading, to continue (its ``kept`` is decreased by the
+        records dropped here); else a new one with ``kept = len(records)``.
+    """
+    policy = check_on_error(on_error)
+    if report is None:
+        report = Report(kept=len(records))
+    prompts = _encode_all(tokenizer, [r.prompt for r in records])
+    chosen = _encode_all(tokenizer, [r.chosen for r in records])
+    rejected = _encode_all(tokenizer, [r.rejected for r in records])
+    bos = [] if config.bos_id is None else [config.bos_id]
+    out = TokenizedPairs([], [], [], [])
+    for record, p, c, r in zip(records, prompts, chosen, rejected):
+        prompt_ids = bos + p
+        try:
+            if not prompt_ids:
+                raise DataError(
+                    record.source, "prompt", "empty_prompt",
+                    "empty prompt and no bos_id: the first response token has no context",
+                )
+            if len(prompt_ids) > config.max_prompt_len:
+                raise DataError(
+                    record.source, "prompt", "prompt_too_long",
+                    f"prompt is {len(prompt_ids)} tokens, over max_prompt_len={config.max_prompt_len}",
+                )
+        except DataError as err:
+            report.drop(err, policy)
+            report.kept -= 1
+            continue
+        room = config.max_len - len(prompt_ids)
+        responses = []
+        for ids in (c, r):
+            ids = ids + [config.eos_id]
+            if len(ids) > room:
+                ids = ids[:room]
+                report.truncated += 1
+            responses.append(np.asarray(ids, dtype=np.int32))
+        out.prompt.append(np.asarray(prompt_ids, dtype=np.int32))
+        out.chosen.append(responses[0])
+        out.rejected.append(responses[1])
+        out.source.append(record.source)
+    return out, report
