@@ -1,0 +1,20 @@
+"""Flax decoder LMs (GPT-2, GPT-NeoX/Pythia, Llama/Mistral) as pure functions of params.
+
+    cfg = builtin_config("gpt2-tiny")        # or config_from_hf(json.load(...))
+    params = init_params(cfg, jax.random.key(0))
+    hidden = forward_hidden(cfg, params, ids, mask)    # [B, T, d], after the final norm
+    W = output_head(cfg, params)                        # [V, d]
+    z = logits(cfg, params, ids, mask)                  # hidden @ W.T, float32
+"""
+
+from lm.models.config import (BUILTIN_NAMES, ConfigError, ModelConfig, builtin_config,
+                              config_from_hf, config_to_hf)
+from lm.models.decoder import (Decoder, forward_cached, forward_hidden, init_cache,
+                               init_params, logits, logits_from_hidden, output_head,
+                               position_ids)
+
+__all__ = [
+    "BUILTIN_NAMES", "ConfigError", "Decoder", "ModelConfig", "builtin_config",
+    "config_from_hf", "config_to_hf", "forward_cached", "forward_hidden", "init_cache",
+    "init_params", "logits", "logits_from_hidden", "output_head", "position_ids",
+]

@@ -1,0 +1,141 @@
+"""The decoder and its functional API: params in, hidden states / output layer out.
+
+The trunk (``forward_hidden``) and the output layer (``output_head``) are separate so a
+head-only transform (logits-SAM, ``dynamics.sam.logits_sam_loss``) sees both:
+``logits = forward_hidden(...) @ output_head(...).T``. A tied head is the token
+embedding leaf itself, so ``jax.grad`` sums both of its uses with no extra code.
+
+Params are the plain nested dict ``{"embed": {"embedding": [V, d]}, "layers_0": {...},
+..., "final_norm": {...}, ["pos_embed": {"embedding": [P, d]}], ["lm_head": [V, d]]}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm.models.config import ModelConfig
+from lm.models.layers import Block, KVCache, Norm, _init, make_attention_mask
+
+Params = dict[str, Any]
+
+
+class Decoder(nn.Module):
+    """Token (+ learned position) embedding, ``num_layers`` blocks, final norm.
+
+    Returns hidden states [B, T, d] after the final norm and the per-layer caches.
+    """
+
+    cfg: ModelConfig
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, input_ids, positions, mask, caches: Optional[Sequence[KVCache]] = None,
+                 cache_index=None):
+        cfg = self.cfg
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
+                         param_dtype=cfg.params_dtype, embedding_init=_init, name="embed")
+        x = embed(input_ids)
+        if cfg.family == "gpt2":
+            x = x + nn.Embed(cfg.max_position_embeddings, cfg.hidden_size,
+                             dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                             embedding_init=nn.initializers.normal(0.01),
+                             name="pos_embed")(positions)
+        if not cfg.tie_word_embeddings:
+            self.param("lm_head", _init, (cfg.vocab_size, cfg.hidden_size), cfg.params_dtype)
+        block = Block
+        if self.remat:
+            policy = (getattr(jax.checkpoint_policies, cfg.remat_policy)
+                      if cfg.remat_policy else None)
+            block = nn.remat(Block, policy=policy)
+        new_caches = []
+        for i in range(cfg.num_layers):
+            x, kv = block(cfg, name=f"layers_{i}")(
+                x, positions, mask, None if caches is None else caches[i], cache_index)
+            new_caches.append(kv)
+        return Norm(cfg, "final_norm")(x), (None if caches is None else new_caches)
+
+
+def position_ids(attention_mask: jax.Array) -> jax.Array:
+    """Token positions from a padding mask: ``max(cumsum(mask) - 1, 0)`` [B, T].
+
+    Real tokens are numbered 0, 1, ... whatever the padding side, so left- and
+    right-padded batches see the same positions on their real tokens.
+    """
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+    """Random parameters (GPT-2 style N(0, 0.02) kernels) in ``cfg.param_dtype``."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    mask = jnp.ones((1, 1, 1, 1), bool)
+    return Decoder(cfg).init(rng, ids, ids, mask)["params"]
+
+
+def forward_hidden(cfg: ModelConfig, params: Params, input_ids: jax.Array,
+                   attention_mask: jax.Array, *, positions: Optional[jax.Array] = None,
+                   remat: bool = False) -> jax.Array:
+    """Final hidden states (after the final norm) [B, T, d] in ``cfg.dtype``.
+
+    ``input_ids`` int [B, T]; ``attention_mask`` [B, T], 1 for real tokens and 0 for
+    padding on either side. Attention is causal, skips padding keys and, when
+    ``cfg.sliding_window`` is set, keys more than ``window - 1`` positions back.
+    ``remat`` rematerialises each block in the backward pass (``cfg.remat_policy``).
+    Hidden states at padding slots are finite but meaningless.
+    """
+    if positions is None:
+        positions = position_ids(attention_mask)
+    index = jnp.arange(input_ids.shape[1])
+    mask = make_attention_mask(index[None], index, attention_mask, positions, positions,
+                          cfg.sliding_window)
+    hidden, _ = Decoder(cfg, remat=remat).apply({"params": params}, input_ids, positions, mask)
+    return hidden
+
+
+def output_head(cfg: ModelConfig, params: Params) -> jax.Array:
+    """The output layer W [V, d]: the token embedding when tied, else ``lm_head``."""
+    if cfg.tie_word_embeddings:
+        return params["embed"]["embedding"]
+    return params["lm_head"]
+
+
+def logits_from_hidden(hidden: jax.Array, head: jax.Array) -> jax.Array:
+    """``hidden @ head.T`` [..., V] with float32 accumulation and output."""
+    return jnp.einsum("...d,vd->...v", hidden, head.astype(hidden.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def logits(cfg: ModelConfig, params: Params, input_ids: jax.Array,
+           attention_mask: jax.Array, *, positions: Optional[jax.Array] = None,
+           remat: bool = False) -> jax.Array:
+    """Next-token logits [B, T, V] (float32) = ``forward_hidden @ output_head.T``."""
+    hidden = forward_hidden(cfg, params, input_ids, attention_mask, positions=positions,
+                            remat=remat)
+    return logits_from_hidden(hidden, output_head(cfg, params))
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> list[KVCache]:
+    """Zero KV cache: per layer (keys, values) [batch, length, K, h] in ``cfg.dtype``."""
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return [(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+            for _ in range(cfg.num_layers)]
+
+
+def forward_cached(cfg: ModelConfig, params: Params, input_ids: jax.Array,
+                   positions: jax.Array, cache: list[KVCache], cache_index: jax.Array,
+                   key_valid: jax.Array, key_positions: jax.Array):
+    """Run T new tokens at cache slots ``cache_index .. cache_index + T - 1``.
+
+    ``key_valid`` / ``key_positions`` [B, S] describe every cache slot (including the
+    new ones). Returns (hidden [B, T, d], updated cache). Used by ``lm.sampling``.
+    """
+    t, s = input_ids.shape[1], key_valid.shape[1]
+    q_index = cache_index + jnp.arange(t)
+    mask = make_attention_mask(q_index[None], jnp.arange(s), key_valid, positions,
+                               key_positions,
+                          cfg.sliding_window)
+    return Decoder(cfg).apply({"params": params}, input_ids, positions, mask, cache,
+                              cache_index)
