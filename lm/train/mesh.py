@@ -1,0 +1,148 @@
+"""Device mesh, sharding rules and global-batch assembly.
+
+The mesh has two axes, ``("data", "fsdp")``. A batch is split along its leading pair axis
+B over *both* axes (every device holds ``B / (data * fsdp)`` pairs); parameters and the
+optimizer state are FSDP-sharded: each leaf with ≥2 dims is split over ``"fsdp"`` along
+its largest dimension divisible by the ``fsdp`` size, everything else is replicated. Under
+``jit`` XLA all-gathers a layer's weights where it is used and reduce-scatters gradients,
+so the sharded step computes the same function as the single-device one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp")
+DISTRIBUTED_ENV = "SQUEEZE_DISTRIBUTED"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run (mesh, batch size, paths); the message says which."""
+
+
+def parse_mesh(spec: str | None, num_devices: int) -> dict[str, int]:
+    """``"data=2,fsdp=4"`` → ``{"data": 2, "fsdp": 4}``; default: every device on ``data``.
+
+    One axis may be ``-1`` (takes the remaining devices). Raises ``ConfigError`` when the
+    spec is malformed or its product is not ``num_devices``.
+    """
+    sizes: dict[str, int] = {}
+    seen: set[str] = set()
+    if spec:
+        for part in spec.split(","):
+            name, sep, value = part.strip().partition("=")
+            name = name.strip()
+            if not sep or name not in AXES or name in seen:
+                raise ConfigError(
+                    f"--mesh {spec!r}: expected 'data=N,fsdp=M' (axes {', '.join(AXES)}), got {part!r}"
+                )
+            try:
+                sizes[name] = int(value)
+            except ValueError:
+                raise ConfigError(f"--mesh {spec!r}: size of {name!r} is not an integer: {value!r}") from None
+            if sizes[name] == 0 or sizes[name] < -1:
+                raise ConfigError(f"--mesh {spec!r}: size of {name!r} must be positive or -1")
+            seen.add(name)
+    sizes.setdefault("fsdp", 1)
+    sizes.setdefault("data", 1 if sizes["fsdp"] == -1 else -1)
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise ConfigError(f"--mesh {spec!r}: at most one axis may be -1")
+    fixed = int(np.prod([v for v in sizes.values() if v != -1]))
+    if free:
+        if num_devices % fixed:
+            raise ConfigError(
+                f"--mesh {spec!r}: {num_devices} devices are not divisible by {fixed}"
+            )
+        sizes[free[0]] = num_devices // fixed
+    if sizes["data"] * sizes["fsdp"] != num_devices:
+        raise ConfigError(
+            f"--mesh {spec!r}: data={sizes['data']} x fsdp={sizes['fsdp']} = "
+            f"{sizes['data'] * sizes['fsdp']} devices, but {num_devices} are available"
+        )
+    return sizes
+
+
+def make_mesh(spec: str | None = None, devices: Any = None) -> Mesh:
+    """A ``("data", "fsdp")`` mesh over ``devices`` (default: all devices of all hosts)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = parse_mesh(spec, len(devices))
+    grid = np.asarray(devices, dtype=object).reshape(sizes["data"], sizes["fsdp"])
+    return Mesh(grid, AXES)
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+    """The pair axis is split over every device: ``batch_size`` must divide evenly."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size <= 0 or batch_size % shards:
+        raise ConfigError(
+            f"--batch-size {batch_size} is not divisible by the {shards} batch shards of the "
+            f"mesh (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})"
+        )
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
+    """Shard the largest dim divisible by ``fsdp`` (ties: the first); replicate <2-D leaves."""
+    if fsdp == 1 or len(shape) < 2:
+        return P()
+    candidates = [(d, -i) for i, d in enumerate(shape) if d % fsdp == 0]
+    if not candidates:
+        return P()
+    _, neg_axis = max(candidates)
+    axes: list[str | None] = [None] * len(shape)
+    axes[-neg_axis] = "fsdp"
+    return P(*axes)
+
+
+def state_shardings(tree: Any, mesh: Mesh) -> Any:
+    """``NamedSharding`` for every leaf of a params/optimizer-state pytree (arrays or
+    ``ShapeDtypeStruct``s) under the FSDP rule."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree_util.tree_map(
+        lambda x: NamedSharding(mesh, fsdp_spec(tuple(np.shape(x)), fsdp)), tree
+    )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (pair) axis over both mesh axes; the rest replicated."""
+    return NamedSharding(mesh, P(AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assemble the global batch from host arrays.
+
+    Every process computes the same global batch (batch k is a pure function of the
+    seed and k) and contributes its contiguous slice of rows, which is what
+    ``jax.make_array_from_process_local_data`` expects for a leading-axis sharding.
+    """
+    sharding = batch_sharding(mesh)
+    nproc, index = jax.process_count(), jax.process_index()
+    out = {}
+    for name, value in batch.items():
+        value = np.asarray(value)
+        rows = value.shape[0] // nproc
+        local = value[index * rows : (index + 1) * rows]
+        out[name] = jax.make_array_from_process_local_data(sharding, local, value.shape)
+    return out
+
+
+def maybe_initialize_distributed(flag: bool = False) -> bool:
+    """Join a multi-host job when asked (``flag`` or ``SQUEEZE_DISTRIBUTED=1``).
+
+    ``jax.distributed.initialize()`` reads the coordinator and process ids from the
+    cluster environment (SLURM, TPU pods, or ``JAX_COORDINATOR_ADDRESS`` and friends).
+    On a single host it is never called.
+    """
+    if flag or os.environ.get(DISTRIBUTED_ENV, "") not in ("", "0"):
+        jax.distributed.initialize()
+        return True
+    return False
