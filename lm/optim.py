@@ -1,0 +1,151 @@
+"""AdamW with warmup and decay, global-norm clipping, and gradient accumulation.
+
+The paper trains with AdamW (lr 1e-6 for Pythia-2.8B, 5e-7 for Mistral-7B, §4.1). The
+chain here is
+
+    clip_by_global_norm(clip_norm) → adamw(schedule, b1, b2, eps, weight_decay, mask)
+
+Weight decay (decoupled, AdamW) applies to matrices only: every leaf with ``ndim ≥ 2``
+(kernels, embeddings, the output layer) decays; biases and norm scales (``ndim ≤ 1``) do
+not, the Hugging Face Trainer convention. The default ``weight_decay`` is 0 (TRL's).
+
+Gradient accumulation (:func:`accumulate_gradients`) splits a batch of pairs into k equal
+micro-batches and averages their (loss, metrics, grads) with ``lax.scan``. The SAM and
+logits-SAM perturbations are therefore computed *per micro-batch*: ‖g‖ is the norm of
+one micro-batch's gradient, as in the paper's per-device PyTorch implementation, not of
+the accumulated gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def make_schedule(
+    learning_rate: float,
+    *,
+    total_steps: int,
+    warmup_steps: int = 0,
+    schedule: str = "cosine",
+    final_lr_ratio: float = 0.0,
+) -> optax.Schedule:
+    """Linear warmup 0 → ``learning_rate`` over ``warmup_steps``, then decay to
+    ``final_lr_ratio · learning_rate`` at ``total_steps`` (cosine or linear) or stay
+    constant.
+
+    Raises:
+      ValueError: one line naming the flag for a bad value.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"--schedule: unknown schedule {schedule!r}; choose from "
+                         f"{', '.join(SCHEDULES)}")
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"--lr must be a positive number, got {learning_rate}")
+    if not (isinstance(total_steps, numbers.Integral) and total_steps >= 1):
+        raise ValueError(f"--total-steps must be a positive integer, got {total_steps!r}")
+    if not (isinstance(warmup_steps, numbers.Integral) and 0 <= warmup_steps <= total_steps):
+        raise ValueError(f"--warmup-steps must be an integer in [0, --total-steps = "
+                         f"{total_steps}], got {warmup_steps!r}")
+    if not 0.0 <= final_lr_ratio <= 1.0:
+        raise ValueError(f"--final-lr-ratio must be in [0, 1], got {final_lr_ratio}")
+    decay_steps = max(total_steps - warmup_steps, 1)
+    if schedule == "cosine":
+        decay = optax.cosine_decay_schedule(learning_rate, decay_steps, alpha=final_lr_ratio)
+    elif schedule == "linear":
+        decay = optax.linear_schedule(learning_rate, learning_rate * final_lr_ratio,
+                                      decay_steps)
+    else:
+        decay = optax.constant_schedule(learning_rate)
+    if warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
+    return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def decay_mask(params: Any) -> Any:
+    """True on the leaves that weight decay applies to: matrices (``ndim ≥ 2``)."""
+    return jax.tree_util.tree_map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def make_optimizer(
+    learning_rate: float = 1e-6,
+    *,
+    total_steps: int,
+    warmup_steps: int = 0,
+    schedule: str = "cosine",
+    final_lr_ratio: float = 0.0,
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    clip_norm: float | None = 1.0,
+) -> optax.GradientTransformation:
+    """Clipped AdamW on :func:`make_schedule` (see the module docstring).
+
+    ``clip_norm`` None turns clipping off. Raises ValueError naming the flag.
+    """
+    lr = make_schedule(learning_rate, total_steps=total_steps, warmup_steps=warmup_steps,
+                       schedule=schedule, final_lr_ratio=final_lr_ratio)
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"--weight-decay must be >= 0, got {weight_decay}")
+    for flag, v in (("--b1", b1), ("--b2", b2)):
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"{flag} must be in [0, 1), got {v}")
+    if not eps > 0:
+        raise ValueError(f"--eps must be > 0, got {eps}")
+    adamw = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+    if clip_norm is None:
+        return adamw
+    if not (math.isfinite(clip_norm) and clip_norm > 0):
+        raise ValueError(f"--clip-norm must be > 0 (or unset), got {clip_norm}")
+    return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
+
+
+def split_micro_batches(batch: Any, num_micro_batches: int) -> Any:
+    """Reshape every leaf [B, ...] → [k, B/k, ...] (consecutive pairs per micro-batch)."""
+    sizes = {x.shape[0] for x in jax.tree_util.tree_leaves(batch)}
+    if len(sizes) != 1:
+        raise ValueError(f"batch leaves disagree on the number of pairs: {sorted(sizes)}")
+    (size,) = sizes
+    k = num_micro_batches
+    if not (isinstance(k, numbers.Integral) and k >= 1 and size % k == 0):
+        raise ValueError(f"--grad-accum {k!r} must be a positive integer dividing the batch "
+                         f"of {size} pairs")
+    return jax.tree_util.tree_map(lambda x: x.reshape(k, size // k, *x.shape[1:]), batch)
+
+
+def accumulate_gradients(grad_fn: Callable, num_micro_batches: int) -> Callable:
+    """``grad_fn(params, batch, ref_params)`` averaged over ``num_micro_batches`` equal
+    micro-batches with ``lax.scan`` (sums in float32; grads cast back to their dtype).
+
+    Equal micro-batches make the average of the per-micro-batch means the full-batch
+    mean, so for plain gradients the result equals ``grad_fn`` on the whole batch.
+    ``num_micro_batches = 1`` returns ``grad_fn`` itself.
+    """
+    if num_micro_batches == 1:
+        return grad_fn
+
+    def accumulated(params, batch, ref_params=None):
+        micro = split_micro_batches(batch, num_micro_batches)
+
+        def body(total, mb):
+            out = grad_fn(params, mb, ref_params)
+            return jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), total, out), None
+
+        first = jax.tree_util.tree_map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(grad_fn, params, first, ref_params)
+        zeros = jax.tree_util.tree_map(
+            lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), shapes)
+        total, _ = jax.lax.scan(body, zeros, micro)
+        return jax.tree_util.tree_map(
+            lambda t, s: (t / num_micro_batches).astype(s.dtype), total, shapes)
+
+    return accumulated

@@ -1,0 +1,134 @@
+"""Schedules, masked AdamW and gradient accumulation against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm import optim
+
+
+def test_cosine_schedule_with_warmup_by_hand():
+    lr, warm, total, ratio = 2e-3, 4, 24, 0.1
+    s = optim.make_schedule(lr, total_steps=total, warmup_steps=warm, final_lr_ratio=ratio)
+    for step in range(total + 3):
+        if step < warm:
+            want = lr * step / warm
+        else:
+            frac = min(step - warm, total - warm) / (total - warm)
+            want = lr * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+        np.testing.assert_allclose(s(step), want, rtol=1e-5, atol=1e-12)
+
+
+def test_linear_and_constant_schedules():
+    s = optim.make_schedule(1.0, total_steps=10, warmup_steps=0, schedule="linear")
+    np.testing.assert_allclose([s(i) for i in (0, 5, 10, 12)], [1.0, 0.5, 0.0, 0.0], atol=1e-6)
+    c = optim.make_schedule(0.5, total_steps=10, warmup_steps=2, schedule="constant")
+    np.testing.assert_allclose([c(i) for i in (0, 1, 2, 9, 50)], [0, 0.25, 0.5, 0.5, 0.5])
+
+
+def _params():
+    return {
+        "dense": {"kernel": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "bias": jnp.array([1.0, -1.0])},
+        "norm": {"scale": jnp.array([2.0, 2.0])},
+        "embed": {"embedding": jnp.array([[0.3, 0.4], [-1.0, 2.0], [0.0, 1.0]])},
+    }
+
+
+def test_decay_mask_is_matrices_only():
+    mask = optim.decay_mask(_params())
+    assert mask == {"dense": {"kernel": True, "bias": False}, "norm": {"scale": False},
+                    "embed": {"embedding": True}}
+
+
+def test_first_adamw_step_by_hand():
+    """Step 0 of Adam is lr·g/(|g|+eps); with clipping g is first scaled to clip/‖g‖."""
+    params = _params()
+    grads = jax.tree_util.tree_map(lambda p: 0.5 * p + 0.25, params)
+    lr, wd, eps, clip = 0.1, 0.3, 1e-8, 0.5
+    opt = optim.make_optimizer(lr, total_steps=10, schedule="constant", weight_decay=wd,
+                               eps=eps, clip_norm=clip)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    gnorm = math.sqrt(sum(float(jnp.sum(g**2)) for g in jax.tree_util.tree_leaves(grads)))
+    assert gnorm > clip
+    mask = optim.decay_mask(params)
+
+    def hand(p, g, m):
+        g = np.asarray(g) * clip / gnorm
+        return -lr * (g / (np.abs(g) + eps) + (wd * np.asarray(p) if m else 0.0))
+
+    want = jax.tree_util.tree_map(hand, params, grads, mask)
+    jax.tree_util.tree_map(lambda u, w: np.testing.assert_allclose(u, w, rtol=1e-5), updates, want)
+
+
+def _toy_grad_fn(params, batch, ref_params=None):
+    pred = batch["x"] @ params["w"] + params["b"]
+    per = jnp.sum((pred - batch["y"]) ** 2, axis=-1)
+    loss, grads = jax.value_and_grad(
+        lambda p: jnp.mean(jnp.sum((batch["x"] @ p["w"] + p["b"] - batch["y"]) ** 2, -1))
+    )(params)
+    return loss, {"loss": loss, "max": jnp.max(per)}, grads
+
+
+def _toy(seed=0, b=8):
+    rng = np.random.default_rng(seed)
+    params = {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
+              "b": jnp.asarray(rng.normal(size=(2,)), jnp.float32)}
+    batch = {"x": jnp.asarray(rng.normal(size=(b, 3)), jnp.float32),
+             "y": jnp.asarray(rng.normal(size=(b, 2)), jnp.float32)}
+    return params, batch
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_accumulation_equals_full_batch_for_means(k):
+    params, batch = _toy()
+    loss, metrics, grads = jax.jit(optim.accumulate_gradients(_toy_grad_fn, k))(params, batch)
+    full_loss, _, full_grads = _toy_grad_fn(params, batch)
+    np.testing.assert_allclose(loss, full_loss, rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
+                           grads, full_grads)
+
+
+def test_accumulation_averages_per_micro_batch_quantities():
+    """Non-mean quantities (a max, a SAM norm) are per micro-batch, then averaged."""
+    params, batch = _toy(1)
+    _, metrics, _ = optim.accumulate_gradients(_toy_grad_fn, 2)(params, batch)
+    halves = [_toy_grad_fn(params, {k: v[i * 4:(i + 1) * 4] for k, v in batch.items()})[1]["max"]
+              for i in range(2)]
+    np.testing.assert_allclose(metrics["max"], np.mean(halves), rtol=1e-6)
+
+
+def test_accumulation_keeps_bfloat16_grads_in_their_dtype():
+    params, batch = _toy(2)
+    params = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), params)
+    _, _, grads = optim.accumulate_gradients(_toy_grad_fn, 4)(params, batch)
+    assert all(g.dtype == jnp.bfloat16 for g in jax.tree_util.tree_leaves(grads))
+
+
+@pytest.mark.parametrize(
+    "kwargs,flag",
+    [
+        ({"schedule": "exp"}, "--schedule"),
+        ({"learning_rate": -1.0}, "--lr"),
+        ({"total_steps": 0}, "--total-steps"),
+        ({"warmup_steps": 20}, "--warmup-steps"),
+        ({"final_lr_ratio": 2.0}, "--final-lr-ratio"),
+        ({"weight_decay": -0.1}, "--weight-decay"),
+        ({"clip_norm": 0.0}, "--clip-norm"),
+        ({"b2": 1.0}, "--b2"),
+    ],
+)
+def test_bad_optimizer_flags(kwargs, flag):
+    args = {"learning_rate": 1e-3, "total_steps": 10, **kwargs}
+    with pytest.raises(ValueError, match=flag):
+        optim.make_optimizer(**args)
+
+
+def test_bad_grad_accum():
+    params, batch = _toy(b=6)
+    with pytest.raises(ValueError, match="--grad-accum 4"):
+        optim.accumulate_gradients(_toy_grad_fn, 4)(params, batch)
