@@ -37,7 +37,7 @@ def _jsonl_rows(path: str) -> Iterator[RawRow]:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 yield source, DataError(
-                    source, None, "invalid_utf8", f"invalid UTF-8 at byte {e.start}"
+                    source, None, "invalid_utf8", f"invalid UTF-8 at byte offset {e.start}"
                 )
                 continue
             if not text.strip():
