@@ -1,0 +1,588 @@
+"""``python -m experiments.bench``: step time, throughput, MFU and memory of one DPO step.
+
+For every case (shape, pairs, seq, prompt, remat) and mode (adamw | logits-sam | sam) the
+benchmark builds one training step
+
+    (params, opt_state), loss = step((params, opt_state), batch, ref_params)
+
+jitted with the state donated, compiles it from abstract shapes (timed on its own), runs
+``--warmup`` steps, then times ``--steps`` steps one at a time (``block_until_ready`` after
+each; nothing inside the step talks to the host) and reports:
+
+  compile_s       lowering + XLA compilation of the step.
+  step_ms         median over the timed steps (min and max too).
+  tokens_per_s    pairs · 2 · seq tokens per step (both sequences of a pair, prompt
+                  included) over the median step time.
+  model_flops     8 · P · tokens per step, P the parameter count (every stored array once,
+                  so a tied embedding counts once): 6 · P · tokens for the policy forward
+                  and backward plus 2 · P · tokens for the frozen reference forward (6 · P ·
+                  tokens with ``--reference precomputed``). Attention-score FLOPs are not
+                  counted. The count is the same for every mode — it is the work a DPO step
+                  needs — so SAM's second pass and logits-SAM's head work show up as MFU lost.
+  mfu             model_flops / step time / peak, with peak from :data:`PEAK_FLOPS` (dense
+                  bf16) or ``--peak-flops``; "n/a" when neither applies (CPU).
+  xla_flops       XLA's cost analysis of the compiled step: an independent cross-check.
+  memory          the compile-time estimate argument + output + temp − alias of the compiled
+                  step (every backend, CPU included, so modes compare without a GPU) and,
+                  where the device reports it, ``peak_bytes_in_use``.
+  overhead        for logits-sam and sam, step time and memory relative to adamw; for
+                  logits-sam next to its FLOP lower bound: the inner head forward and the head
+                  gradient, 4 · N · V · d for the N = pairs · 2 · (seq − 1) positions that go
+                  through the policy head, over the adamw model_flops.
+
+``peak_bytes_in_use`` only grows within a process, so on devices that report it each
+(case, mode) runs in its own child process (``--isolate auto``). Cases that do not fit are
+reported as skipped with the reason. ``--compile-only`` stops after compilation: the memory
+estimate of big shapes on any machine. ``--preset trl`` runs the two cases of the TRL
+comparison (:data:`TARGETS`) in one command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm import models
+from lm import objectives
+from lm import optim
+from lm.train import create_train_state, make_train_step
+
+MODES = ("adamw", "logits-sam", "sam")
+REMATS = ("none", "block")
+REFERENCES = ("frozen", "precomputed")
+DTYPES = ("float32", "bfloat16")
+
+# Dense bf16 peak of one chip, matched against ``device.device_kind``. H200 is the H100's
+# compute with more memory.
+PEAK_FLOPS = (("H100", 989.4e12), ("H200", 989.4e12), ("A100", 312e12))
+
+TARGETS = {
+    "gpt2-124m": "tokens/s >= 3x TRL's ~102k tok/s (TRL: 80 ms/step, 9.2 GB; 8 pairs, seq 512, "
+    "prompt 128, no gradient checkpointing), i.e. >= 307k tok/s on one H100",
+    "gpt2-2.65b": "MFU >= 40% on one H100 (TRL: 15%, 291 ms/step, 54 GB; 2 pairs, seq 512, "
+    "prompt 128, gradient checkpointing)",
+    "logits-sam": "step-time overhead over adamw within 1 pp of its FLOP bound and <= 2% at "
+    "gpt2-2.65b; compile-time memory <= 1.02x adamw",
+    "sam": "full SAM, for contrast: a second forward/backward of the whole policy",
+}
+
+# The cases of the TRL comparison: (shape, pairs, seq, prompt, remat).
+PRESETS = {
+    "trl": (("gpt2-124m", 8, 512, 128, "none"), ("gpt2-2.65b", 2, 512, 128, "block")),
+}
+
+GPU_COMMAND = ("python -m experiments.bench --preset trl --modes adamw,logits-sam,sam "
+               "--dtype bfloat16 --steps 20 --warmup 3 --out benchmarks/h100-$(date +%F).json")
+
+
+class BenchError(Exception):
+    """A bad flag or an impossible case: reported as one line, exit status 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    shape: str
+    pairs: int
+    seq: int
+    prompt: int
+    remat: str
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a pytree of arrays or ``ShapeDtypeStruct``s."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def tokens_per_step(pairs: int, seq: int) -> int:
+    """Tokens a step processes: both sequences of every pair, prompt and padding included."""
+    return pairs * 2 * seq
+
+
+def model_flops(n_params: int, tokens: int, reference: str) -> float:
+    """8 · P · tokens (frozen reference) or 6 · P · tokens (precomputed reference).
+
+    2 · P FLOPs per token for a forward, 4 · P for its backward; the frozen reference adds
+    one forward. Attention-score FLOPs are left out, as in the usual MFU convention.
+    """
+    per_token = 6 + (2 if reference == "frozen" else 0)
+    return float(per_token) * n_params * tokens
+
+
+def head_positions(pairs: int, seq: int) -> int:
+    """Positions that go through the policy head: every next-token prediction, N = B·2·(T−1)."""
+    return pairs * 2 * (seq - 1)
+
+
+def logits_sam_extra_flops(positions: int, vocab: int, width: int) -> float:
+    """Logits-SAM's extra work, 4 · N · V · d: the inner head forward ``h Wᵀ`` (2NVd) and the
+    head gradient ``gᵀ h`` (2NVd) that set the perturbation (paper §3.3, Algorithm 1)."""
+    return 4.0 * positions * vocab * width
+
+
+def peak_flops(device: Any, override: float | None) -> float | None:
+    """The device's dense bf16 peak FLOP/s: ``override``, else the table, else None."""
+    if override is not None:
+        return override
+    kind = device.device_kind.upper()
+    for name, flops in PEAK_FLOPS:
+        if name in kind:
+            return flops
+    return None
+
+
+def compiled_memory(compiled: Any) -> dict[str, int]:
+    """XLA's buffer assignment of a compiled step, in bytes, and its total
+
+    estimate = argument + output + temp − alias
+
+    (donated inputs alias outputs and are counted once)."""
+    m = compiled.memory_analysis()
+    out = {
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "alias_bytes": int(m.alias_size_in_bytes),
+    }
+    out["estimate_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
+                             - out["alias_bytes"])
+    return out
+
+
+def xla_flops(compiled: Any) -> float | None:
+    """FLOPs of the compiled step by XLA's cost analysis (None where the backend has none)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+def device_memory_limit(device: Any) -> int | None:
+    """Bytes a computation may use: the allocator's limit on accelerators, free RAM on CPU."""
+    stats = device.memory_stats()
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def device_peak_bytes(device: Any) -> int | None:
+    """``peak_bytes_in_use`` of the device since the process started, where reported."""
+    stats = device.memory_stats()
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def random_batch(key: jax.Array, pairs: int, seq: int, prompt: int, vocab: int,
+                 reference: str) -> dict:
+    """A preference batch of int32 [pairs, 2, seq] arrays: random tokens, no padding, a
+    ``prompt``-token prompt (loss_mask 0) and a ``seq − prompt``-token response (loss_mask 1);
+    with a precomputed reference also float32 ``ref_logps`` [pairs, 2]."""
+    shape = (pairs, 2, seq)
+    ids_key, ref_key = jax.random.split(key)
+    response = (jnp.arange(seq) >= prompt).astype(jnp.int32)
+    batch = {
+        "input_ids": jax.random.randint(ids_key, shape, 0, vocab, dtype=jnp.int32),
+        "attention_mask": jnp.ones(shape, jnp.int32),
+        "loss_mask": jnp.broadcast_to(response, shape),
+    }
+    if reference == "precomputed":
+        # Log-probs of random tokens under an untrained model: about −log V per token.
+        mean = -(seq - prompt) * float(np.log(vocab))
+        batch["ref_logps"] = mean + jax.random.normal(ref_key, (pairs, 2), jnp.float32)
+    return batch
+
+
+def model_config(shape: str, dtype: str, param_dtype: str, attention: str | None):
+    """The built-in config ``shape`` with the benchmark's numerics."""
+    try:
+        return models.builtin_config(shape, dtype=dtype, param_dtype=param_dtype,
+                                     attention_impl=attention)
+    except models.ConfigError as e:
+        raise BenchError(f"--shapes: {e}") from None
+
+
+def build_step(cfg: Any, mode: str, args: argparse.Namespace, remat: str):
+    """The trainer's DPO step for ``mode`` (:func:`lm.train.make_train_step`: clipped AdamW
+    of :mod:`lm.optim` on the plain, logits-SAM or SAM gradient), jitted with the
+    :class:`lm.train.TrainState` donated, and the optimizer."""
+    grad_fn = objectives.make_grad_fn(
+        cfg, loss="dpo", mode=mode, rho=args.rho, chunk_size=args.chunk_size,
+        reference=args.reference, remat=remat == "block")
+    tx = optim.make_optimizer(args.lr, total_steps=1, schedule="constant")
+    return jax.jit(make_train_step(grad_fn, tx), donate_argnums=0), tx
+
+
+# ----------------------------------------------------------------------------- one case
+
+
+def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
+    """Compile and (unless ``--compile-only``) time one (case, mode) in this process."""
+    device = jax.devices()[0]
+    cfg = model_config(case.shape, args.dtype, args.param_dtype, args.attention)
+    tokens = tokens_per_step(case.pairs, case.seq)
+    key = jax.random.PRNGKey(args.seed)
+    params_abs = jax.eval_shape(lambda k: models.init_params(cfg, k), key)
+    n_params = count_params(params_abs)
+    flops = model_flops(n_params, tokens, args.reference)
+    row: dict[str, Any] = {
+        **dataclasses.asdict(case), "mode": mode, "n_params": n_params,
+        "vocab": cfg.vocab_size, "width": cfg.hidden_size,
+        "tokens_per_step": tokens, "model_flops_per_step": flops,
+    }
+    if mode == "logits-sam":
+        extra = logits_sam_extra_flops(head_positions(case.pairs, case.seq), cfg.vocab_size,
+                                       cfg.hidden_size)
+        row["flop_bound"] = extra / model_flops(n_params, tokens, args.reference)
+
+    step, tx = build_step(cfg, mode, args, case.remat)
+    batch = random_batch(key, case.pairs, case.seq, case.prompt, cfg.vocab_size,
+                         args.reference)
+    batch_abs = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+    state_abs = jax.eval_shape(lambda p: create_train_state(p, tx, args.seed), params_abs)
+    ref_abs = params_abs if args.reference == "frozen" else None
+    t0 = time.perf_counter()
+    try:
+        compiled = step.lower(state_abs, batch_abs, ref_abs).compile()
+    except jax.errors.JaxRuntimeError as e:
+        return {**row, "status": "skipped", "reason": f"compilation failed: {_first_line(e)}"}
+    row["compile_s"] = time.perf_counter() - t0
+    row["memory"] = compiled_memory(compiled)
+    row["xla_flops_per_step"] = xla_flops(compiled)
+    if args.compile_only:
+        return {**row, "status": "compiled"}
+
+    limit = device_memory_limit(device)
+    need = row["memory"]["estimate_bytes"]
+    if limit is not None and need > limit:
+        return {**row, "status": "skipped",
+                "reason": f"needs {_gib(need):.1f} GiB > {_gib(limit):.1f} GiB available"}
+    try:
+        times = _time_steps(compiled, tx, cfg, key, batch, args)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return {**row, "status": "skipped", "reason": f"out of memory: {_first_line(e)}"}
+    step_s = statistics.median(times)
+    peak = peak_flops(device, args.peak_flops)
+    row["memory"]["peak_bytes_in_use"] = device_peak_bytes(device)
+    return {
+        **row, "status": "ok", "timed_steps": len(times),
+        "step_ms": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
+        "tokens_per_s": tokens / step_s, "model_flops_per_s": flops / step_s,
+        "mfu": flops / step_s / peak if peak else None,
+    }
+
+
+def _time_steps(compiled, tx, cfg, key, batch, args) -> list[float]:
+    params = models.init_params(cfg, key)
+    # The reference is a copy: the policy arrays are donated to the step.
+    ref = jax.tree_util.tree_map(jnp.copy, params) if args.reference == "frozen" else None
+    state = create_train_state(params, tx, args.seed)
+    for _ in range(args.warmup):
+        state, metrics = compiled(state, batch, ref)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch, ref)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+    if int(state.halted_at) >= 0:
+        raise BenchError(f"non-finite loss or gradient at step {int(state.halted_at)}")
+    return times
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _gib(n: float) -> float:
+    return n / 2**30
+
+
+# ----------------------------------------------------------------------------- isolation
+
+
+def run_isolated(case: Case, mode: str, args: argparse.Namespace) -> dict:
+    """:func:`run_case` in a child process, so ``peak_bytes_in_use`` is this case's alone."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "row.json")
+        argv = [sys.executable, "-m", "experiments.bench", "--isolate", "never", "--out", out,
+                "--shapes", case.shape, "--pairs", str(case.pairs), "--seq", str(case.seq),
+                "--prompt", str(case.prompt), "--remat", case.remat, "--modes", mode,
+                *_shared_flags(args)]
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode == 0:
+            with open(out) as f:
+                return json.load(f)["rows"][0]
+    tail = (proc.stderr or proc.stdout).strip().splitlines()
+    return {**dataclasses.asdict(case), "mode": mode, "status": "skipped",
+            "reason": f"child exited {proc.returncode}: {tail[-1] if tail else ''}"}
+
+
+def _shared_flags(args: argparse.Namespace) -> list[str]:
+    flags = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", args.dtype,
+             "--param-dtype", args.param_dtype, "--reference", args.reference,
+             "--rho", repr(args.rho), "--lr", repr(args.lr), "--seed", str(args.seed),
+             "--attention", args.attention or "auto"]
+    if args.chunk_size is not None:
+        flags += ["--chunk-size", str(args.chunk_size)]
+    if args.peak_flops is not None:
+        flags += ["--peak-flops", repr(args.peak_flops)]
+    if args.compile_only:
+        flags.append("--compile-only")
+    return flags
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+
+def add_overheads(rows: list[dict]) -> None:
+    """Step time and memory of each mode relative to adamw of the same case, in place."""
+    def key(r):
+        return (r["shape"], r["pairs"], r["seq"], r["prompt"], r["remat"])
+
+    base = {key(r): r for r in rows if r["mode"] == "adamw" and r["status"] in ("ok", "compiled")}
+    for r in rows:
+        b = base.get(key(r))
+        if r["mode"] == "adamw" or b is None or r["status"] not in ("ok", "compiled"):
+            continue
+        r["memory_ratio_vs_adamw"] = r["memory"]["estimate_bytes"] / b["memory"]["estimate_bytes"]
+        if r["status"] == "ok" and b["status"] == "ok":
+            r["time_overhead_vs_adamw"] = r["step_ms"] / b["step_ms"] - 1.0
+
+
+def toy_speed(steps: int = 200, grid: int = 6) -> dict:
+    """The Figure-1 toy's vmapped (η, ρ) sweep against its NumPy reference loop, same grid."""
+    from dynamics import toy
+
+    config = toy.ToyConfig()
+    W, phi = toy.setup(config)
+    etas = jnp.linspace(-1e-4, -1e-5, grid)
+    rhos = jnp.linspace(-0.02, 0.02, grid)
+    t0 = time.perf_counter()
+    jax.block_until_ready(toy.run_sweep(W, phi, toy.Y_MINUS, etas, rhos, steps))
+    compile_and_run = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fast = jax.block_until_ready(toy.run_sweep(W, phi, toy.Y_MINUS, etas, rhos, steps))
+    jax_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ref = toy.reference_sweep(np.asarray(W), np.asarray(phi), toy.Y_MINUS, np.asarray(etas),
+                              np.asarray(rhos), steps)
+    numpy_s = time.perf_counter() - t0
+    return {
+        "runs": grid * grid, "steps": steps, "dim": config.dim, "classes": config.classes,
+        "jax_first_call_s": compile_and_run, "jax_s": jax_s, "numpy_s": numpy_s,
+        "speedup": numpy_s / jax_s, "max_abs_diff": float(np.max(np.abs(np.asarray(fast) - ref))),
+    }
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """The results as a fixed-width text table."""
+    head = ("shape", "mode", "B", "T", "remat", "status", "compile s", "step ms", "tok/s",
+            "MFU", "mem est GiB", "peak GiB", "vs adamw", "FLOP bound")
+    lines = [head]
+    for r in rows:
+        mem = r.get("memory", {})
+        peak = mem.get("peak_bytes_in_use")
+        lines.append((
+            r["shape"], r["mode"], str(r["pairs"]), str(r["seq"]), r["remat"], r["status"],
+            _fmt(r.get("compile_s"), "{:.1f}"), _fmt(r.get("step_ms"), "{:.1f}"),
+            _fmt(r.get("tokens_per_s"), "{:,.0f}"), _fmt(r.get("mfu"), "{:.1%}"),
+            _fmt(mem.get("estimate_bytes") and _gib(mem["estimate_bytes"]), "{:.3f}"),
+            _fmt(peak and _gib(peak), "{:.2f}"), _overhead(r),
+            _fmt(r.get("flop_bound"), "{:.2%}")))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+    text += [f"  {r['shape']}/{r['mode']}: skipped: {r['reason']}"
+             for r in rows if r["status"] == "skipped"]
+    return "\n".join(text)
+
+
+def _overhead(r: dict) -> str:
+    parts = []
+    if "time_overhead_vs_adamw" in r:
+        parts.append(f"time {r['time_overhead_vs_adamw']:+.1%}")
+    if "memory_ratio_vs_adamw" in r:
+        parts.append(f"mem {r['memory_ratio_vs_adamw']:.3f}x")
+    return ", ".join(parts) or "-"
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else spec.format(v)
+
+
+def environment(args: argparse.Namespace) -> dict:
+    device = jax.devices()[0]
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "jax_version": jax.__version__, "platform": device.platform,
+        "device_kind": device.device_kind, "device_count": jax.device_count(),
+        "host": platform.node(), "cpu_count": os.cpu_count(),
+        "peak_flops": peak_flops(device, args.peak_flops),
+        "flags": {k: v for k, v in vars(args).items() if k != "out"},
+        "conventions": {
+            "tokens_per_step": "pairs * 2 * seq (prompt and response of both sequences)",
+            "model_flops": "8 * params * tokens (6 policy fwd+bwd, 2 frozen-reference fwd; "
+                           "6 * params * tokens with a precomputed reference); attention-score "
+                           "FLOPs excluded; same count for every mode",
+            "mfu": "model_flops / median step time / device dense bf16 peak",
+            "memory.estimate_bytes": "XLA compile-time argument + output + temp - alias",
+            "flop_bound": "logits-SAM extra 4 * N * V * d, N = pairs * 2 * (seq - 1), "
+                          "over the adamw model_flops",
+        },
+        "targets": TARGETS, "gpu_command": GPU_COMMAND,
+    }
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.bench",
+        description="Step time, tokens/s, MFU and memory of one DPO training step, per model "
+                    "shape and optimizer mode (adamw | logits-sam | sam).")
+    p.add_argument("--shapes", default="gpt2-tiny",
+                   help=f"comma-separated built-in configs ({', '.join(models.BUILTIN_NAMES)})")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="run the preset cases (shape, pairs, seq, prompt, remat) instead of "
+                        "--shapes/--pairs/--seq/--prompt/--remat; 'trl': the TRL comparison")
+    p.add_argument("--pairs", type=int, default=2, help="preference pairs per step")
+    p.add_argument("--seq", type=int, default=64, help="tokens per sequence")
+    p.add_argument("--prompt", type=int, default=16, help="prompt tokens (< --seq)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
+    p.add_argument("--param-dtype", default="float32", choices=DTYPES, help="storage dtype")
+    p.add_argument("--remat", default="none", choices=REMATS,
+                   help="gradient checkpointing of each transformer block")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="tokens per chunk of the vocabulary logits (default: all at once)")
+    p.add_argument("--reference", default="frozen", choices=REFERENCES,
+                   help="frozen: reference forward inside the step; precomputed: none")
+    p.add_argument("--rho", type=float, default=1e-4, help="(logits-)SAM radius")
+    p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate")
+    p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
+                   help="attention implementation (auto: cudnn on GPU, xla elsewhere)")
+    p.add_argument("--peak-flops", type=float, default=None,
+                   help="peak FLOP/s for MFU where the device is not in the table (e.g. CPU)")
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile and report memory/FLOPs without running (any shape, any host)")
+    p.add_argument("--isolate", default="auto", choices=("auto", "always", "never"),
+                   help="one child process per (case, mode); auto: where the device reports "
+                        "peak memory")
+    p.add_argument("--toy", action="store_true",
+                   help="also time the Figure-1 toy sweep (vmapped JAX vs NumPy loop)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    try:
+        _check(args)
+    except BenchError as e:
+        p.exit(2, f"error: {e}\n")
+    return args
+
+
+def _check(args: argparse.Namespace) -> None:
+    args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for s in args.shapes:
+        if s not in models.BUILTIN_NAMES:
+            raise BenchError(f"--shapes: unknown shape {s!r} (known: "
+                             f"{', '.join(models.BUILTIN_NAMES)})")
+    for m in args.modes:
+        if m not in MODES:
+            raise BenchError(f"--modes: unknown mode {m!r} (known: {', '.join(MODES)})")
+    if not args.shapes or not args.modes:
+        raise BenchError("--shapes and --modes need at least one entry each")
+    for name in ("pairs", "seq", "steps"):
+        if getattr(args, name) < 1:
+            raise BenchError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise BenchError(f"--warmup must be >= 0, got {args.warmup}")
+    if not 0 <= args.prompt < args.seq:
+        raise BenchError(f"--prompt must be in [0, --seq={args.seq}), got {args.prompt}")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise BenchError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    if args.peak_flops is not None and not args.peak_flops > 0:
+        raise BenchError(f"--peak-flops must be > 0, got {args.peak_flops}")
+    if args.attention == "auto":
+        args.attention = "cudnn" if jax.default_backend() == "gpu" else None
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise BenchError(f"--out: directory of {args.out!r} does not exist")
+
+
+def cases(args: argparse.Namespace) -> list[Case]:
+    """The cases to run: the preset's, or every shape at the flags' pairs/seq/prompt/remat."""
+    if args.preset:
+        return [Case(*c) for c in PRESETS[args.preset]]
+    return [Case(s, args.pairs, args.seq, args.prompt, args.remat) for s in args.shapes]
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    isolate = args.isolate == "always" or (
+        args.isolate == "auto" and device_peak_bytes(jax.devices()[0]) is not None)
+    run = run_isolated if isolate else run_case
+    rows = []
+    try:
+        for case in cases(args):
+            max_len = model_config(case.shape, args.dtype, args.param_dtype,
+                                   args.attention).max_position_embeddings
+            if case.seq > max_len:
+                raise BenchError(f"--seq {case.seq} exceeds {case.shape}'s "
+                                 f"{max_len} positions")
+            for mode in args.modes:
+                rows.append(run(case, mode, args))
+                print(format_table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    add_overheads(rows)
+    result = {**environment(args), "rows": rows}
+    if args.toy:
+        result["toy"] = toy_speed()
+    print(format_table(rows))
+    if args.toy:
+        t = result["toy"]
+        print(f"toy sweep ({t['runs']} runs x {t['steps']} steps, d={t['dim']}): "
+              f"JAX vmap {t['jax_s'] * 1e3:.1f} ms vs NumPy loop {t['numpy_s'] * 1e3:.1f} ms "
+              f"({t['speedup']:.0f}x; max |diff| {t['max_abs_diff']:.1e})")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
