@@ -1,0 +1,77 @@
+"""Tokenisation: prompt / response boundary, BOS / EOS, and the truncation policy."""
+
+import pytest
+
+from lm.data import PreferenceRecord, TokenizeConfig, read_records, tokenize_records
+
+
+def _ids(tokenizer, text):
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def test_prompt_and_responses_are_encoded_separately(fixtures_dir, tokenizer, special_ids):
+    records, _ = read_records(fixtures_dir / "hh.jsonl")
+    config = TokenizeConfig(max_len=256, max_prompt_len=128, eos_id=special_ids["eos"],
+                            bos_id=special_ids["bos"])
+    pairs, report = tokenize_records(records, tokenizer, config)
+    assert len(pairs) == report.kept == 3 and report.truncated == 0
+    for i, record in enumerate(records):
+        assert pairs.prompt[i].tolist() == [special_ids["bos"]] + _ids(tokenizer, record.prompt)
+        assert pairs.chosen[i].tolist() == _ids(tokenizer, record.chosen) + [special_ids["eos"]]
+        assert pairs.rejected[i].tolist() == _ids(tokenizer, record.rejected) + [special_ids["eos"]]
+        assert tokenizer.decode(pairs.chosen[i].tolist()) == record.chosen
+        assert pairs.source[i] == record.source
+        assert pairs.prompt[i].dtype.name == "int32"
+    expected = [len(p) + max(len(c), len(r))
+                for p, c, r in zip(pairs.prompt, pairs.chosen, pairs.rejected)]
+    assert pairs.lengths.tolist() == expected
+
+
+def test_long_responses_are_cut_from_the_right_without_eos(tokenizer, special_ids):
+    eos = special_ids["eos"]
+    record = PreferenceRecord("Q: a\nA:", " one two three four five six seven eight nine ten",
+                              " no", "mem:1")
+    prompt = _ids(tokenizer, record.prompt)
+    chosen = _ids(tokenizer, record.chosen)
+    max_len = len(prompt) + 4
+    assert len(chosen) + 1 > 4  # the chosen response cannot fit
+    pairs, report = tokenize_records([record], tokenizer,
+                                     TokenizeConfig(max_len, len(prompt), eos_id=eos))
+    assert report.truncated == 1
+    assert pairs.chosen[0].tolist() == chosen[:4] and eos not in pairs.chosen[0].tolist()
+    assert pairs.rejected[0].tolist() == _ids(tokenizer, " no") + [eos]
+    assert len(pairs.prompt[0]) + len(pairs.chosen[0]) == max_len
+
+
+def test_a_response_that_exactly_fits_keeps_its_eos(tokenizer, special_ids):
+    eos = special_ids["eos"]
+    record = PreferenceRecord("Q: a\nA:", " one two", " no", "mem:1")
+    n_prompt = len(_ids(tokenizer, record.prompt))
+    n_chosen = len(_ids(tokenizer, record.chosen)) + 1
+    pairs, report = tokenize_records(
+        [record], tokenizer, TokenizeConfig(n_prompt + n_chosen, n_prompt, eos_id=eos))
+    assert report.truncated == 0 and pairs.chosen[0][-1] == eos
+
+
+def test_any_object_with_encode_works(tokenizer, special_ids):
+    class Plain:  # no encode_batch
+        def encode(self, text, add_special_tokens=True):
+            return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    record = PreferenceRecord("Q: b\nA:", " yes", " no", "mem:1")
+    config = TokenizeConfig(64, 32, eos_id=special_ids["eos"])
+    a, _ = tokenize_records([record], tokenizer, config)
+    b, _ = tokenize_records([record], Plain(), config)
+    assert [x.tolist() for x in a.prompt + a.chosen + a.rejected] == [
+        x.tolist() for x in b.prompt + b.chosen + b.rejected]
+
+
+@pytest.mark.parametrize("max_len,max_prompt_len", [(16, 16), (16, 0), (8, 20)])
+def test_config_rejects_impossible_lengths(max_len, max_prompt_len):
+    with pytest.raises(ValueError, match="max_prompt_len < max_len"):
+        TokenizeConfig(max_len, max_prompt_len, eos_id=0)
+
+
+def test_pad_defaults_to_eos():
+    assert TokenizeConfig(16, 8, eos_id=3).pad == 3
+    assert TokenizeConfig(16, 8, eos_id=3, pad_id=0).pad == 0
