@@ -15,7 +15,7 @@ def test_report_and_buckets(fixtures_dir, tokenizer, tmp_path, capsys):
     longest = [min(64, n(r.prompt) + 1 + max(n(r.chosen), n(r.rejected))) for r in records]
     counts = [sum(lo < x <= hi for x in longest) for lo, hi in ((0, 16), (16, 32), (32, 64))]
     assert out[0] == "pairs per bucket: 16={}, 32={}, 64={}".format(*counts)
-    truncated = sum(n(r.prompt) + 1 + n(resp) + 1 > 64 for r in records for resp in (r.chosen, r.rejected))
+    truncated = sum(n(r.prompt) + n(resp) + 1 > 64 for r in records for resp in (r.chosen, r.rejected))
     assert truncated > 0
     assert out[1] == f"kept 3 records; dropped 1 (tie=1); truncated {truncated} responses"
     assert out[2].startswith("  first tie: ") and "webgpt.jsonl:line 3" in out[2]
