@@ -60,11 +60,11 @@ class ToyConfig:
     dim: int = 1000
     classes: int = 3
     examples: int = 1
-    feature_norm: float = 100.0
+    feature_norm: float = 200.0
     init_scale: float = 0.5
     sft_epochs: int = 10
-    sft_lr: float = 3e-5
-    lr: float = -1e-6
+    sft_lr: float = 7.5e-6
+    lr: float = -2.5e-7
     rho: float = -0.01
     steps: int = 200
     seed: int = 0
@@ -125,7 +125,7 @@ def train(W: jax.Array, phi: jax.Array, y: jax.Array, eta, rho, steps: int) -> j
 
 
 def _observe(W, phi, y, v_prev):
-    p = jax.nn.softmax(sr.logits(W, phi), axis=-1)
+    p = start_probs(W, phi)
     g = p - y
     _, v = sr.eigenbasis(p)
     v = sr.align_signs(v, v_prev)
@@ -142,7 +142,7 @@ def trajectory(
     deterministic sign of :func:`~dynamics.softmax_regression.eigenbasis`.
     """
     y = one_hot(label, phi, W.shape[0])
-    _, v0 = sr.eigenbasis(jax.nn.softmax(sr.logits(W, phi), axis=-1))
+    _, v0 = sr.eigenbasis(start_probs(W, phi))
     first = _observe(W, phi, y, v0)
 
     def body(carry, _):
@@ -156,10 +156,15 @@ def trajectory(
     return Trajectory(probs=p, residuals=g, modal=e, eigvecs=v, final=final)
 
 
+def start_probs(W: jax.Array, phi: jax.Array) -> jax.Array:
+    """p = softmax(W φ) (n, V) of the current model."""
+    return jax.nn.softmax(sr.logits(W, phi), axis=-1)
+
+
 def end_probs(W: jax.Array, phi: jax.Array, label: int, eta, rho, steps: int) -> jax.Array:
     """p (n, V) after ``steps`` signed steps on ``label`` from ``W``."""
     y = one_hot(label, phi, W.shape[0])
-    return jax.nn.softmax(sr.logits(train(W, phi, y, eta, rho, steps), phi), axis=-1)
+    return start_probs(train(W, phi, y, eta, rho, steps), phi)
 
 
 def sweep(
