@@ -188,7 +188,8 @@ def ultrafeedback(row: Row, source: str, template: ChatTemplate) -> PreferenceRe
     context = chosen[:-1]
     if rejected[:-1] != context:
         raise DataError(
-            source, "rejected", "prompt_mismatch", "conversation before the answer differs from chosen"
+            source, "rejected", "prompt_mismatch",
+            "conversation before the answer differs from chosen",
         )
     if not context:
         context = [("user", _text(row, "prompt", source, response=False))]

@@ -22,7 +22,9 @@ import numpy as np
 from lm.data.tokenization import TokenizedPairs
 
 
-def bucket_lengths(max_len: int, *, smallest: int = 16, multiple_of: int | None = None) -> tuple[int, ...]:
+def bucket_lengths(
+    max_len: int, *, smallest: int = 16, multiple_of: int | None = None
+) -> tuple[int, ...]:
     """The fixed set of padded lengths, ending at ``max_len``.
 
     Powers of two from ``smallest`` (default), or multiples of ``multiple_of``; values

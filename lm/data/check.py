@@ -20,7 +20,9 @@ from lm.data.tokenization import TokenizeConfig, tokenize_records
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m lm.data.check", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lm.data.check", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("files", nargs="+", help="JSONL (.jsonl/.json) or Parquet files")
     parser.add_argument("--format", default="auto", choices=("auto", *FORMATS))
     parser.add_argument("--on-error", default="fail", choices=ON_ERROR_CHOICES)
@@ -47,13 +49,20 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 tokenizer = Tokenizer.from_file(args.tokenizer)
             except Exception as e:  # tokenizers raises a bare Exception on bad files
-                raise DataError(args.tokenizer, None, "bad_file", f"not a tokenizer.json ({e})") from None
+                raise DataError(
+                    args.tokenizer, None, "bad_file", f"not a tokenizer.json ({e})"
+                ) from None
             eos = args.eos_id if args.eos_id is not None else tokenizer.token_to_id(args.eos_token)
             if eos is None:
-                print(f"error: --eos-token {args.eos_token!r} is not in {args.tokenizer}; pass --eos-id",
-                      file=sys.stderr)
+                print(
+                    f"error: --eos-token {args.eos_token!r} is not in {args.tokenizer}; "
+                    "pass --eos-id",
+                    file=sys.stderr,
+                )
                 return 2
-            config = TokenizeConfig(args.max_len, args.max_prompt_len, eos_id=eos, bos_id=args.bos_id)
+            config = TokenizeConfig(
+                args.max_len, args.max_prompt_len, eos_id=eos, bos_id=args.bos_id
+            )
             pairs, report = tokenize_records(
                 records, tokenizer, config, on_error=args.on_error, report=report
             )

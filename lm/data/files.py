@@ -50,11 +50,14 @@ def _jsonl_rows(path: str) -> Iterator[RawRow]:
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as e:
-                yield source, DataError(source, None, "malformed_json", f"malformed JSON ({e.msg})")
+                yield source, DataError(
+                    source, None, "malformed_json", f"malformed JSON ({e.msg})"
+                )
                 continue
             if not isinstance(row, dict):
+                kind = type(row).__name__
                 yield source, DataError(
-                    source, None, "not_an_object", f"expected a JSON object, got {type(row).__name__}"
+                    source, None, "not_an_object", f"expected a JSON object, got {kind}"
                 )
                 continue
             yield source, row

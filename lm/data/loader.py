@@ -29,7 +29,10 @@ from lm.data.tokenization import TokenizedPairs
 
 
 class PairLoader:
-    """Batches of :class:`~lm.data.tokenization.TokenizedPairs` (format in :mod:`lm.data.batching`)."""
+    """Fixed-size batches of :class:`~lm.data.tokenization.TokenizedPairs`.
+
+    The batch layout is documented in :mod:`lm.data.batching`.
+    """
 
     def __init__(
         self,

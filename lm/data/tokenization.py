@@ -85,7 +85,10 @@ class TokenizedPairs:
     def lengths(self) -> np.ndarray:
         """[N] int: the longer of the two sequences of each pair (what the pair pads to)."""
         return np.array(
-            [len(p) + max(len(c), len(r)) for p, c, r in zip(self.prompt, self.chosen, self.rejected)],
+            [
+                len(p) + max(len(c), len(r))
+                for p, c, r in zip(self.prompt, self.chosen, self.rejected)
+            ],
             dtype=np.int64,
         )
 
@@ -144,7 +147,8 @@ def tokenize_records(
             if len(prompt_ids) > config.max_prompt_len:
                 raise DataError(
                     record.source, "prompt", "prompt_too_long",
-                    f"prompt is {len(prompt_ids)} tokens, over max_prompt_len={config.max_prompt_len}",
+                    f"prompt is {len(prompt_ids)} tokens, "
+                    f"over max_prompt_len={config.max_prompt_len}",
                 )
         except DataError as err:
             report.drop(err, policy)

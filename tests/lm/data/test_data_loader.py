@@ -2,11 +2,14 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lm.data import (
     PairLoader,
     PreferenceRecord,
     TokenizeConfig,
+    TokenizedPairs,
     bucket_for,
     bucket_lengths,
     collate,
@@ -184,3 +187,21 @@ def test_end_to_end_from_a_fixture_file(fixtures_dir, tokenizer, special_ids):
     assert report.summary() == "kept 3 records; dropped 1 (tie=1)"
     batch = PairLoader(pairs, 2, buckets=bucket_lengths(128), pad_id=config.pad).batch(0)
     assert batch["input_ids"].shape[:2] == (2, 2)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 9), st.integers(1, 9), st.integers(1, 9)),
+                min_size=1, max_size=5))
+def test_collate_masks_count_exactly_the_tokens(sizes):
+    """Masks from the ragged lengths alone: attention = prompt + response, loss = response."""
+    make = lambda n, base: np.arange(base, base + n, dtype=np.int32)
+    pairs = TokenizedPairs([make(p, 100) for p, _, _ in sizes], [make(c, 200) for _, c, _ in sizes],
+                           [make(r, 300) for _, _, r in sizes], ["mem"] * len(sizes))
+    batch = collate(pairs, range(len(sizes)), bucket_lengths(32, smallest=4), pad_id=0)
+    for row, (p, c, r) in enumerate(sizes):
+        for side, n in enumerate((c, r)):
+            assert batch["attention_mask"][row, side].tolist() == [1] * (p + n) + [0] * (
+                batch["input_ids"].shape[-1] - p - n)
+            assert batch["loss_mask"][row, side].sum() == n
+            assert np.all(batch["input_ids"][row, side][batch["loss_mask"][row, side] == 1]
+                          == 200 + 100 * side + np.arange(n))
