@@ -166,7 +166,7 @@ def train(
       CheckpointError: the checkpoint to resume from cannot be restored.
     """
     mesh = mesh_lib.make_mesh(config.mesh)
-    mesh_lib.check_batch_size(config.batch_size, mesh)
+    mesh_lib.check_batch_size(config.batch_size, mesh.shape)
     os.makedirs(out_dir, exist_ok=True)
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=config.keep_checkpoints)
     latest = ckpt.latest_step()

@@ -76,13 +76,16 @@ def make_mesh(spec: str | None = None, devices: Any = None) -> Mesh:
     return Mesh(grid, AXES)
 
 
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-    """The pair axis is split over every device: ``batch_size`` must divide evenly."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+def check_batch_size(batch_size: int, mesh_shape: Mapping[str, int]) -> None:
+    """The pair axis is split over every device: ``batch_size`` must divide evenly.
+
+    ``mesh_shape`` is ``Mesh.shape`` (or :func:`parse_mesh`'s dict).
+    """
+    shards = mesh_shape["data"] * mesh_shape["fsdp"]
     if batch_size <= 0 or batch_size % shards:
         raise ConfigError(
             f"--batch-size {batch_size} is not divisible by the {shards} batch shards of the "
-            f"mesh (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})"
+            f"mesh (data={mesh_shape['data']} x fsdp={mesh_shape['fsdp']})"
         )
 
 

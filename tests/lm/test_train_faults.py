@@ -1,0 +1,105 @@
+"""Non-finite steps (stop or skip), checkpoint damage, misconfiguration: loud and lossless."""
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from lm.train import CheckpointError, Checkpointer, ConfigError, NonFiniteError, TrainConfig, train
+from lm.train.checkpoint import abstract_like
+from lm.train.mesh import make_mesh, state_shardings
+from lm.train.state import create_train_state
+from train_mlp import grad_fn, init_params, make_batch_at
+
+TX = optax.adamw(1e-2)
+
+
+def run(out, steps, *, nan_at=(), batch_at=None, resume=False, **kw):
+    config = TrainConfig(steps=steps, batch_size=8, progress=False, plots=False, **kw)
+    batch_at = batch_at or make_batch_at(0, 8, set(nan_at))
+    return train(grad_fn, TX, init_params(0), batch_at, config, str(out), resume=resume)
+
+
+def restore(directory):
+    params = init_params(0)
+    abstract = jax.eval_shape(lambda p: create_train_state(p, TX, 0), params)
+    target = abstract_like(abstract, state_shardings(abstract, make_mesh()))
+    ckpt = Checkpointer(directory)
+    try:
+        return ckpt.restore(target)
+    finally:
+        ckpt.close()
+
+
+@pytest.mark.parametrize("log_every", [1, 10])
+def test_nan_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path, log_every):
+    with pytest.raises(NonFiniteError) as err:
+        run(tmp_path / "bad", 6, nan_at=[3], checkpoint_every=2, log_every=log_every)
+    assert err.value.step == 3
+    assert str(err.value).startswith("non-finite loss or gradients at step 3; the update was not applied")
+    assert str(tmp_path / "bad" / "checkpoints" / "2") in str(err.value)
+
+    state, meta = restore(str(tmp_path / "bad" / "checkpoints"))
+    assert int(state.step) == 2 and meta["step"] == 2 and meta["seed"] == 0
+    clean = run(tmp_path / "clean", 2)
+    for name, value in jax.device_get(clean.state.params).items():
+        np.testing.assert_array_equal(np.asarray(state.params[name]), value, err_msg=name)
+
+
+def test_skip_mode_counts_skips_and_skipped_batches_leave_no_trace(tmp_path):
+    result = run(tmp_path / "skip", 5, nan_at=[1, 3], skip_nonfinite=True, log_every=5)
+    assert int(result.state.skipped) == 2 and int(result.state.step) == 5
+    assert result.last_metrics["skipped"] == 2
+    # Skipped steps change neither params nor Adam's state: the same as training on 0, 2, 4.
+    base = make_batch_at(0, 8, set())
+    only_good = run(tmp_path / "good", 3, batch_at=lambda k: base(2 * k))
+    for name, value in jax.device_get(only_good.state.params).items():
+        np.testing.assert_array_equal(np.asarray(result.state.params[name]), value, err_msg=name)
+
+
+def test_corrupt_checkpoint_is_named_on_resume(tmp_path):
+    run(tmp_path, 4, checkpoint_every=2)
+    damaged = tmp_path / "checkpoints" / "4"
+    for root, _, files in os.walk(damaged / "state"):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    with pytest.raises(CheckpointError) as err:
+        run(tmp_path, 6, checkpoint_every=2, resume=True)
+    assert str(err.value).startswith(f"checkpoint folder {damaged} is corrupt or incomplete")
+
+
+def test_partial_checkpoint_folder_is_named_on_resume(tmp_path):
+    run(tmp_path, 2)
+    partial = tmp_path / "checkpoints" / "2"
+    shutil.rmtree(partial / "state")
+    with pytest.raises(CheckpointError) as err:
+        run(tmp_path, 4, resume=True)
+    assert str(partial) in str(err.value)
+
+
+def test_resume_of_a_finished_run_is_a_no_op(tmp_path):
+    first = jax.device_get(run(tmp_path, 2).state.params)
+    again = run(tmp_path, 2, resume=True)
+    assert int(again.state.step) == 2
+    for name, value in jax.device_get(again.state.params).items():
+        np.testing.assert_array_equal(value, first[name], err_msg=name)
+
+
+def test_existing_checkpoints_need_resume(tmp_path):
+    run(tmp_path, 2)
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        run(tmp_path, 4)
+
+
+def test_bad_mesh_fails_before_tracing(tmp_path):
+    def untraceable(*args):
+        raise AssertionError("grad_fn was traced")
+
+    config = TrainConfig(steps=2, batch_size=8, mesh="data=3", progress=False)
+    with pytest.raises(ConfigError, match="data=3 x fsdp=1 = 3 devices"):
+        train(untraceable, TX, init_params(0), make_batch_at(0, 8, set()), config, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()

@@ -1,0 +1,42 @@
+"""Sharded training on 8 forced host devices computes what one device computes."""
+
+import numpy as np
+import pytest
+
+from train_helpers import params, run_mlp
+from train_mlp import init_params
+
+FLAGS = ("--steps", "5", "--batch-size", "8", "--log-every", "5")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    proc = run_mlp(out, *FLAGS)
+    assert proc.returncode == 0, proc.stderr
+    return params(out)
+
+
+@pytest.mark.parametrize(
+    "mesh, specs",
+    [
+        ("data=2,fsdp=4", "{'b1': 'P()', 'w1': \"P(None, 'fsdp')\", 'w2': \"P('fsdp', None)\"}"),
+        ("data=8", "{'b1': 'P()', 'w1': 'P()', 'w2': 'P()'}"),
+    ],
+)
+def test_sharded_matches_single_device(tmp_path, single, mesh, specs):
+    proc = run_mlp(tmp_path, *FLAGS, "--mesh", mesh, devices=8)
+    assert proc.returncode == 0, proc.stderr
+    # w1 (8, 16): 16 is the largest dim divisible by 4; w2 (16, 4): 16 again; b1 is 1-D.
+    assert f"SPECS {specs}" in proc.stdout
+    sharded, init = params(tmp_path), init_params(0)
+    for name, value in single.items():
+        assert np.abs(value - init[name]).max() > 1e-3, f"{name} did not train"
+        np.testing.assert_allclose(sharded[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_impossible_mesh_is_one_clear_line(tmp_path):
+    proc = run_mlp(tmp_path, "--mesh", "data=3,fsdp=2", devices=8)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "data=3 x fsdp=2 = 6 devices, but 8 are available" in lines[0]
