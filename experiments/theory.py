@@ -6,7 +6,7 @@ Each check is a row (check, measured, tolerance, pass) of a printed table (or of
 ``--json`` document); informative rows have no pass/fail. The exit status is 1 if any check
 fails.
 
-Instances. For each (V, d) in :data:`CONFIGS`, ``--instances`` random examples: features
+Instances. For each (V, d) in ``--shapes`` (default :data:`CONFIGS`), ``--instances`` random examples: features
 φ ~ N(0, I/d) (so μ = ‖φ‖² ≈ 1), head W with i.i.d. N(0, 1.5²) entries (logits of spread
 ≈ 1.5, every p_i well inside (0, 1)), and a uniform random label.
 
@@ -277,10 +277,11 @@ def check_ratios(data: dict) -> list[Row]:
     return rows
 
 
-def run_checks(seed: int, instances: int) -> list[Row]:
+def run_checks(seed: int, instances: int, shapes=CONFIGS) -> list[Row]:
+    """All checks on ``instances`` random examples per (V, d) in ``shapes``."""
     key = jax.random.PRNGKey(seed)
     data = {}
-    for V, d in CONFIGS:
+    for V, d in shapes:
         key, sub = jax.random.split(key)
         data[(V, d)] = sample_instances(sub, instances, V, d)
     return (check_prop31(data, key) + check_prop33(data) + check_remainders(data)
@@ -305,6 +306,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _shapes(text: str) -> tuple[tuple[int, int], ...]:
+    shapes = []
+    for item in text.split(","):
+        V, sep, d = item.strip().lower().partition("x")
+        if not (sep and V.isdigit() and d.isdigit() and int(V) >= 2 and int(d) >= 1):
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated VxD with V ≥ 2 and D ≥ 1 (e.g. 3x16), got {item!r}"
+            )
+        shapes.append((int(V), int(d)))
+    return tuple(shapes)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = _Parser(
         prog="python -m experiments.theory",
@@ -315,6 +328,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
     parser.add_argument("--instances", type=_positive_int, default=64,
                         help="random instances per (V, d) configuration (default 64)")
+    parser.add_argument("--shapes", type=_shapes, default=CONFIGS, metavar="VxD[,VxD...]",
+                        help="(classes, feature dim) configurations (default "
+                        + ",".join(f"{V}x{d}" for V, d in CONFIGS) + ")")
     return parser.parse_args(argv)
 
 
@@ -333,13 +349,13 @@ def _table(rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     jax.config.update("jax_enable_x64", True)
-    rows = run_checks(args.seed, args.instances)
+    rows = run_checks(args.seed, args.instances, args.shapes)
     ok = all(r.passed is not False for r in rows)
     if args.json:
         doc = {
             "seed": args.seed,
             "instances_per_config": args.instances,
-            "configs": [{"V": V, "d": d} for V, d in CONFIGS],
+            "configs": [{"V": V, "d": d} for V, d in args.shapes],
             "step_grid": STEP_GRID.tolist(),
             "small_step": SMALL_STEP,
             "kappa": KAPPA,
