@@ -1,0 +1,92 @@
+"""Autoregressive sampling with a KV cache: one prefill, then one token per scan step.
+
+Prompts are left-padded [B, P] (``prompt_mask`` 1 on real tokens) so every row's last
+prompt token sits in slot P - 1 and generated token t goes to slot P + t for all rows.
+Positions come from the mask, so a row's tokens are numbered exactly as in
+``forward_hidden`` on the unpadded sequence. Greedy at ``temperature == 0``; otherwise
+softmax(z / temperature) restricted to the top-p nucleus.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from lm.models import (ModelConfig, forward_cached, init_cache, logits_from_hidden,
+                       output_head, position_ids)
+
+
+def top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Set to -inf every logit outside the smallest set of top tokens with mass >= top_p.
+
+    The most likely token is always kept, so ``top_p -> 0`` is greedy.
+    """
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = mass_before < top_p
+    keep_sorted = keep_sorted.at[..., 0].set(True)
+    keep = jnp.zeros_like(keep_sorted).at[
+        jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+def _choose(logits: jax.Array, rng: jax.Array, temperature, top_p) -> jax.Array:
+    greedy = jnp.argmax(logits, axis=-1)
+    safe_t = jnp.where(temperature > 0, temperature, 1.0)
+    sampled = jax.random.categorical(rng, top_p_filter(logits / safe_t, top_p), axis=-1)
+    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_id", "pad_id"))
+def generate(cfg: ModelConfig, params, prompt_ids: jax.Array, prompt_mask: jax.Array, *,
+             max_new_tokens: int, rng: jax.Array, temperature: float = 0.0,
+             top_p: float = 1.0, eos_id: Optional[int | Sequence[int]] = None,
+             pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Sample ``max_new_tokens`` continuations of left-padded prompts.
+
+    Args:
+      prompt_ids, prompt_mask: int [B, P], left-padded (mask 1 on real tokens).
+      rng: a PRNG key (unused when greedy).
+      temperature, top_p: sampling controls (traced: no recompilation per value).
+      eos_id: an id or tuple of ids; a row stops after emitting one (None: never).
+      pad_id: the token written after a row has stopped.
+
+    Returns:
+      tokens int32 [B, max_new_tokens] and mask int32 [B, max_new_tokens], 1 for the
+      generated tokens up to and including the first EOS, 0 (and ``pad_id``) after.
+    """
+    b, p = prompt_ids.shape
+    total = p + max_new_tokens
+    eos = jnp.asarray(() if eos_id is None else
+                      ((eos_id,) if isinstance(eos_id, int) else tuple(eos_id)), jnp.int32)
+    head = output_head(cfg, params)
+    prompt_mask = prompt_mask.astype(jnp.int32)
+    key_valid = jnp.zeros((b, total), jnp.int32).at[:, :p].set(prompt_mask)
+    key_pos = jnp.zeros((b, total), jnp.int32).at[:, :p].set(position_ids(prompt_mask))
+    hidden, cache = forward_cached(cfg, params, prompt_ids, key_pos[:, :p],
+                                   init_cache(cfg, b, total), 0, key_valid, key_pos)
+    z = logits_from_hidden(hidden[:, -1], head)
+    next_pos = jnp.sum(prompt_mask, axis=-1)
+
+    def step(carry, t):
+        cache, key_valid, key_pos, z, done, next_pos, rng = carry
+        rng, sub = jax.random.split(rng)
+        tok = jnp.where(done, pad_id, _choose(z, sub, temperature, top_p))
+        emitted = ~done
+        done = done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
+        slot = p + t
+        key_valid = key_valid.at[:, slot].set(1)
+        key_pos = key_pos.at[:, slot].set(next_pos)
+        hidden, cache = forward_cached(cfg, params, tok[:, None], next_pos[:, None], cache,
+                                       slot, key_valid, key_pos)
+        z = logits_from_hidden(hidden[:, 0], head)
+        return (cache, key_valid, key_pos, z, done, next_pos + 1, rng), (tok, emitted)
+
+    carry = (cache, key_valid, key_pos, z, jnp.zeros((b,), bool), next_pos, rng)
+    _, (tokens, emitted) = jax.lax.scan(step, carry, jnp.arange(max_new_tokens))
+    return tokens.T, emitted.T.astype(jnp.int32)
