@@ -1,0 +1,254 @@
+"""``python -m experiments.dpo``: train a decoder with DPO (or a relative) and logits-SAM.
+
+    python -m experiments.dpo --model gpt2-tiny --data prefs.jsonl --loss dpo \\
+        --grad logits-sam --rho 1e-4 --beta 0.1 --lr 1e-4 --batch-size 8 --steps 100 \\
+        --out runs/dpo
+
+``--model`` is a local Hugging Face checkpoint directory or a built-in architecture name
+(``lm.models.BUILTIN_NAMES``, random init). Text is tokenised with ``--tokenizer`` (a
+``tokenizer.json`` or a directory holding one), by default the model directory's own; a
+built-in model without one uses bytes (ids 0-255, EOS 256). The reference policy is the
+initial model, frozen. The run folder gets ``config.json`` (this command's flags),
+``metrics.jsonl``, ``checkpoints/`` (Orbax), PNG plots, and with ``--export-hf`` the final
+policy in Hugging Face format. ``--resume`` continues from the latest checkpoint and ends
+exactly where an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from experiments._cli import ArgumentParser, finite_float, nonnegative_int, positive_float, positive_int, writable_dir
+
+from experiments._cli import fail as _fail
+
+PROG = "python -m experiments.dpo"
+EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>")
+
+
+def fail(message: str):
+    _fail(message, prog=PROG)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids: the fallback for built-in models trained from scratch."""
+
+    eos_id = 256
+
+    @dataclasses.dataclass
+    class _Encoding:
+        ids: list[int]
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> _Encoding:
+        return self._Encoding(list(text.encode("utf-8")))
+
+
+def parse_args(argv: list[str] | None = None):
+    from lm import losses, objectives, optim
+
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", required=True, help="HF checkpoint directory or built-in name")
+    g.add_argument("--data", required=True, nargs="+", help="preference files (JSONL or Parquet)")
+    g.add_argument("--tokenizer", help="tokenizer.json or a directory holding one (default: the model's)")
+    g.add_argument("--eos-token", help=f"EOS token text (default: the config's eos id, else one of {EOS_TOKENS})")
+    g.add_argument("--format", default="auto", help="record format (auto, hh, generic, ...)")
+    g.add_argument("--template", default="plain", help="chat template for message-list formats")
+    g.add_argument("--on-error", default="fail", choices=("fail", "skip"), help="bad records: stop or skip")
+    g.add_argument("--max-len", type=positive_int, default=512)
+    g.add_argument("--max-prompt-len", type=positive_int, default=256)
+    g.add_argument("--held-out", type=finite_float, default=0.1, help="eval fraction (<1) or count (>=1); 0: no eval")
+    g = p.add_argument_group("objective")
+    g.add_argument("--loss", default="dpo", choices=sorted(losses.LOSSES))
+    g.add_argument("--beta", type=positive_float, help="loss temperature (default: the loss's)")
+    g.add_argument("--grad", default="logits-sam", choices=objectives.MODES, help="gradient mode")
+    g.add_argument("--rho", type=finite_float, default=1e-4, help="SAM radius (logits-sam, sam)")
+    g.add_argument("--chunk-size", type=positive_int, help="tokens per chunk of vocabulary logits")
+    g.add_argument("--remat", action="store_true", help="rematerialise trunk blocks")
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--lr", type=positive_float, default=1e-6)
+    g.add_argument("--warmup-steps", type=nonnegative_int, default=0)
+    g.add_argument("--schedule", default="cosine", choices=optim.SCHEDULES)
+    g.add_argument("--weight-decay", type=finite_float, default=0.0)
+    g.add_argument("--clip-norm", type=positive_float, default=1.0)
+    g = p.add_argument_group("run")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="preference pairs per step (global)")
+    g.add_argument("--steps", type=positive_int, default=100)
+    g.add_argument("--seed", type=nonnegative_int, default=0)
+    g.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4 (default: all devices on data)")
+    g.add_argument("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize()")
+    g.add_argument("--log-every", type=positive_int, default=10)
+    g.add_argument("--eval-every", type=nonnegative_int, default=0, help="0: eval only at the end")
+    g.add_argument("--eval-batches", type=positive_int, default=8, help="at most this many held-out batches")
+    g.add_argument("--checkpoint-every", type=nonnegative_int, default=0, help="0: only at the end")
+    g.add_argument("--keep-checkpoints", type=positive_int, default=3)
+    g.add_argument("--skip-nonfinite", action="store_true", help="skip (and count) NaN/inf steps instead of stopping")
+    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--out", default="runs/dpo")
+    g.add_argument("--resume", action="store_true")
+    g.add_argument("--export-hf", metavar="DIR", help="write the final policy as a HF checkpoint")
+    args = p.parse_args(argv)
+    if args.held_out < 0:
+        p.error(f"--held-out must be >= 0, got {args.held_out}")
+    return args
+
+
+def load_model(name: str, seed: int):
+    """``(cfg, params, model_dir or None)`` from a HF directory or a built-in name."""
+    from lm import hf, models
+
+    if os.path.isdir(name):
+        try:
+            cfg, params = hf.load_pretrained(name)
+        except (hf.CheckpointError, models.ConfigError) as err:
+            fail(f"--model {name}: {err}")
+        return cfg, params, name
+    if name in models.BUILTIN_NAMES:
+        cfg = models.builtin_config(name)
+        return cfg, jax.device_get(models.init_params(cfg, jax.random.PRNGKey(seed))), None
+    fail(f"--model {name!r}: not a directory nor a built-in model ({', '.join(models.BUILTIN_NAMES)})")
+
+
+def load_tokenizer(args, cfg, model_dir):
+    """``(tokenizer, eos_id)`` from ``--tokenizer``, the model directory, or bytes."""
+    path = args.tokenizer or (model_dir and os.path.join(model_dir, "tokenizer.json"))
+    if path and os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    if path and not os.path.isfile(path):
+        if args.tokenizer:
+            fail(f"--tokenizer {args.tokenizer}: no such file")
+        fail(f"--model {model_dir}: has no tokenizer.json; pass --tokenizer")
+    if not path:
+        if cfg.vocab_size <= ByteTokenizer.eos_id:
+            fail(f"--model {args.model}: vocab {cfg.vocab_size} too small for the byte tokenizer; pass --tokenizer")
+        return ByteTokenizer(), ByteTokenizer.eos_id
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as err:  # tokenizers raises a bare Exception on bad files
+        fail(f"--tokenizer {path}: not a tokenizer.json ({str(err).splitlines()[0]})")
+    if args.eos_token:
+        eos = tok.token_to_id(args.eos_token)
+        if eos is None:
+            fail(f"--eos-token {args.eos_token!r}: not in {path}")
+    elif cfg.eos_token_id is not None:
+        eos = cfg.eos_token_id
+    else:
+        eos = next((tok.token_to_id(t) for t in EOS_TOKENS if tok.token_to_id(t) is not None), None)
+        if eos is None:
+            fail(f"--tokenizer {path}: no EOS token found; pass --eos-token")
+    if tok.get_vocab_size() > cfg.vocab_size:
+        fail(f"--tokenizer {path}: {tok.get_vocab_size()} tokens but the model has {cfg.vocab_size}")
+    return tok, int(eos)
+
+
+def load_data(args, tokenizer, eos_id):
+    """Train and held-out :class:`~lm.data.PairLoader`s (held-out None when empty)."""
+    from lm import data
+
+    try:
+        records, report = data.read_records(args.data, format=args.format, on_error=args.on_error, template=args.template)
+        tcfg = data.TokenizeConfig(args.max_len, args.max_prompt_len, eos_id=eos_id)
+        pairs, report = data.tokenize_records(records, tokenizer, tcfg, on_error=args.on_error, report=report)
+    except (data.DataError, ValueError) as err:
+        fail(f"--data: {err}")
+    if report.num_dropped:
+        print(report.summary(), file=sys.stderr)
+    held = args.held_out if args.held_out < 1 else int(args.held_out)
+    buckets = data.bucket_lengths(args.max_len)
+    try:
+        if held:
+            train_idx, eval_idx = data.split_indices(len(pairs), held, args.seed)
+        else:
+            train_idx, eval_idx = np.arange(len(pairs)), np.arange(0)
+        train = data.PairLoader(pairs.take(train_idx), args.batch_size, buckets=buckets, pad_id=tcfg.pad, seed=args.seed)
+    except ValueError as err:
+        fail(f"--data: {err} (pairs: {len(pairs)}, --batch-size {args.batch_size}, --held-out {held})")
+    heldout = None
+    if len(eval_idx) >= args.batch_size:
+        heldout = data.PairLoader(pairs.take(eval_idx), args.batch_size, buckets=buckets, pad_id=tcfg.pad, shuffle=False)
+    elif held:
+        print(f"note: {len(eval_idx)} held-out pairs fill no batch of {args.batch_size}; no eval", file=sys.stderr)
+    return train, heldout
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from lm import losses, objectives, optim
+    from lm.hf import save_pretrained
+    from lm.train import CheckpointError, ConfigError, NonFiniteError, TrainConfig, train
+    from lm.train.loop import eval_from_grad_fn
+    from lm.train.mesh import check_batch_size, maybe_initialize_distributed, parse_mesh
+
+    maybe_initialize_distributed(args.distributed)
+    for path in args.data:
+        if not os.path.isfile(path):
+            fail(f"--data {path}: no such file")
+    if not (os.path.isdir(args.model) or args.model in __import__("lm.models").models.BUILTIN_NAMES):
+        load_model(args.model, args.seed)  # fails with the message
+    try:
+        check_batch_size(args.batch_size, parse_mesh(args.mesh, jax.device_count()))
+    except ConfigError as err:
+        fail(str(err))
+    out = writable_dir(args.out)
+
+    cfg, params, model_dir = load_model(args.model, args.seed)
+    if args.max_len > cfg.max_position_embeddings:
+        fail(f"--max-len {args.max_len}: over the model's {cfg.max_position_embeddings} positions")
+    tokenizer, eos_id = load_tokenizer(args, cfg, model_dir)
+    loader, heldout = load_data(args, tokenizer, eos_id)
+    try:
+        loss_kwargs = {} if args.beta is None else {"beta": args.beta}
+        objective = losses.get_loss(args.loss, **loss_kwargs)
+        reference = "none" if objective.reference_free else "frozen"
+        common = dict(loss=args.loss, loss_kwargs=loss_kwargs, chunk_size=args.chunk_size, reference=reference)
+        grad_fn = objectives.make_grad_fn(cfg, mode=args.grad, rho=args.rho, remat=args.remat, **common)
+        eval_fn = eval_from_grad_fn(objectives.make_grad_fn(cfg, mode="plain", **common))
+        tx = optim.make_optimizer(
+            args.lr, total_steps=args.steps, warmup_steps=args.warmup_steps, schedule=args.schedule,
+            weight_decay=args.weight_decay, clip_norm=args.clip_norm,
+        )
+    except ValueError as err:
+        fail(str(err))
+
+    echo = dict(vars(args), model_config=dataclasses.asdict(cfg), eos_id=eos_id,
+                tokenizer=type(tokenizer).__name__, devices=jax.device_count())
+    (out / "config.json").write_text(json.dumps(echo, indent=2, default=str) + "\n")
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, seed=args.seed, mesh=args.mesh,
+        log_every=args.log_every, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints, skip_nonfinite=args.skip_nonfinite,
+        progress=not args.no_progress,
+    )
+    eval_batches = None
+    if heldout is not None:
+        eval_batches = lambda: (heldout.batch(i) for i in range(min(len(heldout), args.eval_batches)))
+    try:
+        result = train(
+            grad_fn, tx, params, loader.batch, config, str(out),
+            ref_params=None if objective.reference_free else params,
+            eval_batches=eval_batches, eval_fn=eval_fn, resume=args.resume,
+            meta={"data": args.data, "model": args.model, "loss": args.loss, "grad": args.grad},
+        )
+    except ConfigError as err:
+        fail(str(err))
+    except (NonFiniteError, CheckpointError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    if args.export_hf and jax.process_index() == 0:
+        save_pretrained(cfg, jax.device_get(result.state.params), args.export_hf)
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in result.last_metrics.items() if k in ("loss", "rewards/accuracies", "rewards/margins"))
+    print(f"done: step {int(result.state.step)} ({summary}); run folder {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
