@@ -372,6 +372,10 @@ def add_overheads(rows: list[dict]) -> None:
         if r["mode"] == "adamw" or b is None or r["status"] not in ("ok", "compiled"):
             continue
         r["memory_ratio_vs_adamw"] = r["memory"]["estimate_bytes"] / b["memory"]["estimate_bytes"]
+        if r.get("xla_flops_per_step") and b.get("xla_flops_per_step"):
+            # XLA's count of the extra work, comparable with flop_bound.
+            r["xla_extra_flops_vs_adamw"] = (
+                (r["xla_flops_per_step"] - b["xla_flops_per_step"]) / b["model_flops_per_step"])
         if r["status"] == "ok" and b["status"] == "ok":
             r["time_overhead_vs_adamw"] = r["step_ms"] / b["step_ms"] - 1.0
 

@@ -1,0 +1,157 @@
+"""experiments.bench: the CLI at the tiny default shape, FLOP accounting, bad flags.
+
+No timing assertions: only that every number is produced, and that the accounting agrees
+with a hand count and with XLA's own FLOP count of the compiled step.
+"""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import bench
+from lm import models
+
+MODES = ("adamw", "logits-sam", "sam")
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "cpu.json"
+    bench.main(["--steps", "2", "--warmup", "0", "--isolate", "never", "--out", str(out)])
+    with open(out) as f:
+        return json.load(f)
+
+
+def gpt2_tiny_params_by_hand() -> int:
+    """GPT-2 (tied head) with L = 2, d = 64, V = 512, 128 positions, counted by hand."""
+    L, d, V, ctx = 2, 64, 512, 128
+    block = (2 * d            # ln_1
+             + d * 3 * d + 3 * d  # c_attn
+             + d * d + d      # attn c_proj
+             + 2 * d          # ln_2
+             + d * 4 * d + 4 * d  # c_fc
+             + 4 * d * d + d)  # mlp c_proj
+    return V * d + ctx * d + L * block + 2 * d
+
+
+def test_cli_writes_every_mode_with_the_expected_keys(result):
+    for key in ("date", "jax_version", "device_kind", "platform", "conventions", "targets",
+                "gpu_command", "flags", "rows"):
+        assert key in result
+    assert result["jax_version"] == jax.__version__
+    assert [r["mode"] for r in result["rows"]] == list(MODES)
+    for r in result["rows"]:
+        assert r["status"] == "ok", r
+        assert r["shape"] == "gpt2-tiny" and r["timed_steps"] == 2
+        for key in ("compile_s", "step_ms", "step_ms_min", "step_ms_max", "tokens_per_s",
+                    "model_flops_per_s", "xla_flops_per_step"):
+            assert np.isfinite(r[key]) and r[key] > 0, key
+        assert r["mfu"] is None  # no peak for a CPU without --peak-flops
+        mem = r["memory"]
+        assert mem["estimate_bytes"] == (mem["argument_bytes"] + mem["output_bytes"]
+                                         + mem["temp_bytes"] - mem["alias_bytes"])
+        assert mem["alias_bytes"] > 0  # the train state is donated
+    by_mode = {r["mode"]: r for r in result["rows"]}
+    for mode in ("logits-sam", "sam"):
+        assert "time_overhead_vs_adamw" in by_mode[mode]
+        assert "memory_ratio_vs_adamw" in by_mode[mode]
+    assert "flop_bound" in by_mode["logits-sam"]
+
+
+def test_flop_accounting_matches_a_hand_count():
+    cfg = models.builtin_config("gpt2-tiny")
+    params = jax.eval_shape(lambda k: models.init_params(cfg, k), jax.random.PRNGKey(0))
+    n = bench.count_params(params)
+    assert n == gpt2_tiny_params_by_hand() == 141056
+    tokens = bench.tokens_per_step(pairs=2, seq=64)
+    assert tokens == 256
+    assert bench.model_flops(n, tokens, "frozen") == 8 * 141056 * 256
+    assert bench.model_flops(n, tokens, "precomputed") == 6 * 141056 * 256
+    assert bench.head_positions(pairs=2, seq=64) == 2 * 2 * 63
+    assert bench.logits_sam_extra_flops(252, 512, 64) == 4 * 252 * 512 * 64
+
+
+def test_flop_counts_agree_with_xla(result):
+    by_mode = {r["mode"]: r for r in result["rows"]}
+    adamw, lsam, sam = by_mode["adamw"], by_mode["logits-sam"], by_mode["sam"]
+    # 8·P·tokens leaves out attention scores and elementwise work: XLA counts a bit more.
+    assert 1.0 < adamw["xla_flops_per_step"] / adamw["model_flops_per_step"] < 1.4
+    # Logits-SAM's extra work as XLA counts it is the 4·N·V·d bound (not 2·N·V·d, not 0).
+    assert lsam["xla_extra_flops_vs_adamw"] == pytest.approx(lsam["flop_bound"], rel=0.15)
+    # Full SAM repeats the policy forward and backward: (6 + 6 + 2) / 8 of the work.
+    assert sam["xla_flops_per_step"] / adamw["xla_flops_per_step"] == pytest.approx(
+        14 / 8, rel=0.15)
+
+
+def test_peak_flops_table():
+    class Dev:
+        def __init__(self, kind):
+            self.device_kind = kind
+
+    assert bench.peak_flops(Dev("NVIDIA H100 80GB HBM3"), None) == 989.4e12
+    assert bench.peak_flops(Dev("NVIDIA H200"), None) == 989.4e12
+    assert bench.peak_flops(Dev("NVIDIA A100-SXM4-80GB"), None) == 312e12
+    assert bench.peak_flops(Dev("cpu"), None) is None
+    assert bench.peak_flops(Dev("cpu"), 1e12) == 1e12
+
+
+def test_child_process_flags_round_trip():
+    flags = ["--dtype", "bfloat16", "--chunk-size", "32", "--reference", "precomputed",
+             "--rho", "0.001", "--peak-flops", "2e12", "--compile-only", "--steps", "5"]
+    args = bench.parse_args(flags)
+    case = bench.cases(args)[0]
+    child = bench.parse_args(["--shapes", case.shape, "--modes", "sam",
+                              *bench._shared_flags(args)])
+    for key, value in vars(args).items():
+        if key not in ("modes", "isolate"):
+            assert getattr(child, key) == value, key
+
+
+@pytest.mark.slow
+def test_compile_only_in_a_child_process_with_precomputed_reference(tmp_path):
+    out = tmp_path / "compiled.json"
+    bench.main(["--compile-only", "--isolate", "always", "--reference", "precomputed",
+                "--modes", "logits-sam", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["status"] == "compiled", row
+    assert row["model_flops_per_step"] == 6 * 141056 * 256
+    assert row["memory"]["estimate_bytes"] > 0 and "step_ms" not in row
+
+
+def test_random_batch_masks_the_prompt():
+    batch = bench.random_batch(jax.random.PRNGKey(0), 3, 10, 4, 50, "precomputed")
+    for key in ("input_ids", "attention_mask", "loss_mask"):
+        assert batch[key].shape == (3, 2, 10) and batch[key].dtype == np.int32
+    assert np.all(np.asarray(batch["loss_mask"])[..., :4] == 0)
+    assert np.all(np.asarray(batch["loss_mask"])[..., 4:] == 1)
+    assert batch["ref_logps"].shape == (3, 2)
+    assert "ref_logps" not in bench.random_batch(jax.random.PRNGKey(0), 3, 10, 4, 50, "frozen")
+
+
+@pytest.mark.parametrize("flags, culprit", [
+    (["--shapes", "gpt2-huge"], "--shapes"),
+    (["--modes", "adamw,lion"], "--modes"),
+    (["--seq", "16", "--prompt", "16"], "--prompt"),
+    (["--pairs", "0"], "--pairs"),
+    (["--remat", "full"], "--remat"),
+    (["--seq", "4096"], "--seq"),
+])
+def test_bad_flags_give_one_line_and_exit_2(flags, culprit, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(flags)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(("error:", "python -m experiments.bench: error:"))
+    assert culprit in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_bad_flag_from_the_command_line_has_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench", "--modes", "lion"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--modes" in lines[0] and "lion" in lines[0]
