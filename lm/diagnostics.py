@@ -23,12 +23,19 @@ the trunk features held fixed, (b) all parameters, (c) the logits of every token
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from lm import losses
+from lm.models import forward_hidden, logits_from_hidden, output_head
+from lm.objectives import reference_logps
+
 PyTree = Any
+
+#: The Hessians :func:`hessian_traces` can estimate.
+HESSIANS = ("head", "params", "logits")
 
 
 def token_gradient_products(
@@ -149,3 +156,102 @@ def hutchinson_trace(
         "stderr": jnp.std(samples, ddof=1) / jnp.sqrt(num_probes),
         "samples": samples,
     }
+
+
+# ------------------------------------------------------------------ on a decoder and a batch
+
+
+def _flat(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """input_ids, attention_mask, loss_mask [B, 2, T] → [2B, T] (pairs adjacent)."""
+    return tuple(jnp.asarray(batch[k]).reshape(-1, batch[k].shape[-1])
+                 for k in ("input_ids", "attention_mask", "loss_mask"))
+
+
+def gradient_products(cfg, params: PyTree, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """:func:`pair_gradient_products` for every pair of a [B, 2, T] batch.
+
+    Uses the log-prob alignment of :func:`lm.losses.token_logps`: h_t predicts token
+    t + 1, counted where ``loss_mask[t + 1]`` is set; so ``token_*`` are (B, T−1, T−1)
+    with index t standing for response token t + 1.
+    """
+    ids, attn, mask = _flat(batch)
+    hidden = forward_hidden(cfg, params, ids, attn).astype(jnp.float32)
+    head = output_head(cfg, params).astype(jnp.float32)
+    b, t = ids.shape[0] // 2, ids.shape[1]
+    return jax.vmap(pair_gradient_products, in_axes=(0, None, 0, 0))(
+        hidden[:, :-1].reshape(b, 2, t - 1, -1),
+        head,
+        ids[:, 1:].reshape(b, 2, t - 1),
+        mask[:, 1:].reshape(b, 2, t - 1),
+    )
+
+
+def _response_logps_from_logits(z: jax.Array, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """Σ_t m_{t+1} log softmax(z_t)[x_{t+1}] (N,): :func:`lm.losses.sequence_logps` with
+    the logits given directly, so that they can be the differentiated variable."""
+    logp = jax.nn.log_softmax(z[:, :-1].astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, ids[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.sum(jnp.where(mask[:, 1:] > 0, picked, 0.0), axis=-1)
+
+
+def hessian_traces(
+    cfg,
+    params: PyTree,
+    batch: Mapping[str, jax.Array],
+    key: jax.Array,
+    *,
+    ref_params: PyTree | None = None,
+    loss: str = "dpo",
+    loss_kwargs: Mapping[str, Any] | None = None,
+    num_probes: int = 16,
+    which: Sequence[str] = HESSIANS,
+) -> dict[str, dict[str, jax.Array]]:
+    """Hutchinson traces of the preference loss's Hessian (mean loss over the batch's pairs).
+
+    ``which`` picks among:
+      head    ∇²_W L(sg(h), W): the output layer with the trunk features fixed (the
+              space logits-SAM perturbs; for tied models, the head use of the embedding);
+      params  ∇²_θ L(θ): every parameter;
+      logits  ∇²_z L(z): the logits z (2B, T, V) of every position, as free variables
+              (only response positions contribute).
+
+    The reference log-probs (from ``ref_params``, or ``params`` when None) are constants.
+    Each entry is ``{"trace", "stderr", "samples"}`` from :func:`hutchinson_trace`, all
+    with the same ``key`` and ``num_probes``.
+    """
+    unknown = sorted(set(which) - set(HESSIANS))
+    if unknown:
+        raise ValueError(f"--hessians: unknown {unknown[0]!r}; choose from {', '.join(HESSIANS)}")
+    objective = losses.get_loss(loss, **dict(loss_kwargs or {}))
+    ids, attn, mask = _flat(batch)
+    counts = jnp.sum(mask[:, 1:].astype(jnp.float32), axis=-1).reshape(-1, 2)
+    if objective.reference_free:
+        ref = jnp.zeros(counts.shape, jnp.float32)
+    else:
+        ref = reference_logps(cfg, params if ref_params is None else ref_params, batch)
+    ref = jax.lax.stop_gradient(ref)
+
+    def loss_of_logps(logps):
+        pairs = losses.PairLogps(logps.reshape(-1, 2)[:, 0], logps.reshape(-1, 2)[:, 1],
+                                 ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1])
+        return jnp.mean(objective(pairs))
+
+    def loss_of_head(hidden, head):
+        return loss_of_logps(losses.sequence_logps(hidden, head, ids, mask)[0])
+
+    def loss_of_params(p):
+        return loss_of_head(forward_hidden(cfg, p, ids, attn), output_head(cfg, p))
+
+    out = {}
+    if "head" in which:
+        hidden = jax.lax.stop_gradient(forward_hidden(cfg, params, ids, attn))
+        out["head"] = hutchinson_trace(
+            lambda w: loss_of_head(hidden, w), output_head(cfg, params), key, num_probes)
+    if "params" in which:
+        out["params"] = hutchinson_trace(loss_of_params, params, key, num_probes)
+    if "logits" in which:
+        z = logits_from_hidden(forward_hidden(cfg, params, ids, attn), output_head(cfg, params))
+        out["logits"] = hutchinson_trace(
+            lambda zz: loss_of_logps(_response_logps_from_logits(zz, ids, mask)), z, key,
+            num_probes)
+    return out

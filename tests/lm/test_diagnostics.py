@@ -43,7 +43,7 @@ def test_pair_gradient_products_match_autodiff(x64):
     dtype = jnp.float64 if x64 else jnp.float32
     hidden, head, targets, mask = _pair(jax.random.key(0))
     hidden, head = hidden.astype(dtype), head.astype(dtype)
-    out = diagnostics.pair_gradient_products(hidden, head, targets, mask)
+    out = jax.jit(diagnostics.pair_gradient_products)(hidden, head, targets, mask)
     m = mask.astype(dtype)
     gw = jax.grad(_seq_logprob)(head, hidden[0], targets[0], m[0])
     gl = jax.grad(_seq_logprob)(head, hidden[1], targets[1], m[1])
@@ -85,7 +85,7 @@ def test_hutchinson_matches_exact_trace():
 
     flat, unravel = jax.flatten_util.ravel_pytree(x)
     exact = jnp.trace(jax.hessian(lambda u: f(unravel(u)))(flat))
-    est = diagnostics.hutchinson_trace(f, x, jax.random.key(3), 400)
+    est = jax.jit(diagnostics.hutchinson_trace, static_argnums=(0, 3))(f, x, jax.random.key(3), 400)
     assert est["samples"].shape == (400,)
     assert est["stderr"] > 0
     assert abs(est["trace"] - exact) < 4 * est["stderr"]
@@ -102,3 +102,111 @@ def test_hutchinson_is_exact_for_diagonal_hessians():
 def test_hutchinson_rejects_one_probe():
     with pytest.raises(ValueError, match="num_probes"):
         diagnostics.hutchinson_trace(jnp.sum, jnp.ones(2), jax.random.key(0), 1)
+
+
+# ------------------------------------------------------------------ on a (micro) decoder
+
+from lm import losses  # noqa: E402
+from lm.models import builtin_config, forward_hidden, init_params, output_head  # noqa: E402
+
+
+def _micro():
+    """A one-layer GPT-2 small enough for jax.hessian over every parameter."""
+    cfg = builtin_config("gpt2-tiny", vocab_size=11, hidden_size=8, num_heads=2, num_kv_heads=2,
+                         head_dim=4, num_layers=1, bos_token_id=1, eos_token_id=1, intermediate_size=8, max_position_embeddings=6)
+    params = init_params(cfg, jax.random.key(0))
+    # Larger than the N(0, 0.02) init, so that p is far from uniform and H is not tiny.
+    params = jax.tree_util.tree_map(lambda x: 20.0 * x, params)
+    ref_params = jax.tree_util.tree_map(lambda x: 0.9 * x, params)
+    ids = jnp.array([[[3, 4, 5, 6, 7, 1], [3, 4, 8, 6, 7, 1]],
+                     [[9, 2, 5, 5, 1, 0], [9, 2, 4, 5, 1, 0]]], jnp.int32)
+    attn = jnp.array([[[1] * 6, [1] * 6], [[1] * 5 + [0], [1] * 5 + [0]]], jnp.int32)
+    loss_mask = jnp.array([[[0, 0, 1, 1, 1, 1]] * 2, [[0, 0, 1, 1, 1, 0]] * 2], jnp.int32)
+    return cfg, params, ref_params, {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask}
+
+
+def test_gradient_products_on_a_decoder_match_autodiff_of_sequence_logps():
+    cfg, params, _, batch = _micro()
+    out = jax.jit(diagnostics.gradient_products, static_argnums=0)(cfg, params, batch)
+    ids, attn, mask = (batch[k].reshape(4, 6) for k in ("input_ids", "attention_mask", "loss_mask"))
+
+    @jax.jit
+    def per_sequence_head_grads(p):  # (4, V, d): ∇_W log π of each sequence, h fixed
+        hidden = forward_hidden(cfg, p, ids, attn)
+        return jax.jacrev(lambda w: losses.sequence_logps(hidden, w, ids, mask)[0])(output_head(cfg, p))
+
+    grads = per_sequence_head_grads(params)
+    g = grads.reshape(2, 2, -1)
+    inner = jnp.sum(g[:, 0] * g[:, 1], axis=-1)
+    np.testing.assert_allclose(out["inner"], inner, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out["norm_chosen"], jnp.linalg.norm(g[:, 0], axis=-1), rtol=1e-4)
+    np.testing.assert_allclose(out["token_inner"].sum(axis=(1, 2)), inner, rtol=1e-4, atol=1e-5)
+    assert out["token_cosine"].shape == (2, 5, 5)
+    # Only response-to-response entries are non-zero (loss_mask shifted by one).
+    assert np.all(np.asarray(out["token_inner"])[:, :1, :] == 0)
+    assert np.all(np.asarray(out["token_inner"])[1, 4, :] == 0)
+
+
+def _dpo_of(cfg, params, ref_params, batch, beta=0.1):
+    ids, attn, mask = (batch[k].reshape(4, 6) for k in ("input_ids", "attention_mask", "loss_mask"))
+
+    def logps(p):
+        return losses.sequence_logps(forward_hidden(cfg, p, ids, attn), output_head(cfg, p), ids, mask)[0]
+
+    ref = logps(ref_params).reshape(2, 2)
+    return lambda lp: jnp.mean(-jax.nn.log_sigmoid(
+        beta * ((lp[:, 0] - ref[:, 0]) - (lp[:, 1] - ref[:, 1])))), logps, (ids, attn, mask)
+
+
+@pytest.fixture(scope="module")
+def micro_traces():
+    cfg, params, ref_params, batch = _micro()
+    est = jax.jit(
+        lambda p, b, r: diagnostics.hessian_traces(cfg, p, b, jax.random.key(7), ref_params=r,
+                                                   num_probes=200))(params, batch, ref_params)
+    return cfg, params, ref_params, batch, est
+
+
+def test_param_and_head_traces_match_exact_hessian(micro_traces):
+    cfg, params, ref_params, batch, est = micro_traces
+    dpo, logps, (ids, attn, mask) = _dpo_of(cfg, params, ref_params, batch)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    exact_params = jax.jit(lambda x: jnp.trace(jax.hessian(
+        lambda u: dpo(logps(unravel(u)).reshape(2, 2)))(x)))(flat)
+    hidden = forward_hidden(cfg, params, ids, attn)
+    head = output_head(cfg, params)
+    exact_head = jax.jit(lambda x: jnp.trace(jax.hessian(
+        lambda w: dpo(losses.sequence_logps(hidden, w.reshape(head.shape), ids, mask)[0].reshape(2, 2))
+    )(x)))(head.reshape(-1))
+    for name, exact in (("params", exact_params), ("head", exact_head)):
+        e = est[name]
+        assert abs(e["trace"] - exact) < 4 * e["stderr"], (name, e["trace"], exact, e["stderr"])
+        assert e["stderr"] < 0.25 * abs(exact), (name, e["stderr"], exact)
+
+
+def test_logit_trace_matches_closed_form(micro_traces):
+    """tr ∇²_z L for DPO: ℓ''(Δ)‖∇_zΔ‖² + ℓ'(Δ)(−S_w + S_l), per pair, averaged, with
+    ∇_{z_t}Δ = ±(e_y − p_t) and S = Σ_t Σ_v p_tv(1 − p_tv) (−tr ∇²_z log p_t(y))."""
+    cfg, params, ref_params, batch, est = micro_traces
+    beta = 0.1
+    dpo, logps, (ids, attn, mask) = _dpo_of(cfg, params, ref_params, batch, beta)
+    ref = logps(ref_params).reshape(2, 2)
+    lp = logps(params).reshape(2, 2)
+    delta = (lp[:, 0] - ref[:, 0]) - (lp[:, 1] - ref[:, 1])
+    d1 = -beta * jax.nn.sigmoid(-beta * delta)
+    d2 = beta**2 * jax.nn.sigmoid(beta * delta) * jax.nn.sigmoid(-beta * delta)
+    hidden = forward_hidden(cfg, params, ids, attn)
+    p = jax.nn.softmax(hidden[:, :-1] @ output_head(cfg, params).T, axis=-1)
+    m = mask[:, 1:].astype(jnp.float32)
+    py = jnp.take_along_axis(p, ids[:, 1:, None], axis=-1)[..., 0]
+    grad_sq = jnp.sum(m * (1 - 2 * py + jnp.sum(p * p, -1)), -1).reshape(2, 2).sum(-1)
+    s = jnp.sum(m * jnp.sum(p * (1 - p), -1), -1).reshape(2, 2)
+    exact = jnp.mean(d2 * grad_sq + d1 * (-s[:, 0] + s[:, 1]))
+    e = est["logits"]
+    assert abs(e["trace"] - exact) < 4 * e["stderr"] + 1e-6, (e["trace"], exact, e["stderr"])
+
+
+def test_hessian_traces_rejects_unknown_hessian():
+    cfg, params, _, batch = _micro()
+    with pytest.raises(ValueError, match="--hessians"):
+        diagnostics.hessian_traces(cfg, params, batch, jax.random.key(0), which=("trunk",))
