@@ -62,8 +62,8 @@ def parse_args(argv: list[str] | None = None):
     g.add_argument("--format", default="auto", help="record format (auto, hh, generic, ...)")
     g.add_argument("--template", default="plain", help="chat template for message-list formats")
     g.add_argument("--on-error", default="fail", choices=("fail", "skip"), help="bad records: stop or skip")
-    g.add_argument("--max-len", type=positive_int, default=512)
-    g.add_argument("--max-prompt-len", type=positive_int, default=256)
+    g.add_argument("--max-len", type=positive_int, help="tokens per sequence (default: the model's, at most 512)")
+    g.add_argument("--max-prompt-len", type=positive_int, help="prompt tokens (default: half of --max-len)")
     g.add_argument("--held-out", type=finite_float, default=0.1, help="eval fraction (<1) or count (>=1); 0: no eval")
     g = p.add_argument_group("objective")
     g.add_argument("--loss", default="dpo", choices=sorted(losses.LOSSES))
@@ -100,20 +100,31 @@ def parse_args(argv: list[str] | None = None):
     return args
 
 
-def load_model(name: str, seed: int):
-    """``(cfg, params, model_dir or None)`` from a HF directory or a built-in name."""
+def resolve_model(name: str):
+    """``(cfg, model_dir or None)`` of a HF directory or a built-in name; no weights yet."""
     from lm import hf, models
 
     if os.path.isdir(name):
         try:
-            cfg, params = hf.load_pretrained(name)
+            return hf.load_config(name), name
         except (hf.CheckpointError, models.ConfigError) as err:
             fail(f"--model {name}: {err}")
-        return cfg, params, name
     if name in models.BUILTIN_NAMES:
-        cfg = models.builtin_config(name)
-        return cfg, jax.device_get(models.init_params(cfg, jax.random.PRNGKey(seed))), None
+        return models.builtin_config(name), None
     fail(f"--model {name!r}: not a directory nor a built-in model ({', '.join(models.BUILTIN_NAMES)})")
+
+
+def load_params(cfg, model_dir: str | None, seed: int):
+    """Host parameters: the checkpoint's, or a seeded random init of a built-in model."""
+    from lm import hf, models
+
+    if model_dir is None:
+        init = jax.jit(models.init_params, static_argnums=0)
+        return jax.device_get(init(cfg, jax.random.PRNGKey(seed)))
+    try:
+        return hf.load_pretrained(model_dir)[1]
+    except (hf.CheckpointError, models.ConfigError) as err:
+        fail(f"--model {model_dir}: {err}")
 
 
 def load_tokenizer(args, cfg, model_dir):
@@ -192,19 +203,22 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.data:
         if not os.path.isfile(path):
             fail(f"--data {path}: no such file")
-    if not (os.path.isdir(args.model) or args.model in __import__("lm.models").models.BUILTIN_NAMES):
-        load_model(args.model, args.seed)  # fails with the message
+    cfg, model_dir = resolve_model(args.model)
     try:
         check_batch_size(args.batch_size, parse_mesh(args.mesh, jax.device_count()))
     except ConfigError as err:
         fail(str(err))
     out = writable_dir(args.out)
 
-    cfg, params, model_dir = load_model(args.model, args.seed)
+    if args.max_len is None:
+        args.max_len = min(512, cfg.max_position_embeddings)
+    if args.max_prompt_len is None:
+        args.max_prompt_len = args.max_len // 2
     if args.max_len > cfg.max_position_embeddings:
         fail(f"--max-len {args.max_len}: over the model's {cfg.max_position_embeddings} positions")
     tokenizer, eos_id = load_tokenizer(args, cfg, model_dir)
     loader, heldout = load_data(args, tokenizer, eos_id)
+    params = load_params(cfg, model_dir, args.seed)
     try:
         loss_kwargs = {} if args.beta is None else {"beta": args.beta}
         objective = losses.get_loss(args.loss, **loss_kwargs)

@@ -1,0 +1,85 @@
+"""``python -m experiments.dpo``: one-line errors for bad input, and a tiny end-to-end run."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import dpo
+from lm import hf, models
+from lm.train.logging import read_jsonl
+
+
+@pytest.fixture
+def prefs(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "prefs.jsonl"
+    with open(path, "w") as f:
+        for _ in range(12):
+            a, b = rng.integers(0, 50, size=2)
+            f.write(json.dumps({"prompt": f"{a}+{b}=", "chosen": f" {a + b}", "rejected": f" {a + b + 3}"}) + "\n")
+    return path
+
+
+def errors(capsys, argv):
+    with pytest.raises(SystemExit) as exit_:
+        dpo.main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    return exit_.value.code, lines
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        dpo.main(["--help"])
+    assert exit_.value.code == 0
+    assert "--grad" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model", "no-such-model"], "--model 'no-such-model': not a directory nor a built-in model"),
+        (["--data", "missing.jsonl"], "--data missing.jsonl: no such file"),
+        (["--mesh", "data=3"], "--mesh 'data=3': data=3 x fsdp=1 = 3 devices, but 1 are available"),
+        (["--grad", "sharp"], "argument --grad: invalid choice: 'sharp'"),
+        (["--lr", "-1"], "argument --lr: must be > 0, got '-1'"),
+        (["--max-len", "512"], "--max-len 512: over the model's 128 positions"),
+        (["--batch-size", "20"], "--data: 11 pairs cannot fill one batch of 20 (pairs: 12, --batch-size 20"),
+        (["--tokenizer", "nope.json"], "--tokenizer nope.json: no such file"),
+    ],
+)
+def test_bad_input_is_one_line(capsys, tmp_path, prefs, flags, message):
+    argv = ["--model", "gpt2-tiny", "--data", str(prefs), "--out", str(tmp_path / "run"), "--steps", "1"]
+    code, lines = errors(capsys, argv + flags)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("python -m experiments.dpo: error: ")
+    assert message in lines[0]
+
+
+def test_tiny_run_logs_checkpoints_and_exports(tmp_path, prefs, capsys):
+    out, export = tmp_path / "run", tmp_path / "hf"
+    argv = [
+        "--model", "gpt2-tiny", "--data", str(prefs), "--loss", "dpo", "--grad", "logits-sam",
+        "--rho", "1e-2", "--beta", "0.1", "--lr", "1e-2", "--batch-size", "4", "--steps", "2",
+        "--max-len", "16", "--max-prompt-len", "8", "--held-out", "4", "--log-every", "1",
+        "--out", str(out), "--export-hf", str(export), "--no-progress",
+    ]
+    assert dpo.main(argv) == 0
+    assert "done: step 2" in capsys.readouterr().out
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["grad"] == "logits-sam" and config["rho"] == 1e-2 and config["tokenizer"] == "ByteTokenizer"
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [(r["step"], r["split"]) for r in rows] == [(1, "train"), (2, "train"), (2, "eval")]
+    for key in ("loss", "rewards/accuracies", "logps/chosen", "logps/rejected", "rewards/margins", "sam/perturbed_loss"):
+        assert np.isfinite(rows[0][key]), key
+    assert rows[0]["loss"] == pytest.approx(np.log(2), abs=1e-3)  # policy == reference at step 0
+    for png in ("loss.png", "logps.png", "margins.png"):
+        assert (out / png).stat().st_size > 0
+    assert (out / "checkpoints" / "2").is_dir()
+
+    cfg, exported = hf.load_pretrained(export)
+    init = models.init_params(models.builtin_config("gpt2-tiny"), jax.random.PRNGKey(0))
+    moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), exported, jax.device_get(init))
+    assert max(jax.tree_util.tree_leaves(moved)) > 1e-3
