@@ -62,7 +62,7 @@ def test_tiny_run_logs_checkpoints_and_exports(tmp_path, prefs, capsys):
     argv = [
         "--model", "gpt2-tiny", "--data", str(prefs), "--loss", "dpo", "--grad", "logits-sam",
         "--rho", "1e-2", "--beta", "0.1", "--lr", "1e-2", "--batch-size", "4", "--steps", "2",
-        "--max-len", "16", "--max-prompt-len", "8", "--held-out", "4", "--log-every", "1",
+        "--max-len", "16", "--max-prompt-len", "8", "--held-out", "0", "--log-every", "1",
         "--out", str(out), "--export-hf", str(export), "--no-progress",
     ]
     assert dpo.main(argv) == 0
@@ -71,7 +71,7 @@ def test_tiny_run_logs_checkpoints_and_exports(tmp_path, prefs, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["grad"] == "logits-sam" and config["rho"] == 1e-2 and config["tokenizer"] == "ByteTokenizer"
     rows = read_jsonl(out / "metrics.jsonl")
-    assert [(r["step"], r["split"]) for r in rows] == [(1, "train"), (2, "train"), (2, "eval")]
+    assert [(r["step"], r["split"]) for r in rows] == [(1, "train"), (2, "train")]  # eval: tests/lm
     for key in ("loss", "rewards/accuracies", "logps/chosen", "logps/rejected", "rewards/margins", "sam/perturbed_loss"):
         assert np.isfinite(rows[0][key]), key
     assert rows[0]["loss"] == pytest.approx(np.log(2), abs=1e-3)  # policy == reference at step 0
@@ -80,6 +80,6 @@ def test_tiny_run_logs_checkpoints_and_exports(tmp_path, prefs, capsys):
     assert (out / "checkpoints" / "2").is_dir()
 
     cfg, exported = hf.load_pretrained(export)
-    init = models.init_params(models.builtin_config("gpt2-tiny"), jax.random.PRNGKey(0))
+    init = jax.jit(models.init_params, static_argnums=0)(models.builtin_config("gpt2-tiny"), jax.random.PRNGKey(0))
     moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), exported, jax.device_get(init))
     assert max(jax.tree_util.tree_leaves(moved)) > 1e-3
