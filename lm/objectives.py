@@ -1,0 +1,203 @@
+"""Gradients of a preference loss under plain descent, logits-SAM or full SAM.
+
+A batch holds B preference pairs ([B, 2, T], chosen at [:, 0], rejected at [:, 1]); one
+trunk pass runs over the 2B sequences. The modes differ only in where the SAM
+perturbation e = ρ g/‖g‖ (``dynamics.sam``) is applied:
+
+  plain / adamw  ∇θ L(θ)                                       (the optimizer is separate)
+  logits-sam     ∇θ L(h(θ), W + e),  g = ∇_W L(sg(h), W)         paper §3.3, Algorithm 1
+  sam            ∇θ L(θ + e),        g = ∇θ L(θ)                 Foret et al.; two passes
+
+Logits-SAM costs one trunk forward and one trunk backward: only the output layer sees
+the perturbation. For tied models (GPT-2) the perturbed W is the head *use* of the
+embedding matrix; the input embedding lookup keeps the unperturbed matrix, and the
+gradient of both uses lands on the one shared parameter.
+
+ρ > 0 with the usual positive learning rate is the practical rule (paper Table 4). The
+paper's Table 6 radii: DPO 1e-4 (Pythia-2.8B) / 1e-5 (Mistral-7B); SLiC-HF 1e-3 / 1e-4;
+CPO 1e-4 / 1e-5. ``rho`` defaults to 1e-4. The norm ‖g‖ is over the whole batch passed
+to ``grad_fn`` (with gradient accumulation, see :mod:`lm.optim`, over one micro-batch).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from dynamics.sam import logits_sam_loss, sam_loss
+from lm import losses
+from lm.models import forward_hidden, output_head
+
+Params = Any
+Batch = Mapping[str, jax.Array]
+GradFn = Callable[[Params, Batch, Params], tuple[jax.Array, dict[str, jax.Array], Params]]
+
+MODES = ("plain", "adamw", "logits-sam", "sam")
+REFERENCES = ("frozen", "precomputed", "none")
+
+
+def _flat(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """input_ids, attention_mask, loss_mask reshaped [B, 2, T] → [2B, T] (pairs adjacent)."""
+    return tuple(batch[k].reshape(-1, batch[k].shape[-1]) for k in
+                 ("input_ids", "attention_mask", "loss_mask"))
+
+
+def _pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[2B] → (chosen [B], rejected [B])."""
+    x = x.reshape(-1, 2)
+    return x[:, 0], x[:, 1]
+
+
+def _decoder_hidden(cfg, remat, params, input_ids, attention_mask):
+    return forward_hidden(cfg, params, input_ids, attention_mask, remat=remat)
+
+
+def _sequence_logps(hidden_fn, head_fn, params, batch, chunk_size):
+    ids, attn, mask = _flat(batch)
+    logps, _ = losses.sequence_logps(hidden_fn(params, ids, attn), head_fn(params), ids, mask,
+                                      chunk_size=chunk_size)
+    return logps.reshape(-1, 2)
+
+
+def reference_logps(cfg, ref_params: Params, batch: Batch, *,
+                    chunk_size: int | None = None) -> jax.Array:
+    """Reference sequence log-probs log π_ref(y | x), float32 [B, 2] (chosen, rejected).
+
+    The same log-prob function as the policy (:func:`lm.losses.sequence_logps`); store
+    the result as ``batch["ref_logps"]`` to train with ``reference="precomputed"``.
+    """
+    return _sequence_logps(functools.partial(_decoder_hidden, cfg, False),
+                           functools.partial(output_head, cfg), ref_params, batch, chunk_size)
+
+
+def make_reference_fn(cfg, *, chunk_size: int | None = None):
+    """``jit``-compiled ``ref_logps(ref_params, batch) -> [B, 2]``: precompute in one pass."""
+    return jax.jit(functools.partial(reference_logps, cfg, chunk_size=chunk_size))
+
+
+def make_grad_fn(
+    cfg,
+    *,
+    loss: str = "dpo",
+    loss_kwargs: Mapping[str, Any] | None = None,
+    mode: str = "plain",
+    rho: float = 1e-4,
+    chunk_size: int | None = None,
+    reference: str = "frozen",
+    remat: bool = False,
+) -> GradFn:
+    """:func:`make_model_grad_fn` for the :mod:`lm.models` decoder with config ``cfg``.
+
+    ``remat`` rematerialises each trunk block in the backward pass; the other arguments
+    are those of :func:`make_model_grad_fn`.
+    """
+    return make_model_grad_fn(
+        functools.partial(_decoder_hidden, cfg, remat), functools.partial(output_head, cfg),
+        loss=loss, loss_kwargs=loss_kwargs, mode=mode, rho=rho, chunk_size=chunk_size,
+        reference=reference)
+
+
+def make_model_grad_fn(
+    hidden_fn: Callable[[Params, jax.Array, jax.Array], jax.Array],
+    head_fn: Callable[[Params], jax.Array],
+    *,
+    loss: str = "dpo",
+    loss_kwargs: Mapping[str, Any] | None = None,
+    mode: str = "plain",
+    rho: float = 1e-4,
+    chunk_size: int | None = None,
+    reference: str = "frozen",
+) -> GradFn:
+    """A jit-able ``grad_fn(params, batch, ref_params) -> (loss, metrics, grads)``.
+
+    Args:
+      hidden_fn: ``hidden_fn(params, input_ids, attention_mask) -> [N, T, d]``, the trunk
+        up to the final norm.
+      head_fn: ``head_fn(params) -> [V, d]``, the output layer (may be a view of the
+        embedding: only this use of it is perturbed by logits-SAM).
+      loss: a name in :data:`lm.losses.LOSSES`; ``loss_kwargs`` its hyper-parameters.
+      mode: one of :data:`MODES` (see the module docstring).
+      rho: signed SAM radius for "logits-sam" and "sam"; unused otherwise.
+      chunk_size: tokens per chunk of the vocabulary logits (None: all at once).
+      reference: "frozen" evaluates ``ref_params`` in the same computation (no gradient);
+        "precomputed" reads ``batch["ref_logps"]`` [B, 2]; "none" uses no reference and
+        needs a reference-free loss. Reference-free losses never evaluate the reference,
+        whatever this says, and ``ref_params`` may then be None.
+
+    Returns:
+      ``grad_fn``; ``loss`` and ``metrics`` (see :meth:`lm.losses.Loss.metrics`) are of
+      the unperturbed model; in SAM modes ``metrics["sam/perturbed_loss"]`` is the
+      objective whose gradient is returned.
+
+    Raises:
+      ValueError: one line naming the flag (``--mode``, ``--reference``, ``--rho``,
+        ``--loss`` and its hyper-parameters).
+    """
+    if mode not in MODES:
+        raise ValueError(f"--mode: unknown gradient mode {mode!r}; choose from {', '.join(MODES)}")
+    if reference not in REFERENCES:
+        raise ValueError(
+            f"--reference: unknown reference {reference!r}; choose from {', '.join(REFERENCES)}"
+        )
+    try:
+        rho = float(rho)
+    except (TypeError, ValueError):
+        raise ValueError(f"--rho: expected a number, got {rho!r}") from None
+    if not math.isfinite(rho):
+        raise ValueError(f"--rho must be finite, got {rho}")
+    objective = losses.get_loss(loss, **dict(loss_kwargs or {}))
+    if reference == "none" and not objective.reference_free:
+        free = ", ".join(k for k, s in losses.LOSSES.items() if s.reference_free)
+        raise ValueError(
+            f"--reference none: loss {loss!r} needs a reference model; "
+            f"reference-free losses are {free}"
+        )
+
+    def pair_loss(hidden, head, mask, ids, ref):
+        """Mean loss and metrics of the pairs from trunk output ``hidden`` and head ``head``."""
+        logps, counts = losses.sequence_logps(hidden, head, ids, mask, chunk_size=chunk_size)
+        pairs = losses.PairLogps(*_pairs(logps), *_pairs(ref), *_pairs(counts))
+        per_pair = objective(pairs)
+        return jnp.mean(per_pair), objective.metrics(pairs, per_pair)
+
+    def model_loss(params, ids, attn, mask, ref):
+        hidden = hidden_fn(params, ids, attn)
+        head = head_fn(params)
+        if mode == "logits-sam":
+            out, metrics = logits_sam_loss(pair_loss, hidden, head, rho, mask, ids, ref,
+                                           has_aux=True)
+            return out, {**metrics, "sam/perturbed_loss": out}
+        return pair_loss(hidden, head, mask, ids, ref)
+
+    def reference_for(batch, ref_params, n):
+        if objective.reference_free:
+            return jnp.zeros((n,), jnp.float32)
+        if reference == "precomputed":
+            if "ref_logps" not in batch:
+                raise ValueError(
+                    "--reference precomputed: the batch has no 'ref_logps' [B, 2]; "
+                    "compute them with lm.objectives.make_reference_fn"
+                )
+            ref = batch["ref_logps"]
+        else:
+            ref = _sequence_logps(hidden_fn, head_fn, ref_params, batch, chunk_size)
+        return jax.lax.stop_gradient(ref.astype(jnp.float32).reshape(n))
+
+    def grad_fn(params, batch, ref_params=None):
+        ids, attn, mask = _flat(batch)
+        ref = reference_for(batch, ref_params, ids.shape[0])
+        if mode == "sam":
+            def perturbed(p):
+                out, metrics = sam_loss(model_loss, p, rho, ids, attn, mask, ref, has_aux=True)
+                return out, {**metrics, "sam/perturbed_loss": out}
+            (_, metrics), grads = jax.value_and_grad(perturbed, has_aux=True)(params)
+        else:
+            (_, metrics), grads = jax.value_and_grad(model_loss, has_aux=True)(
+                params, ids, attn, mask, ref)
+        return metrics["loss"], metrics, grads
+
+    return grad_fn

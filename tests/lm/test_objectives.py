@@ -1,0 +1,291 @@
+"""Gradient modes against independent computations written out here.
+
+The references never call ``dynamics.sam`` or ``lm.losses.sequence_logps``: log-probs
+come from full logits and ``jax.nn.log_softmax``; logits-SAM is two explicit passes with
+the perturbation added to the head *use* only (the tied embedding lookup keeps the
+original matrix); full SAM perturbs every parameter by ρ g/‖g‖.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm import losses
+from lm import objectives as O
+from lm.models import builtin_config, forward_hidden, init_params, logits, output_head
+
+B, T, V, D = 2, 8, 32, 8
+TM = jax.tree_util.tree_map
+
+
+def _batch(seed=0, vocab=V):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, size=(B, 2, T)).astype(np.int32)
+    attn = np.ones((B, 2, T), np.int32)
+    attn[0, 1, 6:] = 0  # right padding on one rejected response
+    attn[1, 0, 7:] = 0
+    loss = np.zeros((B, 2, T), np.int32)
+    loss[0, :, 3:] = 1  # prompt of 3 tokens
+    loss[1, :, 2:] = 1
+    return {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(attn),
+            "loss_mask": jnp.asarray(loss * attn)}
+
+
+# A hand-made trunk: embedding lookup, causal running mean, one tanh layer.
+def _toy_params(seed, tied):
+    k = jax.random.split(jax.random.key(seed), 3)
+    p = {"embed": jax.random.normal(k[0], (V, D)), "w": jax.random.normal(k[1], (D, D)) / 3,
+         "b": jnp.linspace(-0.5, 0.5, D)}
+    if not tied:
+        p["lm_head"] = jax.random.normal(k[2], (V, D))
+    return p
+
+
+def _toy_hidden(params, ids, attn):
+    x = params["embed"][ids] * attn[..., None]
+    run = jnp.cumsum(x, axis=1) / jnp.arange(1, ids.shape[1] + 1)[:, None]
+    return jnp.tanh(run @ params["w"] + params["b"])
+
+
+def _toy_head(params):
+    return params["lm_head"] if "lm_head" in params else params["embed"]
+
+
+# ------------------------------------------------------------------ independent references
+
+
+def _gather_logps(z, batch):
+    """[B, 2] summed response log-probs and counts from full logits z [2B, T, V]."""
+    ids = batch["input_ids"].reshape(2 * B, T)
+    mask = batch["loss_mask"].reshape(2 * B, T)[:, 1:]
+    logp = jax.nn.log_softmax(z, axis=-1)
+    tok = jnp.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]
+    return (jnp.sum(tok * mask, -1).reshape(B, 2),
+            jnp.sum(mask, -1).astype(jnp.float32).reshape(B, 2))
+
+
+def _naive_logps(hidden, head, batch):
+    return _gather_logps(jnp.einsum("ntd,vd->ntv", hidden, head), batch)
+
+
+def _reference_objective(hidden_fn, head_fn, loss, batch, ref_logps):
+    """f(params, e) = mean loss with ``e`` added to the head use only."""
+    ids, attn = (batch[k].reshape(2 * B, T) for k in ("input_ids", "attention_mask"))
+
+    def f(params, e):
+        logps, counts = _naive_logps(hidden_fn(params, ids, attn), head_fn(params) + e, batch)
+        pairs = losses.PairLogps(logps[:, 0], logps[:, 1], ref_logps[:, 0], ref_logps[:, 1],
+                                 counts[:, 0], counts[:, 1])
+        return jnp.mean(loss(pairs))
+
+    return f
+
+
+def _two_pass_logits_sam(f, params, head, rho):
+    g = jax.grad(f, argnums=1)(params, jnp.zeros_like(head))
+    e = rho * g / jnp.sqrt(jnp.sum(g**2))
+    return jax.grad(f)(params, e)
+
+
+def _two_pass_sam(f, params, head, rho):
+    zero = jnp.zeros_like(head)
+    g = jax.grad(f)(params, zero)
+    norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(g)))
+    return jax.grad(f)(TM(lambda p, x: p + rho * x / norm, params, g), zero)
+
+
+def _assert_trees_close(a, b, rtol=2e-4, atol=1e-6):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol * float(jnp.max(jnp.abs(y))) + 1e-7)
+
+
+def _tree_diff(a, b):
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in
+               zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+# ---------------------------------------------------------------------- hand-made trunk
+
+RHO = 0.3
+
+
+@pytest.mark.parametrize("name", list(losses.LOSSES))
+def test_toy_trunk_every_loss_every_mode_matches_references(name):
+    batch = _batch()
+    for tied in (True, False):
+        params, ref_params = _toy_params(0, tied), _toy_params(1, tied)
+        loss = losses.get_loss(name)
+        ref_logps = _naive_logps(_toy_hidden(ref_params, *(batch[k].reshape(2 * B, T) for k in
+                                 ("input_ids", "attention_mask"))), _toy_head(ref_params), batch)[0]
+        if loss.reference_free:
+            ref_logps = jnp.zeros_like(ref_logps)
+        f = _reference_objective(_toy_hidden, _toy_head, loss, batch, ref_logps)
+        head = _toy_head(params)
+        want = {
+            "plain": jax.grad(f)(params, jnp.zeros_like(head)),
+            "logits-sam": _two_pass_logits_sam(f, params, head, RHO),
+            "sam": _two_pass_sam(f, params, head, RHO),
+        }
+        for mode, expected in want.items():
+            grad_fn = O.make_model_grad_fn(_toy_hidden, _toy_head, loss=name, mode=mode,
+                                           rho=RHO, chunk_size=5)
+            value, metrics, grads = jax.jit(grad_fn)(params, batch, ref_params)
+            _assert_trees_close(grads, expected)
+            np.testing.assert_allclose(value, f(params, jnp.zeros_like(head)), rtol=1e-5)
+            if mode != "plain":
+                assert _tree_diff(expected, want["plain"]) > 1e-3, (name, tied, mode)
+                assert "sam/perturbed_loss" in metrics
+
+
+def test_tied_head_perturbation_skips_the_embedding_lookup():
+    """Perturbing the lookup too would be a different gradient: the test can tell."""
+    batch, params = _batch(), _toy_params(0, True)
+    loss = losses.get_loss("dpo")
+    zeros = jnp.zeros((B, 2))
+    f = _reference_objective(_toy_hidden, _toy_head, loss, batch, zeros)
+    g = jax.grad(f, argnums=1)(params, jnp.zeros_like(params["embed"]))
+    e = RHO * g / jnp.linalg.norm(g)
+    both = jax.grad(lambda p: f({**p, "embed": p["embed"] + e}, jnp.zeros_like(e)))(params)
+    grad_fn = O.make_model_grad_fn(_toy_hidden, _toy_head, mode="logits-sam", rho=RHO,
+                                   reference="precomputed")
+    _, _, grads = grad_fn(params, {**batch, "ref_logps": zeros})
+    assert _tree_diff(grads, both) > 1e-4
+    _assert_trees_close(grads, _two_pass_logits_sam(f, params, params["embed"], RHO))
+
+
+def test_rho_zero_is_plain_and_metrics_are_unperturbed():
+    batch, params, ref = _batch(2), _toy_params(3, False), _toy_params(4, False)
+    plain = O.make_model_grad_fn(_toy_hidden, _toy_head, loss="ipo")(params, batch, ref)
+    for mode in ("logits-sam", "sam"):
+        zero = O.make_model_grad_fn(_toy_hidden, _toy_head, loss="ipo", mode=mode, rho=0.0)
+        _assert_trees_close(zero(params, batch, ref)[2], plain[2], rtol=1e-6)
+        out = O.make_model_grad_fn(_toy_hidden, _toy_head, loss="ipo", mode=mode, rho=RHO)(
+            params, batch, ref)
+        for key, value in plain[1].items():
+            np.testing.assert_allclose(out[1][key], value, rtol=1e-6)
+        assert abs(float(out[1]["sam/perturbed_loss"] - out[0])) > 1e-4
+
+
+def test_chunked_equals_unchunked_and_precomputed_equals_frozen():
+    batch, params, ref = _batch(5), _toy_params(5, True), _toy_params(6, True)
+    frozen = O.make_model_grad_fn(_toy_hidden, _toy_head, mode="logits-sam", rho=RHO)
+    chunked = O.make_model_grad_fn(_toy_hidden, _toy_head, mode="logits-sam", rho=RHO,
+                                   chunk_size=3)
+    pre = O.make_model_grad_fn(_toy_hidden, _toy_head, mode="logits-sam", rho=RHO,
+                               reference="precomputed")
+    ids, attn = (batch[k].reshape(2 * B, T) for k in ("input_ids", "attention_mask"))
+    ref_logps = _naive_logps(_toy_hidden(ref, ids, attn), _toy_head(ref), batch)[0]
+    a = frozen(params, batch, ref)
+    for b in (chunked(params, batch, ref), pre(params, {**batch, "ref_logps": ref_logps}, None)):
+        np.testing.assert_allclose(a[0], b[0], rtol=1e-5)
+        _assert_trees_close(a[2], b[2], rtol=1e-5)
+
+
+def test_reference_free_loss_never_reads_the_reference():
+    batch, params = _batch(7), _toy_params(7, False)
+    none = O.make_model_grad_fn(_toy_hidden, _toy_head, loss="cpo", reference="none")
+    frozen = O.make_model_grad_fn(_toy_hidden, _toy_head, loss="cpo", reference="frozen")
+    a = none(params, batch, None)
+    b = frozen(params, batch, _toy_params(8, False))
+    _assert_trees_close(a[2], b[2], rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,flag",
+    [
+        ({"mode": "adam-sam"}, "--mode"),
+        ({"reference": "live"}, "--reference"),
+        ({"reference": "none"}, "--reference none"),
+        ({"rho": float("inf")}, "--rho"),
+        ({"loss": "kto"}, "--loss"),
+        ({"loss_kwargs": {"beta": -1.0}}, "--beta"),
+    ],
+)
+def test_bad_flags_name_the_culprit(kwargs, flag):
+    with pytest.raises(ValueError, match=flag):
+        O.make_model_grad_fn(_toy_hidden, _toy_head, **kwargs)
+
+
+def test_precomputed_without_ref_logps_is_one_clear_error():
+    fn = O.make_model_grad_fn(_toy_hidden, _toy_head, reference="precomputed")
+    with pytest.raises(ValueError, match="ref_logps"):
+        fn(_toy_params(0, True), _batch(), None)
+
+
+# ---------------------------------------------------------------------- model families
+
+
+def _family(name):
+    cfg = builtin_config(name, num_layers=1, vocab_size=V)
+    return cfg, init_params(cfg, jax.random.key(0)), init_params(cfg, jax.random.key(1))
+
+
+def _check_family(name, loss_names):
+    cfg, params, ref_params = _family(name)
+    batch = _batch(11)
+    hidden_fn = functools.partial(forward_hidden, cfg)
+    head_fn = functools.partial(output_head, cfg)
+    ref_logps = O.make_reference_fn(cfg, chunk_size=7)(ref_params, batch)
+
+    # The reference log-probs against the model's own full logits.
+    ids, attn = (batch[k].reshape(2 * B, T) for k in ("input_ids", "attention_mask"))
+    naive = _gather_logps(logits(cfg, ref_params, ids, attn), batch)[0]
+    np.testing.assert_allclose(ref_logps, naive, rtol=1e-5, atol=1e-4)
+
+    @jax.jit
+    def run(params, ref_params, batch):
+        out = {}
+        for name_ in loss_names:
+            loss = losses.get_loss(name_)
+            r = jnp.zeros_like(ref_logps) if loss.reference_free else ref_logps
+            f = _reference_objective(hidden_fn, head_fn, loss, batch, r)
+            head = head_fn(params)
+            got = O.make_grad_fn(cfg, loss=name_, mode="logits-sam", rho=RHO, chunk_size=6)(
+                params, batch, ref_params)[2]
+            pre = O.make_grad_fn(cfg, loss=name_, mode="logits-sam", rho=RHO,
+                                 reference="precomputed")(
+                params, {**batch, "ref_logps": ref_logps}, None)[2]
+            out[name_] = (got, pre, _two_pass_logits_sam(f, params, head, RHO),
+                          jax.grad(f)(params, jnp.zeros_like(head)))
+        return out
+
+    for name_, (got, pre, want, plain) in run(params, ref_params, batch).items():
+        _assert_trees_close(got, want, rtol=1e-3, atol=1e-5)
+        _assert_trees_close(pre, got, rtol=1e-4, atol=1e-6)
+        assert _tree_diff(want, plain) > 1e-4, (name, name_)
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "pythia-tiny", "llama-tiny"])
+def test_family_logits_sam_matches_two_pass(name):
+    _check_family(name, ["dpo", "cpo"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt2-tiny", "pythia-tiny", "llama-tiny"])
+def test_family_logits_sam_matches_two_pass_every_loss(name):
+    _check_family(name, list(losses.LOSSES))
+
+
+def test_full_sam_on_a_model_matches_its_definition():
+    cfg, params, ref_params = _family("gpt2-tiny")
+    batch = _batch(13)
+    ref_logps = O.reference_logps(cfg, ref_params, batch)
+    loss = losses.get_loss("dpo")
+    f = _reference_objective(functools.partial(forward_hidden, cfg),
+                             functools.partial(output_head, cfg), loss, batch, ref_logps)
+
+    @jax.jit
+    def run(params, batch):
+        head = output_head(cfg, params)
+        return (O.make_grad_fn(cfg, mode="sam", rho=RHO)(params, batch, ref_params)[2],
+                _two_pass_sam(f, params, head, RHO), jax.grad(f)(params, jnp.zeros_like(head)))
+
+    got, want, plain = run(params, batch)
+    _assert_trees_close(got, want, rtol=1e-3, atol=1e-5)
+    assert _tree_diff(want, plain) > 1e-4
