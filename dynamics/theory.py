@@ -71,9 +71,10 @@ def feature_scale(phi: jax.Array) -> jax.Array:
 
 def rho_tilde(g: jax.Array, mu: jax.Array, rho: float | jax.Array) -> jax.Array:
     """ρ̃ = ρ√μ/‖g‖ with the convention ρ̃ = 0 when ‖g‖ = 0 (Thm A.2 (3))."""
-    norm = jnp.linalg.norm(g)
-    safe = jnp.where(norm > 0, norm, 1.0)
-    return jnp.where(norm > 0, rho * jnp.sqrt(mu) / safe, 0.0)
+    sq = jnp.sum(jnp.square(g))
+    # sqrt of a guarded square keeps the gradient finite at g = 0 (norm's is NaN there).
+    norm = jnp.sqrt(jnp.where(sq > 0, sq, 1.0))
+    return jnp.where(sq > 0, rho * jnp.sqrt(mu) / norm, 0.0)
 
 
 def most_confident_incorrect(p: jax.Array, y: jax.Array) -> jax.Array:
