@@ -21,6 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import SymLogNorm  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dynamics import toy  # noqa: E402
@@ -172,13 +173,16 @@ def sweep(config: toy.ToyConfig, grid: int, repeats: int, out) -> dict:
     }
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     extent = (rhos[0], rhos[-1], etas[0], etas[-1])
-    for ax, cls, name in ((axes[0], ys, "y*"), (axes[1], toy.Y_MINUS, "y-")):
+    for ax, cls, name in ((axes[0], ys, "y*"), (axes[1], toy.Y_MINUS, "y (y- if eta<0, y+ if eta>0)")):
         d = delta[:, :, cls]
         lim = float(np.max(np.abs(d))) or 1.0
-        im = ax.imshow(d, origin="lower", aspect="auto", extent=extent, cmap="RdBu_r", vmin=-lim, vmax=lim)
+        # Symmetric log: near-saturated p_{y*} moves little in log p, yet its sign is the point.
+        norm = SymLogNorm(linthresh=min(1e-3, lim), vmin=-lim, vmax=lim)
+        im = ax.imshow(d, origin="lower", aspect="auto", extent=extent, cmap="RdBu_r", norm=norm)
         ax.axhline(0, color="k", lw=0.5)
         ax.axvline(0, color="k", lw=0.5)
-        ax.set(xlabel="rho", ylabel="eta (label-1 phase)", title=f"log p[{name}={cls}] - GD at same eta")
+        ax.set(xlabel="rho", ylabel="eta (label-1 phase)")
+        ax.set_title(f"log p[{name} = {cls}] - GD at same eta", fontsize=9)
         fig.colorbar(im, ax=ax)
     fig.suptitle(f"end of {config.steps} steps; same-sign quadrants (eta*rho > 0) mitigate squeezing")
     fig.tight_layout()
