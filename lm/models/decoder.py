@@ -72,7 +72,7 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
     """Random parameters (GPT-2 style N(0, 0.02) kernels) in ``cfg.param_dtype``."""
     ids = jnp.zeros((1, 1), jnp.int32)
     mask = jnp.ones((1, 1, 1, 1), bool)
-    return Decoder(cfg).init(rng, ids, ids, mask)["params"]
+    return jax.jit(Decoder(cfg).init)(rng, ids, ids, mask)["params"]
 
 
 def forward_hidden(cfg: ModelConfig, params: Params, input_ids: jax.Array,

@@ -1,0 +1,164 @@
+"""lm.models: configs, padding invariance, tied-head gradients, remat, dtypes, RoPE."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm.models import (BUILTIN_NAMES, ConfigError, builtin_config, config_from_hf,
+                       config_to_hf, forward_hidden, init_params, logits, logits_from_hidden,
+                       output_head)
+from lm.models.layers import rope_frequencies
+
+TINY = ["gpt2-tiny", "pythia-tiny", "llama-tiny"]
+IDS = jnp.array([[5, 6, 7, 8, 9, 0, 0], [0, 0, 5, 6, 7, 8, 9]], jnp.int32)
+MASK = jnp.array([[1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1]], jnp.int32)
+
+
+fwd = jax.jit(forward_hidden, static_argnums=0, static_argnames="remat")
+fwd_logits = jax.jit(logits, static_argnums=0, static_argnames="remat")
+
+
+@functools.lru_cache(maxsize=None)
+def _params(cfg, seed=0):
+    return init_params(cfg, jax.random.key(seed))
+
+
+def _cfg(name, **kw):
+    if name == "mistral-tiny":
+        return builtin_config("llama-tiny", model_type="mistral", sliding_window=3, **kw)
+    return builtin_config(name, **kw)
+
+
+def test_builtins_construct_and_are_hashable():
+    assert {"gpt2-tiny", "gpt2-124m", "gpt2-medium", "gpt2-large", "gpt2-2.65b", "pythia-2.8b",
+            "mistral-7b", "pythia-tiny", "llama-tiny"} <= set(BUILTIN_NAMES)
+    big = builtin_config("gpt2-2.65b")
+    assert (big.num_layers, big.hidden_size, big.num_heads) == (32, 2560, 32)
+    tiny = builtin_config("gpt2-tiny")
+    assert (tiny.num_layers, tiny.hidden_size, tiny.num_heads) == (2, 64, 4)
+    assert tiny.vocab_size >= 256 and tiny.max_position_embeddings == 128
+    assert hash(tiny) == hash(builtin_config("gpt2-tiny"))
+    assert dataclasses.replace(tiny, dtype=jnp.bfloat16).dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="unknown built-in model 'gpt5'"):
+        builtin_config("gpt5")
+
+
+@pytest.mark.parametrize("name", BUILTIN_NAMES)
+def test_config_survives_hf_round_trip(name):
+    cfg = builtin_config(name)
+    assert config_from_hf(config_to_hf(cfg)) == cfg
+
+
+def test_unsupported_model_type_names_it():
+    with pytest.raises(ConfigError, match="unsupported model_type 'bert'"):
+        config_from_hf({"model_type": "bert"})
+
+
+@pytest.mark.parametrize("name", TINY + ["mistral-tiny"])
+def test_left_and_right_padding_agree_on_real_tokens(name):
+    cfg = _cfg(name)
+    params = _params(cfg, 0)
+    hidden = fwd(cfg, params, IDS, MASK)
+    assert hidden.shape == (2, 7, cfg.hidden_size) and hidden.dtype == jnp.float32
+    np.testing.assert_allclose(hidden[0, :5], hidden[1, 2:], atol=2e-5)
+    # Unpadded single sequence: the same again.
+    alone = fwd(cfg, params, IDS[:1, :5], MASK[:1, :5])
+    np.testing.assert_allclose(hidden[0, :5], alone[0], atol=2e-5)
+
+
+def test_sliding_window_limits_the_receptive_field():
+    cfg = _cfg("mistral-tiny")  # window 3, 2 layers: position q sees q-4 .. q
+    params = _params(cfg, 1)
+    ids = jnp.arange(3, 13, dtype=jnp.int32)[None]
+    mask = jnp.ones_like(ids)
+    base = fwd(cfg, params, ids, mask)[0, -1]
+    far = fwd(cfg, params, ids.at[0, 4].set(99), mask)[0, -1]   # 5 back
+    near = fwd(cfg, params, ids.at[0, 5].set(99), mask)[0, -1]  # 4 back
+    np.testing.assert_allclose(base, far, atol=1e-6)
+    assert np.abs(base - near).max() > 1e-3
+
+
+def test_tied_head_gradient_has_both_uses():
+    cfg = _cfg("gpt2-tiny")
+    params = _params(cfg, 0)
+    targets = jnp.roll(IDS, -1, axis=1)
+
+    def loss(params, stop_trunk=False, stop_head=False):
+        h = fwd(cfg, params, IDS, MASK)
+        w = output_head(cfg, params)
+        h = jax.lax.stop_gradient(h) if stop_trunk else h
+        w = jax.lax.stop_gradient(w) if stop_head else w
+        logp = jax.nn.log_softmax(logits_from_hidden(h, w))
+        return -jnp.sum(jnp.take_along_axis(logp, targets[..., None], -1)[..., 0] * MASK)
+
+    full = jax.grad(loss)(params)["embed"]["embedding"]
+    head_only = jax.grad(loss)(params, stop_trunk=True)["embed"]["embedding"]
+    trunk_only = jax.grad(loss)(params, stop_head=True)["embed"]["embedding"]
+    assert np.abs(head_only).max() > 0 and np.abs(trunk_only).max() > 0
+    np.testing.assert_allclose(full, head_only + trunk_only, atol=1e-5)
+    assert output_head(cfg, params) is params["embed"]["embedding"]
+
+
+def test_remat_changes_nothing_numerically():
+    cfg = _cfg("pythia-tiny", remat_policy="dots_with_no_batch_dims_saveable")
+    params = _params(cfg, 0)
+
+    def loss(params, remat):
+        z = fwd_logits(cfg, params, IDS, MASK, remat=remat)
+        return jnp.sum(jnp.sin(z) * MASK[..., None])
+
+    g0 = jax.jit(jax.grad(loss), static_argnums=1)(params, False)
+    g1 = jax.jit(jax.grad(loss), static_argnums=1)(params, True)
+    for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_untied_head_is_lm_head_of_shape_v_by_d():
+    cfg = _cfg("llama-tiny")
+    params = _params(cfg, 0)
+    assert output_head(cfg, params).shape == (cfg.vocab_size, cfg.hidden_size)
+    assert output_head(cfg, params) is params["lm_head"]
+
+
+def test_bfloat16_compute_and_params():
+    cfg32 = _cfg("llama-tiny")
+    params = _params(cfg32, 0)
+    cfg16 = dataclasses.replace(cfg32, dtype="bfloat16")
+    hidden = fwd(cfg16, params, IDS, MASK)
+    assert hidden.dtype == jnp.bfloat16
+    z16, z32 = fwd_logits(cfg16, params, IDS, MASK), fwd_logits(cfg32, params, IDS, MASK)
+    assert z16.dtype == jnp.float32
+    real = MASK.astype(bool)
+    assert np.abs(np.asarray(z16 - z32))[real].max() < 0.1 * np.abs(np.asarray(z32)).max()
+    p16 = init_params(dataclasses.replace(cfg32, param_dtype="bfloat16"), jax.random.key(3))
+    assert {x.dtype for x in jax.tree_util.tree_leaves(p16)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_llama3_rope_frequencies_match_transformers():
+    # transformers 5.24 ROPE_INIT_FUNCTIONS["llama3"] for head_dim 16, theta 1e4,
+    # factor 8, low 1, high 4, original context 64.
+    expected = [1.0, 0.24438458681106567, 0.013042256236076355, 0.0039528473280370235,
+                0.0012499999720603228, 0.00039528473280370235, 0.0001250000059371814,
+                3.9528473280370235e-05]
+    cfg = config_from_hf({
+        "model_type": "llama", "vocab_size": 8, "hidden_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "intermediate_size": 8, "max_position_embeddings": 256,
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 64}})
+    np.testing.assert_allclose(rope_frequencies(cfg), expected, rtol=1e-6)
+
+
+def test_x64_mode_runs_and_keeps_float32_default():
+    jax.config.update("jax_enable_x64", True)
+    try:
+        cfg = _cfg("llama-tiny")
+        params = _params(cfg, 0)
+        z = fwd_logits(cfg, params, IDS, MASK)
+        assert z.dtype == jnp.float32 and np.isfinite(np.asarray(z)).all()
+    finally:
+        jax.config.update("jax_enable_x64", False)
