@@ -6,9 +6,9 @@ Each check is a row (check, measured, tolerance, pass) of a printed table (or of
 ``--json`` document); informative rows have no pass/fail. The exit status is 1 if any check
 fails.
 
-Instances. For each (V, d) in ``--shapes`` (default :data:`CONFIGS`), ``--instances`` random examples: features
-φ ~ N(0, I/d) (so μ = ‖φ‖² ≈ 1), head W with i.i.d. N(0, 1.5²) entries (logits of spread
-≈ 1.5, every p_i well inside (0, 1)), and a uniform random label.
+Instances. For each (V, d) in ``--shapes`` (default :data:`CONFIGS`), ``--instances``
+random examples: features φ ~ N(0, I/d) (so μ = ‖φ‖² ≈ 1), head W with i.i.d. N(0, 1.5²)
+entries (logits of spread ≈ 1.5, every p_i well inside (0, 1)), and a uniform random label.
 
 Step sizes. The statements are asymptotic in η at a fixed instance. The instance enters
 only through the logit step ημ and the logit-space SAM radius |ρ|√μ, so every step size is

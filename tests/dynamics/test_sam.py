@@ -18,7 +18,8 @@ def x64():
 
 
 def _tree_norm(tree):
-    return np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree_util.tree_leaves(tree)))
+    leaves = jax.tree_util.tree_leaves(tree)
+    return np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in leaves))
 
 
 def _hand_sam_grad(loss_fn, params, rho, *args):
@@ -100,7 +101,9 @@ def test_signed_rho_changes_the_gradient():
     head = _head(jax.random.PRNGKey(2))
     h = jax.random.normal(jax.random.PRNGKey(3), (3, 4))
     labels = jnp.array([1, 2, 3])
-    grad = lambda r: jax.grad(sam.logits_sam_loss, argnums=2)(_mlp_head_loss, h, head, r, labels)  # noqa: E731
+    def grad(rho):
+        return jax.grad(sam.logits_sam_loss, argnums=2)(_mlp_head_loss, h, head, rho, labels)
+
     plus, minus = grad(0.3), grad(-0.3)
     assert float(sam.global_norm(jax.tree_util.tree_map(jnp.subtract, plus, minus))) > 1e-3
 
@@ -184,8 +187,9 @@ def test_jit_matches_eager():
     head = _head(jax.random.PRNGKey(10))
     h = jax.random.normal(jax.random.PRNGKey(11), (3, 4))
     labels = jnp.array([4, 2, 0])
-    f = lambda w, r: jax.grad(  # noqa: E731
-        lambda w: sam.logits_sam_loss(_mlp_head_loss, h, w, r, labels))(w)
+    def f(w, rho):
+        return jax.grad(sam.logits_sam_loss, argnums=2)(_mlp_head_loss, h, w, rho, labels)
+
     _allclose(jax.jit(f)(head, -0.2), f(head, -0.2))
 
 
@@ -195,7 +199,6 @@ def test_head_step_is_signed_descent_on_the_sam_gradient(eta, rho):
     W = jax.random.normal(key, (4, 3))
     phi = jax.random.normal(jax.random.fold_in(key, 1), (3,))
     y = jax.nn.one_hot(2, 4)
-    loss = lambda w, phi, y: sr.loss(w, phi, y)  # noqa: E731
-    grads, _ = _hand_sam_grad(loss, W, rho, phi, y)
+    grads, _ = _hand_sam_grad(sr.loss, W, rho, phi, y)
     got = sam.head_step(sr.head_loss, phi, W, eta, rho, y)
     np.testing.assert_allclose(np.asarray(got), np.asarray(W - eta * grads), atol=1e-14)
