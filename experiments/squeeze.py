@@ -185,13 +185,22 @@ def run_loop(grad_fn, params, loader, steps: int, lr: float, *, ref_params=None,
     return state.params, history
 
 
-def evaluate(grad_fn, params, ref_params, loader) -> dict[str, float]:
+def make_eval_fn(cfg, beta: float):
+    """Jitted ``(params, batch, ref_params) -> (loss, metrics)`` of plain DPO: the metrics of
+    the model itself, whatever mode trained it, compiled once for every run."""
+    import jax
+
+    from lm import objectives
+    from lm.train.loop import eval_from_grad_fn
+
+    grad_fn = objectives.make_grad_fn(cfg, loss="dpo", loss_kwargs={"beta": beta})
+    return jax.jit(eval_from_grad_fn(grad_fn))
+
+
+def evaluate(fn, params, ref_params, loader) -> dict[str, float]:
     """Mean metrics over every held-out batch."""
     import jax
 
-    from lm.train.loop import eval_from_grad_fn
-
-    fn = jax.jit(eval_from_grad_fn(grad_fn))
     rows = []
     for k in range(len(loader)):
         batch = {key: v for key, v in loader.batch(k).items() if key != "index"}
@@ -199,7 +208,7 @@ def evaluate(grad_fn, params, ref_params, loader) -> dict[str, float]:
     return {name: float(np.mean([r[name] for r in rows])) for name in rows[0]}
 
 
-def dpo_run(setup: Setup, sft_params, args, mode: str, rho: float) -> dict[str, Any]:
+def dpo_run(setup: Setup, sft_params, args, mode: str, rho: float, eval_fn) -> dict[str, Any]:
     from lm import objectives
 
     grad_fn = objectives.make_grad_fn(setup.cfg, loss="dpo", loss_kwargs={"beta": args.beta},
@@ -207,7 +216,7 @@ def dpo_run(setup: Setup, sft_params, args, mode: str, rho: float) -> dict[str, 
     t0 = time.time()
     params, history = run_loop(grad_fn, sft_params, setup.train, args.steps, args.lr,
                                ref_params=sft_params, seed=args.seed)
-    heldout = evaluate(grad_fn, params, sft_params, setup.heldout)
+    heldout = evaluate(eval_fn, params, sft_params, setup.heldout)
     return {"mode": mode, "rho": rho, "seconds": round(time.time() - t0, 1),
             "history": history, "heldout": heldout}
 
@@ -257,19 +266,17 @@ def main(argv: list[str] | None = None) -> int:
         os.remove(os.path.join(args.out, ".write-test"))
     except OSError as err:
         fail(f"--out {args.out}: not writable ({err.strerror})")
-    from lm import objectives
-
     setup = file_setup(args) if args.data else synthetic_setup(args)
     t0 = time.time()
     sft_params, sft_history = run_loop(sft_grad_fn(setup.cfg), setup.params, setup.train,
                                        args.sft_steps, args.sft_lr, seed=args.seed)
     print(f"SFT: {args.sft_steps} steps, {time.time() - t0:.0f}s, final NLL/token "
           f"{sft_history['loss'][-1] if args.sft_steps else float('nan'):.3f}", file=sys.stderr)
-    plain = objectives.make_grad_fn(setup.cfg, loss="dpo", loss_kwargs={"beta": args.beta})
-    sft_eval = evaluate(plain, sft_params, sft_params, setup.heldout)
+    eval_fn = make_eval_fn(setup.cfg, args.beta)
+    sft_eval = evaluate(eval_fn, sft_params, sft_params, setup.heldout)
 
-    runs = {"adamw": dpo_run(setup, sft_params, args, "adamw", 0.0),
-            "logits-sam": dpo_run(setup, sft_params, args, "logits-sam", args.rho)}
+    runs = {"adamw": dpo_run(setup, sft_params, args, "adamw", 0.0, eval_fn),
+            "logits-sam": dpo_run(setup, sft_params, args, "logits-sam", args.rho, eval_fn)}
     result = {"config": vars(args), "sft": {"heldout": sft_eval, "history": sft_history},
               "runs": runs, "summary": {k: summary(r, sft_eval) for k, r in runs.items()}}
     for name, s in result["summary"].items():
@@ -281,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep_rho:
         sweep = []
         for rho in SWEEP_RHOS:
-            run = runs["adamw"] if rho == 0 else dpo_run(setup, sft_params, args, "logits-sam", rho)
+            run = runs["adamw"] if rho == 0 else dpo_run(setup, sft_params, args, "logits-sam", rho, eval_fn)
             sweep.append(summary(run, sft_eval))
         result["sweep_rho"] = sweep
         print(f"{'rho':>8} {'chosen end':>11} {'held Δchosen':>13} {'margin':>8} {'accuracy':>9}")
