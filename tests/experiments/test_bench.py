@@ -94,6 +94,7 @@ def test_peak_flops_table():
 
     assert bench.peak_flops(Dev("NVIDIA H100 80GB HBM3"), None) == 989.4e12
     assert bench.peak_flops(Dev("NVIDIA H200"), None) == 989.4e12
+    assert bench.peak_flops(Dev("NVIDIA H100 PCIe"), None) == 756.5e12
     assert bench.peak_flops(Dev("NVIDIA A100-SXM4-80GB"), None) == 312e12
     assert bench.peak_flops(Dev("cpu"), None) is None
     assert bench.peak_flops(Dev("cpu"), 1e12) == 1e12
