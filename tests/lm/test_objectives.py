@@ -127,19 +127,17 @@ def test_toy_trunk_every_loss_every_mode_matches_references(name):
             ref_logps = jnp.zeros_like(ref_logps)
         f = _reference_objective(_toy_hidden, _toy_head, loss, batch, ref_logps)
         head = _toy_head(params)
-        want = {
-            "plain": jax.grad(f)(params, jnp.zeros_like(head)),
-            "logits-sam": _two_pass_logits_sam(f, params, head, RHO),
-            "sam": _two_pass_sam(f, params, head, RHO),
-        }
+        plain = jax.grad(f)(params, jnp.zeros_like(head))
+        want = {"plain": plain, "logits-sam": _two_pass_logits_sam(f, params, head, RHO),
+                "sam": _two_pass_sam(f, params, head, RHO)}
         for mode, expected in want.items():
             grad_fn = O.make_model_grad_fn(_toy_hidden, _toy_head, loss=name, mode=mode,
-                                           rho=RHO, chunk_size=5)
-            value, metrics, grads = jax.jit(grad_fn)(params, batch, ref_params)
+                                           rho=RHO)
+            value, metrics, grads = grad_fn(params, batch, ref_params)
             _assert_trees_close(grads, expected)
             np.testing.assert_allclose(value, f(params, jnp.zeros_like(head)), rtol=1e-5)
             if mode != "plain":
-                assert _tree_diff(expected, want["plain"]) > 1e-3, (name, tied, mode)
+                assert _tree_diff(expected, plain) > 1e-3, (name, tied, mode)
                 assert "sam/perturbed_loss" in metrics
 
 
@@ -227,43 +225,40 @@ def _family(name):
 
 
 def _check_family(name, loss_names):
+    """In one jit: reference log-probs vs the model's full logits, and logits-SAM grads
+    (frozen reference, chunked) vs the two-pass reference, for each loss. (That the
+    perturbation changes the gradient at this ρ is shown on the hand-made trunk.)"""
     cfg, params, ref_params = _family(name)
     batch = _batch(11)
     hidden_fn = functools.partial(forward_hidden, cfg)
     head_fn = functools.partial(output_head, cfg)
-    ref_logps = O.make_reference_fn(cfg, chunk_size=7)(ref_params, batch)
-
-    # The reference log-probs against the model's own full logits.
-    ids, attn = (batch[k].reshape(2 * B, T) for k in ("input_ids", "attention_mask"))
-    naive = _gather_logps(logits(cfg, ref_params, ids, attn), batch)[0]
-    np.testing.assert_allclose(ref_logps, naive, rtol=1e-5, atol=1e-4)
 
     @jax.jit
     def run(params, ref_params, batch):
-        out = {}
+        ids, attn = (batch[k].reshape(2 * B, T) for k in ("input_ids", "attention_mask"))
+        ref_logps = O.reference_logps(cfg, ref_params, batch, chunk_size=7)
+        out = {"ref": (ref_logps, _gather_logps(logits(cfg, ref_params, ids, attn), batch)[0])}
         for name_ in loss_names:
             loss = losses.get_loss(name_)
             r = jnp.zeros_like(ref_logps) if loss.reference_free else ref_logps
             f = _reference_objective(hidden_fn, head_fn, loss, batch, r)
-            head = head_fn(params)
             got = O.make_grad_fn(cfg, loss=name_, mode="logits-sam", rho=RHO, chunk_size=6)(
                 params, batch, ref_params)[2]
-            pre = O.make_grad_fn(cfg, loss=name_, mode="logits-sam", rho=RHO,
-                                 reference="precomputed")(
-                params, {**batch, "ref_logps": ref_logps}, None)[2]
-            out[name_] = (got, pre, _two_pass_logits_sam(f, params, head, RHO),
-                          jax.grad(f)(params, jnp.zeros_like(head)))
+            out[name_] = (got, _two_pass_logits_sam(f, params, head_fn(params), RHO))
         return out
 
-    for name_, (got, pre, want, plain) in run(params, ref_params, batch).items():
+    out = run(params, ref_params, batch)
+    np.testing.assert_allclose(*out.pop("ref"), rtol=1e-5, atol=1e-4)
+    for got, want in out.values():
         _assert_trees_close(got, want, rtol=1e-3, atol=1e-5)
-        _assert_trees_close(pre, got, rtol=1e-4, atol=1e-6)
-        assert _tree_diff(want, plain) > 1e-4, (name, name_)
 
 
-@pytest.mark.parametrize("name", ["gpt2-tiny", "pythia-tiny", "llama-tiny"])
+# Tied GPT-2 and untied GQA Llama by default; Pythia (and every loss) in the slow run,
+# to keep this file's compile time small on CI.
+@pytest.mark.parametrize("name", ["gpt2-tiny", pytest.param("pythia-tiny", marks=pytest.mark.slow),
+                                  "llama-tiny"])
 def test_family_logits_sam_matches_two_pass(name):
-    _check_family(name, ["dpo", "cpo"])
+    _check_family(name, ["dpo"])
 
 
 @pytest.mark.slow
@@ -272,13 +267,14 @@ def test_family_logits_sam_matches_two_pass_every_loss(name):
     _check_family(name, list(losses.LOSSES))
 
 
+@pytest.mark.slow
 def test_full_sam_on_a_model_matches_its_definition():
     cfg, params, ref_params = _family("gpt2-tiny")
     batch = _batch(13)
     ref_logps = O.reference_logps(cfg, ref_params, batch)
-    loss = losses.get_loss("dpo")
     f = _reference_objective(functools.partial(forward_hidden, cfg),
-                             functools.partial(output_head, cfg), loss, batch, ref_logps)
+                             functools.partial(output_head, cfg), losses.get_loss("dpo"),
+                             batch, ref_logps)
 
     @jax.jit
     def run(params, batch):
