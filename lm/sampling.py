@@ -42,12 +42,11 @@ def _choose(logits: jax.Array, rng: jax.Array, temperature, top_p) -> jax.Array:
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_id", "pad_id"))
 def generate(cfg: ModelConfig, params, prompt_ids: jax.Array, prompt_mask: jax.Array, *,
              max_new_tokens: int, rng: jax.Array, temperature: float = 0.0,
              top_p: float = 1.0, eos_id: Optional[int | Sequence[int]] = None,
              pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
-    """Sample ``max_new_tokens`` continuations of left-padded prompts.
+    """Sample ``max_new_tokens`` continuations of left-padded prompts (jitted).
 
     Args:
       prompt_ids, prompt_mask: int [B, P], left-padded (mask 1 on real tokens).
@@ -60,10 +59,20 @@ def generate(cfg: ModelConfig, params, prompt_ids: jax.Array, prompt_mask: jax.A
       tokens int32 [B, max_new_tokens] and mask int32 [B, max_new_tokens], 1 for the
       generated tokens up to and including the first EOS, 0 (and ``pad_id``) after.
     """
+    eos = () if eos_id is None else ((eos_id,) if isinstance(eos_id, int) else tuple(eos_id))
+    # Every argument positional and every number an array: one compilation per shape,
+    # whichever keywords the caller spelled out.
+    return _generate(cfg, params, prompt_ids, prompt_mask, rng,
+                     jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
+                     max_new_tokens, tuple(map(int, eos)), int(pad_id))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9))
+def _generate(cfg, params, prompt_ids, prompt_mask, rng, temperature, top_p, max_new_tokens,
+              eos_ids, pad_id):
     b, p = prompt_ids.shape
     total = p + max_new_tokens
-    eos = jnp.asarray(() if eos_id is None else
-                      ((eos_id,) if isinstance(eos_id, int) else tuple(eos_id)), jnp.int32)
+    eos = jnp.asarray(eos_ids, jnp.int32)
     head = output_head(cfg, params)
     prompt_mask = prompt_mask.astype(jnp.int32)
     key_valid = jnp.zeros((b, total), jnp.int32).at[:, :p].set(prompt_mask)

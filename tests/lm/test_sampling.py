@@ -1,0 +1,93 @@
+"""lm.sampling: the KV-cache sampler agrees with the full forward; EOS, top-p, GPT-2 124M."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm.hf import load_pretrained
+from lm.models import builtin_config, init_params, logits
+from lm.sampling import generate, top_p_filter
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hf"
+PROMPTS = np.array([[0, 0, 0, 11, 12, 13], [21, 22, 23, 24, 25, 26], [0, 0, 0, 0, 0, 31]],
+                   np.int32)
+PROMPT_MASK = (np.arange(6)[None] >= np.array([[3], [0], [5]])).astype(np.int32)
+fwd_logits = jax.jit(logits, static_argnums=0)
+
+
+def _greedy_by_full_forward(cfg, params, steps):
+    """Re-run the whole sequence each step; right-pad to one static shape (one compile)."""
+    b, p = PROMPTS.shape
+    seq = np.concatenate([PROMPTS, np.zeros((b, steps), np.int32)], 1)
+    mask = np.concatenate([PROMPT_MASK, np.zeros((b, steps), np.int32)], 1)
+    for t in range(steps):
+        z = fwd_logits(cfg, params, seq, mask)[:, p + t - 1]
+        seq[:, p + t], mask[:, p + t] = np.asarray(jnp.argmax(z, -1)), 1
+    return seq[:, p:]
+
+
+# mistral_window: window 4 < prompt + generation, so the cache must apply the window too.
+@pytest.mark.parametrize("name", ["gpt2", "neox_parallel", "mistral_window"])
+def test_cached_greedy_equals_full_forward(name):
+    cfg, params = load_pretrained(FIXTURES / name)
+    tokens, mask = generate(cfg, params, PROMPTS, PROMPT_MASK, max_new_tokens=7,
+                            rng=jax.random.key(0))
+    np.testing.assert_array_equal(tokens, _greedy_by_full_forward(cfg, params, 7))
+    assert np.all(np.asarray(mask) == 1)
+
+
+def test_eos_stops_each_row_and_pads_after():
+    cfg, params = load_pretrained(FIXTURES / "llama_gqa")
+    free, _ = generate(cfg, params, PROMPTS, PROMPT_MASK, max_new_tokens=8,
+                       rng=jax.random.key(0))
+    free = np.asarray(free)
+    eos = int(free[0, 2])
+    tokens, mask = generate(cfg, params, PROMPTS, PROMPT_MASK, max_new_tokens=8,
+                            rng=jax.random.key(0), eos_id=eos, pad_id=-1)
+    tokens, mask = np.asarray(tokens), np.asarray(mask)
+    for row in range(3):
+        hits = np.flatnonzero(free[row] == eos)
+        stop = hits[0] + 1 if hits.size else 8
+        np.testing.assert_array_equal(tokens[row, :stop], free[row, :stop])
+        assert np.all(tokens[row, stop:] == -1) and mask[row].sum() == stop
+        assert np.all(mask[row, :stop] == 1)
+    assert mask[0].sum() <= 3
+
+
+def test_sampling_is_seeded_and_tiny_top_p_is_greedy():
+    cfg, params = load_pretrained(FIXTURES / "neox_sequential")
+    kw = dict(max_new_tokens=6, temperature=1.5)
+    a, _ = generate(cfg, params, PROMPTS, PROMPT_MASK, rng=jax.random.key(1), **kw)
+    b, _ = generate(cfg, params, PROMPTS, PROMPT_MASK, rng=jax.random.key(1), **kw)
+    c, _ = generate(cfg, params, PROMPTS, PROMPT_MASK, rng=jax.random.key(2), **kw)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    g, _ = generate(cfg, params, PROMPTS, PROMPT_MASK, rng=jax.random.key(0), max_new_tokens=6)
+    t, _ = generate(cfg, params, PROMPTS, PROMPT_MASK, rng=jax.random.key(3), max_new_tokens=6,
+                    temperature=1.0, top_p=1e-6)
+    np.testing.assert_array_equal(g, t)
+
+
+def test_top_p_filter_keeps_the_smallest_nucleus():
+    z = jnp.log(jnp.array([[0.1, 0.5, 0.15, 0.25], [0.25, 0.25, 0.25, 0.25]]))
+    kept = np.isfinite(np.asarray(top_p_filter(z, 0.7)))
+    # Row 0: 0.5 + 0.25 >= 0.7 -> {1, 3}; row 1: three of four tokens needed.
+    np.testing.assert_array_equal(kept[0], [False, True, False, True])
+    assert kept[1].sum() == 3
+    assert np.isfinite(np.asarray(top_p_filter(z, 1.0))).all()
+
+
+def test_gpt2_124m_forward_and_sampler_step():
+    cfg = builtin_config("gpt2-124m")
+    params = init_params(cfg, jax.random.key(0))
+    n = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    assert 124e6 < n < 125e6
+    ids = np.array([[464, 2068, 7586, 21831]], np.int32)
+    mask = np.ones_like(ids)
+    z = fwd_logits(cfg, params, ids, mask)
+    assert z.shape == (1, 4, 50257) and np.isfinite(np.asarray(z)).all()
+    tokens, _ = generate(cfg, params, ids, mask, max_new_tokens=1, rng=jax.random.key(0))
+    assert tokens.shape == (1, 1) and int(tokens[0, 0]) == int(jnp.argmax(z[0, -1]))
