@@ -282,11 +282,14 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
         return {**row, "status": "skipped",
                 "reason": f"needs {_gib(need):.1f} GiB > {_gib(limit):.1f} GiB available"}
     try:
-        times = _time_steps(compiled, tx, cfg, key, batch, args)
+        times, halted_at = _time_steps(compiled, tx, cfg, key, batch, args)
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         return {**row, "status": "skipped", "reason": f"out of memory: {_first_line(e)}"}
+    if halted_at >= 0:
+        return {**row, "status": "failed",
+                "reason": f"non-finite loss or gradient at step {halted_at}"}
     step_s = statistics.median(times)
     peak = peak_flops(device, args.peak_flops)
     row["memory"]["peak_bytes_in_use"] = device_peak_bytes(device)
@@ -298,7 +301,8 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     }
 
 
-def _time_steps(compiled, tx, cfg, key, batch, args) -> list[float]:
+def _time_steps(compiled, tx, cfg, key, batch, args) -> tuple[list[float], int]:
+    """Per-step seconds of the timed steps, and the trainer's ``halted_at`` (−1: all finite)."""
     params = models.init_params(cfg, key)
     # The reference is a copy: the policy arrays are donated to the step.
     ref = jax.tree_util.tree_map(jnp.copy, params) if args.reference == "frozen" else None
@@ -312,9 +316,7 @@ def _time_steps(compiled, tx, cfg, key, batch, args) -> list[float]:
         state, metrics = compiled(state, batch, ref)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
-    if int(state.halted_at) >= 0:
-        raise BenchError(f"non-finite loss or gradient at step {int(state.halted_at)}")
-    return times
+    return times, int(state.halted_at)
 
 
 def _first_line(e: BaseException) -> str:
@@ -428,7 +430,7 @@ def format_table(rows: Sequence[dict]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     text += [f"  {r['shape']}/{r['mode']}: skipped: {r['reason']}"
-             for r in rows if r["status"] == "skipped"]
+             for r in rows if r["status"] in ("skipped", "failed")]
     return "\n".join(text)
 
 
