@@ -66,12 +66,12 @@ def test_first_adamw_step_by_hand():
 
 
 def _toy_grad_fn(params, batch, ref_params=None):
-    pred = batch["x"] @ params["w"] + params["b"]
-    per = jnp.sum((pred - batch["y"]) ** 2, axis=-1)
-    loss, grads = jax.value_and_grad(
-        lambda p: jnp.mean(jnp.sum((batch["x"] @ p["w"] + p["b"] - batch["y"]) ** 2, -1))
-    )(params)
-    return loss, {"loss": loss, "max": jnp.max(per)}, grads
+    def loss_fn(p):
+        per = jnp.sum((batch["x"] @ p["w"] + p["b"] - batch["y"]) ** 2, axis=-1)
+        return jnp.mean(per), {"max": jnp.max(per)}
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, {"loss": loss, **metrics}, grads
 
 
 def _toy(seed=0, b=8):
