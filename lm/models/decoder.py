@@ -11,6 +11,7 @@ Params are the plain nested dict ``{"embed": {"embedding": [V, d]}, "layers_0": 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -75,6 +76,11 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
     return jax.jit(Decoder(cfg).init)(rng, ids, ids, mask)["params"]
 
 
+def abstract_params(cfg: ModelConfig) -> Params:
+    """``init_params``' shapes and dtypes as ``jax.ShapeDtypeStruct`` leaves (no allocation)."""
+    return jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
+
+
 def forward_hidden(cfg: ModelConfig, params: Params, input_ids: jax.Array,
                    attention_mask: jax.Array, *, positions: Optional[jax.Array] = None,
                    remat: bool = False) -> jax.Array:
@@ -90,7 +96,7 @@ def forward_hidden(cfg: ModelConfig, params: Params, input_ids: jax.Array,
         positions = position_ids(attention_mask)
     index = jnp.arange(input_ids.shape[1])
     mask = make_attention_mask(index[None], index, attention_mask, positions, positions,
-                          cfg.sliding_window)
+                               cfg.sliding_window)
     hidden, _ = Decoder(cfg, remat=remat).apply({"params": params}, input_ids, positions, mask)
     return hidden
 
@@ -135,7 +141,6 @@ def forward_cached(cfg: ModelConfig, params: Params, input_ids: jax.Array,
     t, s = input_ids.shape[1], key_valid.shape[1]
     q_index = cache_index + jnp.arange(t)
     mask = make_attention_mask(q_index[None], jnp.arange(s), key_valid, positions,
-                               key_positions,
-                          cfg.sliding_window)
+                               key_positions, cfg.sliding_window)
     return Decoder(cfg).apply({"params": params}, input_ids, positions, mask, cache,
                               cache_index)
