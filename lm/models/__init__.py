@@ -15,6 +15,7 @@ from lm.models.decoder import (Decoder, abstract_params, forward_cached, forward
 
 __all__ = [
     "BUILTIN_NAMES", "ConfigError", "Decoder", "ModelConfig", "abstract_params",
-    "builtin_config", "config_from_hf", "config_to_hf", "forward_cached", "forward_hidden", "init_cache",
+    "builtin_config", "config_from_hf", "config_to_hf", "forward_cached", "forward_hidden",
+    "init_cache",
     "init_params", "logits", "logits_from_hidden", "output_head", "position_ids",
 ]

@@ -144,7 +144,8 @@ class Attention(nn.Module):
         out = jax.nn.dot_product_attention(
             q, key.astype(q.dtype), val.astype(q.dtype), mask=mask, scale=h ** -0.5,
             implementation=cfg.attention_impl)
-        return _dense(cfg, cfg.hidden_size, cfg.attention_bias, "o")(out.reshape(b, t, n * h)), kv_cache
+        out = _dense(cfg, cfg.hidden_size, cfg.attention_bias, "o")(out.reshape(b, t, n * h))
+        return out, kv_cache
 
 
 class MLP(nn.Module):
