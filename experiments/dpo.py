@@ -67,10 +67,16 @@ def parse_args(argv: list[str] | None = None):
     g.add_argument("--held-out", type=finite_float, default=0.1, help="eval fraction (<1) or count (>=1); 0: no eval")
     g = p.add_argument_group("objective")
     g.add_argument("--loss", default="dpo", choices=sorted(losses.LOSSES))
-    g.add_argument("--beta", type=positive_float, help="loss temperature (default: the loss's)")
+    g.add_argument("--beta", type=positive_float, help="loss temperature β (default: the loss's)")
+    g.add_argument("--lam", type=finite_float, help="λ: NLL weight (slic, cpo) or DPOP penalty")
+    g.add_argument("--delta", type=finite_float, help="δ: SLiC-HF hinge margin")
+    g.add_argument("--gamma", type=finite_float, help="γ: SimPO target margin")
+    g.add_argument("--label-smoothing", type=finite_float, help="ε: cdpo / robust label noise")
     g.add_argument("--grad", default="logits-sam", choices=objectives.MODES, help="gradient mode")
     g.add_argument("--rho", type=finite_float, default=1e-4, help="SAM radius (logits-sam, sam)")
     g.add_argument("--chunk-size", type=positive_int, help="tokens per chunk of vocabulary logits")
+    g.add_argument("--grad-accum", type=positive_int, default=1,
+                   help="micro-batches per step (the (logits-)SAM norm is per micro-batch)")
     g.add_argument("--remat", action="store_true", help="rematerialise trunk blocks")
     g = p.add_argument_group("optimizer")
     g.add_argument("--lr", type=positive_float, default=1e-6)
@@ -204,8 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isfile(path):
             fail(f"--data {path}: no such file")
     cfg, model_dir = resolve_model(args.model)
+    if args.batch_size % args.grad_accum:
+        fail(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     try:
-        check_batch_size(args.batch_size, parse_mesh(args.mesh, jax.device_count()))
+        check_batch_size(args.batch_size // args.grad_accum, parse_mesh(args.mesh, jax.device_count()))
     except ConfigError as err:
         fail(str(err))
     out = writable_dir(args.out)
@@ -216,15 +224,25 @@ def main(argv: list[str] | None = None) -> int:
         args.max_prompt_len = args.max_len // 2
     if args.max_len > cfg.max_position_embeddings:
         fail(f"--max-len {args.max_len}: over the model's {cfg.max_position_embeddings} positions")
+    loss_kwargs = {
+        name: getattr(args, name)
+        for name in ("beta", "lam", "delta", "gamma", "label_smoothing")
+        if getattr(args, name) is not None
+    }
+    try:
+        objective = losses.get_loss(args.loss, **loss_kwargs)
+    except ValueError as err:
+        fail(str(err))
     tokenizer, eos_id = load_tokenizer(args, cfg, model_dir)
     loader, heldout = load_data(args, tokenizer, eos_id)
     params = load_params(cfg, model_dir, args.seed)
     try:
-        loss_kwargs = {} if args.beta is None else {"beta": args.beta}
-        objective = losses.get_loss(args.loss, **loss_kwargs)
         reference = "none" if objective.reference_free else "frozen"
         common = dict(loss=args.loss, loss_kwargs=loss_kwargs, chunk_size=args.chunk_size, reference=reference)
-        grad_fn = objectives.make_grad_fn(cfg, mode=args.grad, rho=args.rho, remat=args.remat, **common)
+        grad_fn = optim.accumulate_gradients(
+            objectives.make_grad_fn(cfg, mode=args.grad, rho=args.rho, remat=args.remat, **common),
+            args.grad_accum,
+        )
         eval_fn = eval_from_grad_fn(objectives.make_grad_fn(cfg, mode="plain", **common))
         tx = optim.make_optimizer(
             args.lr, total_steps=args.steps, warmup_steps=args.warmup_steps, schedule=args.schedule,

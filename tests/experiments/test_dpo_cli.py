@@ -47,6 +47,9 @@ def test_help(capsys):
         (["--max-len", "512"], "--max-len 512: over the model's 128 positions"),
         (["--batch-size", "20"], "--data: 11 pairs cannot fill one batch of 20 (pairs: 12, --batch-size 20"),
         (["--tokenizer", "nope.json"], "--tokenizer nope.json: no such file"),
+        (["--loss", "slic", "--beta", "0.1"], "--beta: loss 'slic' takes no 'beta'"),
+        (["--loss", "cpo", "--lam", "-1"], "--lam must be >= 0 for loss 'cpo', got -1.0"),
+        (["--batch-size", "4", "--grad-accum", "3"], "--batch-size 4 is not divisible by --grad-accum 3"),
     ],
 )
 def test_bad_input_is_one_line(capsys, tmp_path, prefs, flags, message):
