@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import _cli
 from lm import models
 from lm import objectives
 from lm import optim
@@ -89,6 +90,9 @@ PRESETS = {
 
 GPU_COMMAND = ("python -m experiments.bench --preset trl --modes adamw,logits-sam,sam "
                "--dtype bfloat16 --steps 20 --warmup 3 --out benchmarks/h100-$(date +%F).json")
+
+
+PROG = "python -m experiments.bench"
 
 
 class BenchError(Exception):
@@ -384,29 +388,18 @@ def add_overheads(rows: list[dict]) -> None:
             r["time_overhead_vs_adamw"] = r["step_ms"] / b["step_ms"] - 1.0
 
 
-def toy_speed(steps: int = 200, grid: int = 6) -> dict:
-    """The Figure-1 toy's vmapped (η, ρ) sweep against its NumPy reference loop, same grid."""
-    from dynamics import toy
+def toy_speed(grid: int = 9, repeats: int = 3) -> dict:
+    """The Figure-1 toy's vmapped (η, ρ) sweep against its float64 NumPy loop, timed by
+    :func:`experiments.toy.sweep` on a ``grid × grid`` grid (its figure goes to a temp dir)."""
+    import pathlib
 
-    config = toy.ToyConfig()
-    W, phi = toy.setup(config)
-    etas = jnp.linspace(-1e-4, -1e-5, grid)
-    rhos = jnp.linspace(-0.02, 0.02, grid)
-    t0 = time.perf_counter()
-    jax.block_until_ready(toy.run_sweep(W, phi, toy.Y_MINUS, etas, rhos, steps))
-    compile_and_run = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    fast = jax.block_until_ready(toy.run_sweep(W, phi, toy.Y_MINUS, etas, rhos, steps))
-    jax_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ref = toy.reference_sweep(np.asarray(W), np.asarray(phi), toy.Y_MINUS, np.asarray(etas),
-                              np.asarray(rhos), steps)
-    numpy_s = time.perf_counter() - t0
-    return {
-        "runs": grid * grid, "steps": steps, "dim": config.dim, "classes": config.classes,
-        "jax_first_call_s": compile_and_run, "jax_s": jax_s, "numpy_s": numpy_s,
-        "speedup": numpy_s / jax_s, "max_abs_diff": float(np.max(np.abs(np.asarray(fast) - ref))),
-    }
+    from dynamics import toy
+    from experiments import toy as toy_cli
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = toy_cli.sweep(toy.ToyConfig(), grid, repeats, pathlib.Path(tmp))
+    return {**result["timing"], "dim": result["config"]["dim"],
+            "max_abs_diff": result["max_abs_diff_vs_numpy_float64"]}
 
 
 # ----------------------------------------------------------------------------- output
@@ -476,8 +469,8 @@ def environment(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m experiments.bench",
+    p = _cli.ArgumentParser(
+        prog=PROG,
         description="Step time, tokens/s, MFU and memory of one DPO training step, per model "
                     "shape and optimizer mode (adamw | logits-sam | sam).")
     p.add_argument("--shapes", default="gpt2-tiny",
@@ -518,7 +511,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     try:
         _check(args)
     except BenchError as e:
-        p.exit(2, f"error: {e}\n")
+        p.error(str(e))
     return args
 
 
@@ -577,8 +570,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 rows.append(run(case, mode, args))
                 print(format_table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _cli.fail(str(e), prog=PROG)
     add_overheads(rows)
     result = {**environment(args), "rows": rows}
     if args.toy:
@@ -586,8 +578,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(format_table(rows))
     if args.toy:
         t = result["toy"]
-        print(f"toy sweep ({t['runs']} runs x {t['steps']} steps, d={t['dim']}): "
-              f"JAX vmap {t['jax_s'] * 1e3:.1f} ms vs NumPy loop {t['numpy_s'] * 1e3:.1f} ms "
+        print(f"toy sweep ({t['trajectories']} runs x {t['steps']} steps, d={t['dim']}): "
+              f"JAX vmap {t['jax_run_s'] * 1e3:.1f} ms vs NumPy loop "
+              f"{t['numpy_run_s'] * 1e3:.1f} ms "
               f"({t['speedup']:.0f}x; max |diff| {t['max_abs_diff']:.1e})")
     if args.out:
         with open(args.out, "w") as f:
