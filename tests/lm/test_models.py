@@ -162,3 +162,15 @@ def test_x64_mode_runs_and_keeps_float32_default():
         assert z.dtype == jnp.float32 and np.isfinite(np.asarray(z)).all()
     finally:
         jax.config.update("jax_enable_x64", False)
+
+
+def test_legacy_rope_scaling_keys_and_unsupported_types():
+    base = {"model_type": "llama", "vocab_size": 8, "hidden_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "intermediate_size": 8, "max_position_embeddings": 64,
+            "rope_theta": 100.0}
+    plain = config_from_hf(base)
+    linear = config_from_hf({**base, "rope_scaling": {"type": "linear", "factor": 4.0}})
+    assert linear.rope_type == "linear" and plain.rope_type == "default"
+    np.testing.assert_allclose(rope_frequencies(linear), rope_frequencies(plain) / 4.0)
+    with pytest.raises(ConfigError, match="unsupported rope_scaling type 'dynamic'"):
+        config_from_hf({**base, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
