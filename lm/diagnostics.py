@@ -186,14 +186,6 @@ def gradient_products(cfg, params: PyTree, batch: Mapping[str, jax.Array]) -> di
     )
 
 
-def _response_logps_from_logits(z: jax.Array, ids: jax.Array, mask: jax.Array) -> jax.Array:
-    """Σ_t m_{t+1} log softmax(z_t)[x_{t+1}] (N,): :func:`lm.losses.sequence_logps` with
-    the logits given directly, so that they can be the differentiated variable."""
-    logp = jax.nn.log_softmax(z[:, :-1].astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, ids[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
-    return jnp.sum(jnp.where(mask[:, 1:] > 0, picked, 0.0), axis=-1)
-
-
 def hessian_traces(
     cfg,
     params: PyTree,
@@ -252,6 +244,6 @@ def hessian_traces(
     if "logits" in which:
         z = logits_from_hidden(forward_hidden(cfg, params, ids, attn), output_head(cfg, params))
         out["logits"] = hutchinson_trace(
-            lambda zz: loss_of_logps(_response_logps_from_logits(zz, ids, mask)), z, key,
+            lambda zz: loss_of_logps(losses.sequence_logps_from_logits(zz, ids, mask)), z, key,
             num_probes)
     return out

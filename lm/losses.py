@@ -38,15 +38,39 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lm.models import logits_from_hidden
+
 
 # ----------------------------------------------------------------------------- log-probs
 
 
+def target_logps(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log softmax(z)[target] in float32: logits (..., V), int targets (...) → (...)."""
+    z = logits.astype(jnp.float32)
+    target_logit = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return target_logit - jax.nn.logsumexp(z, axis=-1)
+
+
 def _chunk_token_logps(hidden: jax.Array, head: jax.Array, targets: jax.Array) -> jax.Array:
-    """log softmax(h Wᵀ)[target] for one chunk: h (C, d), W (V, d), targets (C,) → (C,)."""
-    logits = hidden.astype(jnp.float32) @ head.astype(jnp.float32).T
-    target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-    return target_logit - jax.nn.logsumexp(logits, axis=-1)
+    """log softmax(h Wᵀ)[target] for one chunk: h (C, d), W (V, d), targets (C,) → (C,).
+
+    The matmul runs in the compute dtype with float32 accumulation (bf16 tensor cores on
+    GPU), the softmax in float32.
+    """
+    return target_logps(logits_from_hidden(hidden, head), targets)
+
+
+def _masked(flat_logps: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Keep the next-token log-probs (N, T − 1) whose target is a counted token."""
+    return jnp.where(loss_mask[:, 1:] > 0, flat_logps, 0.0)
+
+
+def sequence_logps_from_logits(
+    logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
+) -> jax.Array:
+    """:func:`sequence_logps` (sums only) from full logits (N, T, V): for callers that
+    differentiate with respect to the logits themselves (the logit Hessian)."""
+    return jnp.sum(_masked(target_logps(logits[:, :-1], input_ids[:, 1:]), loss_mask), axis=-1)
 
 
 def token_logps(
@@ -83,8 +107,7 @@ def token_logps(
         tg = jnp.pad(targets, (0, pad)).reshape(chunks, chunk_size)
         body = jax.checkpoint(lambda xs: _chunk_token_logps(xs[0], head, xs[1]))
         flat = jax.lax.map(body, (h, tg)).reshape(-1)[:num]
-    mask = loss_mask[:, 1:].astype(jnp.float32)
-    return jnp.where(mask > 0, flat.reshape(n, t - 1), 0.0)
+    return _masked(flat.reshape(n, t - 1), loss_mask)
 
 
 def sequence_logps(

@@ -9,13 +9,6 @@ from dynamics import softmax_regression as sr
 from dynamics import toy
 
 
-@pytest.fixture
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", False)
-
-
 def _gd_same_opposite(config, eta):
     """End p (n, V) of GD, SAM with ρ of η's sign, SAM with the opposite sign."""
     W, phi = toy.setup(config)
