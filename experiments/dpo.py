@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None):
     g.add_argument("--label-smoothing", type=finite_float, help="ε: cdpo / robust label noise")
     g.add_argument("--grad", default="logits-sam", choices=objectives.MODES, help="gradient mode")
     g.add_argument("--rho", type=finite_float, default=1e-4, help="SAM radius (logits-sam, sam)")
+    g.add_argument("--reference", default="frozen", choices=("frozen", "precomputed"),
+                   help="reference log-probs: the frozen initial model in every step, or "
+                        "computed once before training (no reference weights on device)")
     g.add_argument("--chunk-size", type=positive_int, help="tokens per chunk of vocabulary logits")
     g.add_argument("--grad-accum", type=positive_int, default=1,
                    help="micro-batches per step (the (logits-)SAM norm is per micro-batch)")
@@ -197,9 +200,28 @@ def load_data(args, tokenizer, eos_id):
     return train, heldout
 
 
+def precompute_reference(cfg, params, loader, chunk_size):
+    """Reference log-probs [N, 2] of every pair ``loader`` draws from, in one pass.
+
+    Batches carry their pairs' ``index``, so :func:`lm.data.with_ref_logps` attaches the
+    right rows whatever the shuffle.
+    """
+    from lm import data, objectives
+
+    reference = objectives.make_reference_fn(cfg, chunk_size=chunk_size)
+    ordered = data.PairLoader(loader.pairs, loader.batch_size, buckets=loader.buckets,
+                              pad_id=loader.pad_id, shuffle=False, drop_last=False)
+    table = np.full((len(loader.pairs), 2), np.nan, np.float32)
+    for k in range(len(ordered)):
+        batch = ordered.batch(k)
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "loss_mask")}
+        table[batch["index"]] = np.asarray(reference(params, inputs))
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from lm import losses, objectives, optim
+    from lm import data, losses, objectives, optim
     from lm.hf import save_pretrained
     from lm.train import CheckpointError, ConfigError, NonFiniteError, TrainConfig, train
     from lm.train.loop import eval_from_grad_fn
@@ -236,8 +258,15 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer, eos_id = load_tokenizer(args, cfg, model_dir)
     loader, heldout = load_data(args, tokenizer, eos_id)
     params = load_params(cfg, model_dir, args.seed)
+    batch_at, eval_at = loader.batch, heldout and heldout.batch
+    if args.reference == "precomputed" and not objective.reference_free:
+        train_table = precompute_reference(cfg, params, loader, args.chunk_size)
+        batch_at = lambda k: data.with_ref_logps(loader.batch(k), train_table)
+        if heldout is not None:
+            eval_table = precompute_reference(cfg, params, heldout, args.chunk_size)
+            eval_at = lambda k: data.with_ref_logps(heldout.batch(k), eval_table)
     try:
-        reference = "none" if objective.reference_free else "frozen"
+        reference = "none" if objective.reference_free else args.reference
         common = dict(loss=args.loss, loss_kwargs=loss_kwargs, chunk_size=args.chunk_size, reference=reference)
         grad_fn = optim.accumulate_gradients(
             objectives.make_grad_fn(cfg, mode=args.grad, rho=args.rho, remat=args.remat, **common),
@@ -262,11 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     eval_batches = None
     if heldout is not None:
-        eval_batches = lambda: (heldout.batch(i) for i in range(min(len(heldout), args.eval_batches)))
+        eval_batches = lambda: (eval_at(i) for i in range(min(len(heldout), args.eval_batches)))
     try:
         result = train(
-            grad_fn, tx, params, loader.batch, config, str(out),
-            ref_params=None if objective.reference_free else params,
+            grad_fn, tx, params, batch_at, config, str(out),
+            ref_params=None if reference != "frozen" else params,
             eval_batches=eval_batches, eval_fn=eval_fn, resume=args.resume,
             meta={"data": args.data, "model": args.model, "loss": args.loss, "grad": args.grad},
         )

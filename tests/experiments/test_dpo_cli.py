@@ -86,3 +86,25 @@ def test_tiny_run_logs_checkpoints_and_exports(tmp_path, prefs, capsys):
     init = jax.jit(models.init_params, static_argnums=0)(models.builtin_config("gpt2-tiny"), jax.random.PRNGKey(0))
     moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), exported, jax.device_get(init))
     assert max(jax.tree_util.tree_leaves(moved)) > 1e-3
+
+
+def test_precomputed_reference_trains_like_the_frozen_one(tmp_path, prefs):
+    """Reference log-probs computed once before training give the same run as evaluating
+    the frozen reference in every step (train and held-out metrics)."""
+    rows = {}
+    for reference in ("frozen", "precomputed"):
+        out = tmp_path / reference
+        argv = [
+            "--model", "gpt2-tiny", "--data", str(prefs), "--grad", "adamw", "--lr", "1e-2",
+            "--batch-size", "4", "--steps", "2", "--max-len", "16", "--max-prompt-len", "8",
+            "--held-out", "4", "--log-every", "1", "--reference", reference, "--out", str(out),
+            "--no-progress",
+        ]
+        assert dpo.main(argv) == 0
+        rows[reference] = read_jsonl(out / "metrics.jsonl")
+    assert [r["split"] for r in rows["frozen"]] == [r["split"] for r in rows["precomputed"]]
+    assert "eval" in {r["split"] for r in rows["frozen"]}
+    for frozen, precomputed in zip(rows["frozen"], rows["precomputed"]):
+        for key in ("loss", "rewards/margins", "logps/chosen"):
+            assert precomputed[key] == pytest.approx(frozen[key], rel=1e-4, abs=1e-5), key
+    assert rows["frozen"][-1]["loss"] != pytest.approx(np.log(2), abs=1e-4)  # it trained
