@@ -51,15 +51,6 @@ def target_logps(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return target_logit - jax.nn.logsumexp(z, axis=-1)
 
 
-def _chunk_token_logps(hidden: jax.Array, head: jax.Array, targets: jax.Array) -> jax.Array:
-    """log softmax(h Wᵀ)[target] for one chunk: h (C, d), W (V, d), targets (C,) → (C,).
-
-    The matmul runs in the compute dtype with float32 accumulation (bf16 tensor cores on
-    GPU), the softmax in float32.
-    """
-    return target_logps(logits_from_hidden(hidden, head), targets)
-
-
 def _masked(flat_logps: jax.Array, loss_mask: jax.Array) -> jax.Array:
     """Keep the next-token log-probs (N, T − 1) whose target is a counted token."""
     return jnp.where(loss_mask[:, 1:] > 0, flat_logps, 0.0)
@@ -85,29 +76,47 @@ def token_logps(
 
     Entry [n, t] is log π(x_{n,t+1} | x_{n,≤t}) where ``loss_mask[n, t+1]`` is set, else 0.
 
+    Chunking runs along the sequence, over *target* positions [k·c, (k+1)·c) of every row
+    at once, so the chunk axis is never the (data-parallel sharded) row axis, and a chunk
+    whose targets are all uncounted — the prompt of a prompt longer than c, the padding of
+    a bucket — skips its head matmul entirely (forward and backward: a ``lax.cond``).
+
     Args:
-      hidden: final hidden states h (N, T, d), any float dtype (upcast to float32).
+      hidden: final hidden states h (N, T, d), any float dtype.
       head: output layer W (V, d) (for tied models, the embedding matrix).
       input_ids: int (N, T).
       loss_mask: (N, T), 1 on the tokens whose log-probs count (the response, EOS incl.).
-      chunk_size: tokens per chunk of the (tokens × V) logits; ``None`` = all at once.
+      chunk_size: target positions per chunk (each chunk holds N·c·V float32 logits);
+        ``None`` = all at once.
     """
     n, t, d = hidden.shape
-    h = hidden[:, :-1].reshape(-1, d)
-    targets = input_ids[:, 1:].reshape(-1).astype(jnp.int32)
-    num = h.shape[0]
-    if chunk_size is None or chunk_size >= num:
-        flat = _chunk_token_logps(h, head, targets)
-    else:
-        if chunk_size < 1:
-            raise ValueError(f"--chunk-size must be a positive integer, got {chunk_size}")
-        chunks = -(-num // chunk_size)
-        pad = chunks * chunk_size - num
-        h = jnp.pad(h, ((0, pad), (0, 0))).reshape(chunks, chunk_size, d)
-        tg = jnp.pad(targets, (0, pad)).reshape(chunks, chunk_size)
-        body = jax.checkpoint(lambda xs: _chunk_token_logps(xs[0], head, xs[1]))
-        flat = jax.lax.map(body, (h, tg)).reshape(-1)[:num]
-    return _masked(flat.reshape(n, t - 1), loss_mask)
+    if chunk_size is None or chunk_size >= t - 1:
+        logps = target_logps(logits_from_hidden(hidden[:, :-1], head), input_ids[:, 1:])
+        return _masked(logps, loss_mask)
+    if chunk_size < 1:
+        raise ValueError(f"--chunk-size must be a positive integer, got {chunk_size}")
+    chunks = -(-t // chunk_size)
+    pad = chunks * chunk_size - t
+    # Target j is predicted from h_{j−1}: shift h right by one so chunks align with targets.
+    h_prev = jnp.pad(hidden, ((0, 0), (1, pad - 1 if pad else 0), (0, 0)))[:, : chunks * chunk_size]
+    targets = jnp.pad(input_ids, ((0, 0), (0, pad)))
+    counted = jnp.pad(loss_mask, ((0, 0), (0, pad))).at[:, 0].set(0) > 0
+
+    def split(x):
+        return jnp.moveaxis(x.reshape(n, chunks, chunk_size, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def chunk(xs):
+        h_c, tg_c, m_c = xs
+        return jax.lax.cond(
+            jnp.any(m_c),
+            lambda: target_logps(logits_from_hidden(h_c, head), tg_c),
+            lambda: jnp.zeros(tg_c.shape, jnp.float32),
+        )
+
+    logps = jax.lax.map(chunk, (split(h_prev), split(targets), split(counted)))
+    logps = jnp.moveaxis(logps, 0, 1).reshape(n, chunks * chunk_size)[:, 1:t]
+    return _masked(logps, loss_mask)
 
 
 def sequence_logps(

@@ -209,3 +209,29 @@ def test_bad_hyper_parameters_name_the_flag(name, hp, flag):
     with pytest.raises(ValueError, match=flag) as err:
         L.get_loss(name, **hp)
     assert "\n" not in str(err.value)
+
+
+def test_chunks_of_prompt_or_padding_are_skipped_without_changing_anything():
+    """The DPO layout: prompts longer than a chunk and bucket padding, so whole chunks
+    have no counted target and skip their head matmul; values and gradients must not
+    notice (a skipped chunk that dropped a counted token would change both)."""
+    rng = np.random.default_rng(3)
+    n, t, prompt = 4, 16, 8
+    hidden = jnp.asarray(rng.normal(size=(n, t, D)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(V, D)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, V, size=(n, t)), jnp.int32)
+    mask = np.zeros((n, t), np.int32)
+    mask[:, prompt:12] = 1  # targets 8..11 counted: chunks [0, 4), [4, 8) and [12, 16) skip
+    mask[1, 12] = 1  # except one row reaching into the last chunk
+    mask = jnp.asarray(mask)
+
+    def f(h, W, chunk):
+        return jnp.sum(L.sequence_logps(h, W, ids, mask, chunk_size=chunk)[0] ** 2)
+
+    for chunk in (4, 3):
+        np.testing.assert_allclose(
+            L.token_logps(hidden, head, ids, mask, chunk_size=chunk),
+            L.token_logps(hidden, head, ids, mask), atol=1e-5)
+        for a, b in zip(jax.grad(f, argnums=(0, 1))(hidden, head, None),
+                        jax.grad(f, argnums=(0, 1))(hidden, head, chunk)):
+            np.testing.assert_allclose(a, b, atol=1e-4)
