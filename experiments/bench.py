@@ -131,9 +131,17 @@ def model_flops(n_params: int, tokens: int, reference: str) -> float:
     return float(per_token) * n_params * tokens
 
 
-def head_positions(pairs: int, seq: int) -> int:
-    """Positions that go through the policy head: every next-token prediction, N = B·2·(T−1)."""
-    return pairs * 2 * (seq - 1)
+def head_positions(pairs: int, seq: int, prompt: int, chunk_size: int | None) -> int:
+    """Positions that go through the policy head, N.
+
+    Unchunked: every next-token prediction, B·2·(T−1). Chunked (:func:`lm.losses.token_logps`):
+    whole chunks of c target positions, less the ``prompt // c`` leading chunks whose
+    targets are all prompt tokens, which skip the head.
+    """
+    if chunk_size is None or chunk_size >= seq - 1:
+        return pairs * 2 * (seq - 1)
+    chunks = -(-seq // chunk_size)
+    return pairs * 2 * (chunks - prompt // chunk_size) * chunk_size
 
 
 def logits_sam_extra_flops(positions: int, vocab: int, width: int) -> float:
@@ -259,7 +267,8 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
         "tokens_per_step": tokens, "model_flops_per_step": flops,
     }
     if mode == "logits-sam":
-        extra = logits_sam_extra_flops(head_positions(case.pairs, case.seq), cfg.vocab_size,
+        extra = logits_sam_extra_flops(head_positions(case.pairs, case.seq, case.prompt,
+                                                       args.chunk_size), cfg.vocab_size,
                                        cfg.hidden_size)
         row["flop_bound"] = extra / model_flops(n_params, tokens, args.reference)
 
@@ -458,8 +467,10 @@ def environment(args: argparse.Namespace) -> dict:
                            "FLOPs excluded; same count for every mode",
             "mfu": "model_flops / median step time / device dense bf16 peak",
             "memory.estimate_bytes": "XLA compile-time argument + output + temp - alias",
-            "flop_bound": "logits-SAM extra 4 * N * V * d, N = pairs * 2 * (seq - 1), "
-                          "over the adamw model_flops",
+            "flop_bound": "logits-SAM extra 4 * N * V * d over the adamw model_flops; N = "
+                          "pairs * 2 * (seq - 1) head positions, or with --chunk-size c the "
+                          "positions of chunks holding a response target (prompt-only chunks "
+                          "skip the head)",
         },
         "targets": TARGETS, "gpu_command": GPU_COMMAND,
     }

@@ -71,7 +71,10 @@ def test_flop_accounting_matches_a_hand_count():
     assert tokens == 256
     assert bench.model_flops(n, tokens, "frozen") == 8 * 141056 * 256
     assert bench.model_flops(n, tokens, "precomputed") == 6 * 141056 * 256
-    assert bench.head_positions(pairs=2, seq=64) == 2 * 2 * 63
+    assert bench.head_positions(pairs=2, seq=64, prompt=16, chunk_size=None) == 2 * 2 * 63
+    # 512 = 4 chunks of 128; the first holds only prompt targets (1..127) and is skipped.
+    assert bench.head_positions(pairs=8, seq=512, prompt=128, chunk_size=128) == 8 * 2 * 384
+    assert bench.head_positions(pairs=8, seq=512, prompt=100, chunk_size=128) == 8 * 2 * 512
     assert bench.logits_sam_extra_flops(252, 512, 64) == 4 * 252 * 512 * 64
 
 
