@@ -36,6 +36,8 @@ SWEEP_RHOS = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
 _positive_int = int_at_least(1)
 _nonnegative_int = int_at_least(0)
 STYLES = ("single", "short", "long")
+OPTIMIZERS = ("adamw", "sgd")
+MARGIN_WINDOW = 5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--data", help="preference file (JSONL/Parquet); default: the synthetic sentiment task")
     g.add_argument("--tokenizer", help="tokenizer.json for --data (default: the model's)")
     g.add_argument("--style", default="long", choices=STYLES, help="synthetic response style")
+    g.add_argument("--untied-head", action="store_true",
+                   help="built-in model with its own output layer (default: GPT-2's head tied to the embedding)")
     g.add_argument("--pairs", type=_positive_int, default=512, help="synthetic training pairs")
     g.add_argument("--held-out", type=_positive_int, default=128, help="held-out pairs for reward accuracy")
     g.add_argument("--max-len", type=_positive_int, default=32, help="tokens per sequence")
@@ -53,9 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--sft-steps", type=_nonnegative_int, default=150)
     g.add_argument("--sft-lr", type=positive_float, default=1e-3)
     g.add_argument("--steps", type=_positive_int, default=150, help="DPO steps per run")
-    g.add_argument("--lr", type=positive_float, default=1e-4, help="DPO learning rate (AdamW, constant)")
+    g.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
+                   help="DPO optimizer: AdamW (clip 1.0) or plain SGD (no clipping: the paper's GD)")
+    g.add_argument("--lr", type=positive_float, default=1e-4, help="DPO learning rate (constant)")
     g.add_argument("--beta", type=positive_float, default=0.1)
     g.add_argument("--rho", type=finite_float, default=0.05, help="logits-SAM radius (> 0: practical convention)")
+    g.add_argument("--sam", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run full SAM (two passes) at the same --rho (the paper's Figure 1c compares GD and SAM)")
     g.add_argument("--batch-size", type=_positive_int, default=16)
     g.add_argument("--seed", type=_nonnegative_int, default=0)
     g.add_argument("--sweep-rho", action="store_true", help=f"also run rho in {SWEEP_RHOS} (Table 3 analogue)")
@@ -65,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"argument --rho: must be > 0 (rho = 0 is the AdamW run), got {args.rho}")
     if args.tokenizer and not args.data:
         p.error("argument --tokenizer: only used with --data")
+    if args.untied_head and os.path.isdir(args.model):
+        p.error("argument --untied-head: only for a built-in --model (a checkpoint keeps its own head)")
     return args
 
 
@@ -105,6 +115,7 @@ def synthetic_setup(args) -> Setup:
     tok = synthetic.sentiment_tokenizer()
     eos, pad = tok.token_to_id(synthetic.EOS), tok.token_to_id(synthetic.PAD)
     cfg = models.builtin_config(args.model, vocab_size=tok.get_vocab_size(),
+                                tie_word_embeddings=not args.untied_head,
                                 max_position_embeddings=args.max_len, bos_token_id=eos,
                                 eos_token_id=eos, pad_token_id=pad)
     tcfg = data.TokenizeConfig(args.max_len, args.max_len // 2, eos_id=eos, pad_id=pad)
@@ -126,6 +137,8 @@ def file_setup(args) -> Setup:
     from lm import data
 
     cfg, model_dir = dpo.resolve_model(args.model)
+    if args.untied_head:
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
     ns = argparse.Namespace(tokenizer=args.tokenizer, eos_token=None, model=args.model)
     tok, eos = dpo.load_tokenizer(ns, cfg, model_dir)
     try:
@@ -164,14 +177,28 @@ def sft_grad_fn(cfg):
     return grad_fn
 
 
-def run_loop(grad_fn, params, loader, steps: int, lr: float, *, ref_params=None, seed: int = 0):
-    """``steps`` jitted AdamW steps (constant lr, clip 1.0); returns params and per-step metrics."""
-    import jax
+def make_tx(name: str, lr: float, steps: int):
+    """Constant-lr AdamW (clip 1.0, :func:`lm.optim.make_optimizer`) or plain SGD.
+
+    SGD is the paper's GD (Figure 1c compares GD and SAM): the update is the (logits-)SAM
+    gradient itself, so the correction ρ̃ H_z g of Theorem 3.2 reaches the weights as is.
+    AdamW's per-coordinate normalisation rescales it.
+    """
+    import optax
 
     from lm import optim
+
+    if name == "sgd":
+        return optax.sgd(lr)
+    return optim.make_optimizer(lr, total_steps=steps, schedule="constant")
+
+
+def run_loop(grad_fn, params, loader, steps: int, tx, *, ref_params=None, seed: int = 0):
+    """``steps`` jitted steps of optimizer ``tx``; returns params and per-step metrics."""
+    import jax
+
     from lm.train import create_train_state, make_train_step
 
-    tx = optim.make_optimizer(lr, total_steps=steps, schedule="constant")
     step = jax.jit(make_train_step(grad_fn, tx))
     state = create_train_state(params, tx, seed)
     history: dict[str, list[float]] = {}
@@ -214,22 +241,56 @@ def dpo_run(setup: Setup, sft_params, args, mode: str, rho: float, eval_fn) -> d
     grad_fn = objectives.make_grad_fn(setup.cfg, loss="dpo", loss_kwargs={"beta": args.beta},
                                       mode=mode, rho=rho)
     t0 = time.time()
-    params, history = run_loop(grad_fn, sft_params, setup.train, args.steps, args.lr,
+    params, history = run_loop(grad_fn, sft_params, setup.train, args.steps,
+                               make_tx(args.optimizer, args.lr, args.steps),
                                ref_params=sft_params, seed=args.seed)
     heldout = evaluate(eval_fn, params, sft_params, setup.heldout)
     return {"mode": mode, "rho": rho, "seconds": round(time.time() - t0, 1),
             "history": history, "heldout": heldout}
 
 
-def summary(run: dict[str, Any], sft_logps: dict[str, float]) -> dict[str, float]:
-    """End-of-run numbers: train log-probs (mean of the last 10 steps) and held-out metrics."""
+def smoothed(values: list[float], window: int = MARGIN_WINDOW) -> np.ndarray:
+    """Trailing mean over ``window`` steps (the train-batch metrics are one batch each)."""
+    x = np.asarray(values, dtype=np.float64)
+    c = np.concatenate([[0.0], np.cumsum(x)])
+    end = np.arange(1, len(x) + 1)
+    start = np.maximum(end - window, 0)
+    return (c[end] - c[start]) / (end - start)
+
+
+def chosen_change_at_margin(run: dict[str, Any], target: float) -> tuple[int | None, float | None]:
+    """``(step, Δ chosen log-prob)`` at the first step whose smoothed train margin reaches
+    ``target``; ``(None, None)`` if it never does.
+
+    A run that learns the preference more slowly also moves the chosen log-prob later, so
+    the end-of-run numbers alone would credit slow learning as mitigation. Compared at an
+    equal margin, they cannot.
+    """
+    h = run["history"]
+    margin, chosen = smoothed(h["rewards/margins"]), smoothed(h["logps/chosen"])
+    hits = np.flatnonzero(margin >= target)
+    if not hits.size:
+        return None, None
+    return int(hits[0]), float(chosen[hits[0]] - chosen[0])
+
+
+def summary(run: dict[str, Any], sft_logps: dict[str, float], target_margin: float) -> dict[str, Any]:
+    """End-of-run numbers (train: mean of the last 10 steps; held-out: plain-DPO metrics of
+    the final model vs the SFT model) and the chosen change at ``target_margin``."""
     h, e = run["history"], run["heldout"]
     tail = lambda name: float(np.mean(h[name][-10:]))
+    step, change = chosen_change_at_margin(run, target_margin)
     return {
+        "mode": run["mode"],
         "rho": run["rho"],
         "train_logps_chosen_start": h["logps/chosen"][0],
         "train_logps_chosen_end": tail("logps/chosen"),
+        "train_logps_rejected_start": h["logps/rejected"][0],
         "train_logps_rejected_end": tail("logps/rejected"),
+        "train_margin_end": tail("rewards/margins"),
+        "matched_margin": target_margin,
+        "matched_margin_step": step,
+        "matched_margin_chosen_change": change,
         "heldout_logps_chosen": e["logps/chosen"],
         "heldout_logps_chosen_change": e["logps/chosen"] - sft_logps["logps/chosen"],
         "heldout_logps_rejected_change": e["logps/rejected"] - sft_logps["logps/rejected"],
@@ -238,23 +299,80 @@ def summary(run: dict[str, Any], sft_logps: dict[str, float]) -> dict[str, float
     }
 
 
+def verdict(name: str, s: dict[str, Any], base: dict[str, Any], tol: float = 0.1) -> str:
+    """One plain sentence: does ``name`` lose less chosen log-prob than the baseline, both
+    at the end and at the matched margin, without giving up held-out margin?"""
+    end = s["heldout_logps_chosen_change"] - base["heldout_logps_chosen_change"]
+    at = s["matched_margin_chosen_change"]
+    if at is None:
+        return (f"{name}: never reached the baseline's half-final margin "
+                f"{s['matched_margin']:.3f}; no like-for-like comparison (it learned the preference more slowly)")
+    rel = at - base["matched_margin_chosen_change"]
+    margin_ratio = s["heldout_margin"] / base["heldout_margin"] if base["heldout_margin"] > 0 else float("nan")
+    if end > tol and rel > tol and margin_ratio >= 0.8:
+        word = "MITIGATES the squeeze"
+    elif end > tol and rel > tol:
+        word = "loses less chosen log-prob but learns a smaller margin (not a clean mitigation)"
+    elif end < -tol and rel < -tol:
+        word = "WORSENS the squeeze"
+    else:
+        word = "does not mitigate the squeeze"
+    return (f"{name} {word}: held-out Δchosen {end:+.2f} nats vs baseline, at the matched margin "
+            f"{rel:+.2f} nats; held-out margin {margin_ratio:.2f}x the baseline's")
+
+
+COLOURS = {"baseline": "tab:red", "logits-sam": "tab:blue", "sam": "tab:green"}
+
+
 def plot(runs: dict[str, dict[str, Any]], path: str, title: str) -> None:
+    """Left: chosen (solid) and rejected (dashed) train log-probs per step (Figure 1c).
+    Right: the chosen change against the smoothed train margin, the like-for-like view."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (name, run), colour in zip(runs.items(), ("tab:red", "tab:blue")):
-        for key, style in (("logps/chosen", "-"), ("logps/rejected", "--")):
-            ax.plot(run["history"][key], style, color=colour, label=f"{name}: {key.split('/')[1]}")
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, run in runs.items():
+        h, colour = run["history"], COLOURS[name]
+        label = f"{name} (rho={run['rho']:g})"
+        ax.plot(h["logps/chosen"], "-", color=colour, label=f"{label}: chosen")
+        ax.plot(h["logps/rejected"], "--", color=colour, label=f"{label}: rejected")
+        chosen = smoothed(h["logps/chosen"])
+        bx.plot(smoothed(h["rewards/margins"]), chosen - chosen[0], color=colour, label=label)
     ax.set_xlabel("DPO step")
     ax.set_ylabel("sequence log-prob (train batch)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    bx.set_xlabel(f"train reward margin ({MARGIN_WINDOW}-step mean)")
+    bx.set_ylabel("Δ chosen log-prob since step 0")
+    bx.set_title("chosen change at equal margin", fontsize=9)
+    bx.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def report(result: dict[str, Any]) -> list[str]:
+    """The printed summary: one line of numbers per run, then one plain verdict each."""
+    lines = []
+    for name, s in result["summary"].items():
+        at = s["matched_margin_chosen_change"]
+        lines.append(
+            f"{name:>10} (rho={s['rho']:g}): chosen {s['train_logps_chosen_start']:7.2f} -> "
+            f"{s['train_logps_chosen_end']:7.2f}, rejected {s['train_logps_rejected_start']:7.2f} -> "
+            f"{s['train_logps_rejected_end']:7.2f} (train); Δchosen at margin {s['matched_margin']:.3f}: "
+            + (f"{at:+.2f} (step {s['matched_margin_step']})" if at is not None else "never reached")
+            + f"; held-out Δchosen {s['heldout_logps_chosen_change']:+.2f}, "
+            f"Δrejected {s['heldout_logps_rejected_change']:+.2f}, margin {s['heldout_margin']:.3f}, "
+            f"accuracy {s['heldout_accuracy']:.3f}")
+    base = result["summary"]["baseline"]
+    squeezed = base["heldout_logps_chosen_change"] < -0.1
+    lines.append(f"baseline: the chosen log-prob {'FALLS' if squeezed else 'does not fall'} "
+                 f"({base['heldout_logps_chosen_change']:+.2f} nats held-out) while the margin grows "
+                 f"to {base['heldout_margin']:.3f}" + (" (squeezing)" if squeezed else ""))
+    lines += [verdict(name, s, base) for name, s in result["summary"].items() if name != "baseline"]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,28 +386,29 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"--out {args.out}: not writable ({err.strerror})")
     setup = file_setup(args) if args.data else synthetic_setup(args)
     t0 = time.time()
-    sft_params, sft_history = run_loop(sft_grad_fn(setup.cfg), setup.params, setup.train,
-                                       args.sft_steps, args.sft_lr, seed=args.seed)
+    sft_params, sft_history = run_loop(sft_grad_fn(setup.cfg), setup.params, setup.train, args.sft_steps,
+                                       make_tx("adamw", args.sft_lr, args.sft_steps), seed=args.seed)
     print(f"SFT: {args.sft_steps} steps, {time.time() - t0:.0f}s, final NLL/token "
           f"{sft_history['loss'][-1] if args.sft_steps else float('nan'):.3f}", file=sys.stderr)
     eval_fn = make_eval_fn(setup.cfg, args.beta)
     sft_eval = evaluate(eval_fn, sft_params, sft_params, setup.heldout)
 
-    runs = {"adamw": dpo_run(setup, sft_params, args, "adamw", 0.0, eval_fn),
+    runs = {"baseline": dpo_run(setup, sft_params, args, "plain", 0.0, eval_fn),
             "logits-sam": dpo_run(setup, sft_params, args, "logits-sam", args.rho, eval_fn)}
+    if args.sam:
+        runs["sam"] = dpo_run(setup, sft_params, args, "sam", args.rho, eval_fn)
+    # Half the baseline's final train margin: reached early enough by a run that learns a
+    # little more slowly, late enough that the baseline has squeezed.
+    target = 0.5 * float(np.mean(runs["baseline"]["history"]["rewards/margins"][-10:]))
     result = {"config": vars(args), "sft": {"heldout": sft_eval, "history": sft_history},
-              "runs": runs, "summary": {k: summary(r, sft_eval) for k, r in runs.items()}}
-    for name, s in result["summary"].items():
-        print(f"{name:>10}: chosen log-prob {s['train_logps_chosen_start']:8.3f} -> "
-              f"{s['train_logps_chosen_end']:8.3f} (train); held-out Δchosen "
-              f"{s['heldout_logps_chosen_change']:+.3f}, Δrejected {s['heldout_logps_rejected_change']:+.3f}, "
-              f"margin {s['heldout_margin']:.3f}, accuracy {s['heldout_accuracy']:.3f}")
+              "runs": runs, "summary": {k: summary(r, sft_eval, target) for k, r in runs.items()}}
+    result["verdict"] = report(result)
+    print("\n".join(result["verdict"]))
 
     if args.sweep_rho:
-        sweep = []
-        for rho in SWEEP_RHOS:
-            run = runs["adamw"] if rho == 0 else dpo_run(setup, sft_params, args, "logits-sam", rho, eval_fn)
-            sweep.append(summary(run, sft_eval))
+        sweep = [summary(runs["baseline"] if rho == 0 else
+                         dpo_run(setup, sft_params, args, "logits-sam", rho, eval_fn), sft_eval, target)
+                 for rho in SWEEP_RHOS]
         result["sweep_rho"] = sweep
         print(f"{'rho':>8} {'chosen end':>11} {'held Δchosen':>13} {'margin':>8} {'accuracy':>9}")
         for s in sweep:
@@ -298,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{s['heldout_accuracy']:>9.3f}")
 
     plot(runs, os.path.join(args.out, "fig1c_logps.png"),
-         f"DPO from SFT: AdamW vs logits-SAM (rho={args.rho:g})")
+         f"DPO from SFT ({args.optimizer}, lr={args.lr:g}): baseline vs logits-SAM"
+         + (" vs SAM" if args.sam else "") + f" (rho={args.rho:g})")
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {args.out}/fig1c_logps.png and {args.out}/metrics.json", file=sys.stderr)
