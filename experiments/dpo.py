@@ -109,10 +109,25 @@ def parse_args(argv: list[str] | None = None):
     return args
 
 
+RUN_MODEL_CONFIG = "model_config.json"  # a run folder's architecture, in HF config.json form
+
+
+def is_run_folder(path: str | None) -> bool:
+    """A folder this command wrote: its checkpoints are a model too."""
+    return bool(path) and os.path.isfile(os.path.join(path, RUN_MODEL_CONFIG))
+
+
 def resolve_model(name: str):
-    """``(cfg, model_dir or None)`` of a HF directory or a built-in name; no weights yet."""
+    """``(cfg, model_dir or None)`` of a run folder, a HF directory or a built-in name; no
+    weights yet."""
     from lm import hf, models
 
+    if is_run_folder(name):
+        try:
+            with open(os.path.join(name, RUN_MODEL_CONFIG)) as f:
+                return models.config_from_hf(json.load(f)), name
+        except (OSError, ValueError, models.ConfigError) as err:
+            fail(f"--model {name}: {err}")
     if os.path.isdir(name):
         try:
             return hf.load_config(name), name
@@ -130,6 +145,14 @@ def load_params(cfg, model_dir: str | None, seed: int):
     if model_dir is None:
         init = jax.jit(models.init_params, static_argnums=0)
         return jax.device_get(init(cfg, jax.random.PRNGKey(seed)))
+    if is_run_folder(model_dir):
+        from lm.train import CheckpointError
+        from lm.train.checkpoint import restore_params
+
+        try:
+            return restore_params(os.path.join(model_dir, "checkpoints"))[0]
+        except CheckpointError as err:
+            fail(f"--model {model_dir}: {err}")
     try:
         return hf.load_pretrained(model_dir)[1]
     except (hf.CheckpointError, models.ConfigError) as err:
@@ -141,6 +164,8 @@ def load_tokenizer(args, cfg, model_dir):
     path = args.tokenizer or (model_dir and os.path.join(model_dir, "tokenizer.json"))
     if path and os.path.isdir(path):
         path = os.path.join(path, "tokenizer.json")
+    if path and is_run_folder(model_dir) and not args.tokenizer and not os.path.isfile(path):
+        path = None  # the run trained on bytes
     if path and not os.path.isfile(path):
         if args.tokenizer:
             fail(f"--tokenizer {args.tokenizer}: no such file")
@@ -168,6 +193,15 @@ def load_tokenizer(args, cfg, model_dir):
     if tok.get_vocab_size() > cfg.vocab_size:
         fail(f"--tokenizer {path}: {tok.get_vocab_size()} tokens but the model has {cfg.vocab_size}")
     return tok, int(eos)
+
+
+def save_run_model(out, cfg, tokenizer) -> None:
+    """Make the run folder a model for ``--model``: its architecture and its tokenizer."""
+    from lm.models import config_to_hf
+
+    (out / RUN_MODEL_CONFIG).write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
+    if not isinstance(tokenizer, ByteTokenizer):
+        tokenizer.save(str(out / "tokenizer.json"))
 
 
 def load_data(args, tokenizer, eos_id):
@@ -256,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         fail(str(err))
     tokenizer, eos_id = load_tokenizer(args, cfg, model_dir)
+    save_run_model(out, cfg, tokenizer)
     loader, heldout = load_data(args, tokenizer, eos_id)
     params = load_params(cfg, model_dir, args.seed)
     batch_at, eval_at = loader.batch, heldout and heldout.batch

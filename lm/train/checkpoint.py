@@ -94,3 +94,23 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
     return jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
     )
+
+
+def restore_params(directory: str, step: int | None = None) -> tuple[Any, int]:
+    """The policy parameters (host arrays) of the checkpoint at ``step`` (default: latest)
+    under ``directory``, without rebuilding the optimizer state, and that step."""
+    checkpointer = Checkpointer(directory)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint found in {checkpointer.directory}")
+        try:
+            restored = checkpointer._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        except Exception as err:  # Orbax raises many types for damaged folders.
+            raise CheckpointError(
+                f"checkpoint folder {checkpointer.step_dir(step)} is corrupt or incomplete "
+                f"({type(err).__name__})") from err
+        return restored["state"]["params"], step
+    finally:
+        checkpointer.close()

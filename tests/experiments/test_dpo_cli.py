@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import dpo
+from experiments import diagnose, dpo
 from lm import hf, models
 from lm.train.logging import read_jsonl
 
@@ -86,6 +86,16 @@ def test_tiny_run_logs_checkpoints_and_exports(tmp_path, prefs, capsys):
     init = jax.jit(models.init_params, static_argnums=0)(models.builtin_config("gpt2-tiny"), jax.random.PRNGKey(0))
     moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), exported, jax.device_get(init))
     assert max(jax.tree_util.tree_leaves(moved)) > 1e-3
+
+    # The run folder is a model too: its latest checkpoint, for diagnostics (or more training).
+    run_cfg, run_dir = dpo.resolve_model(str(out))
+    assert run_cfg == cfg and run_dir == str(out)
+    restored = dpo.load_params(run_cfg, run_dir, seed=0)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restored, exported)
+    diag = tmp_path / "diag.json"
+    assert diagnose.main(["--model", str(out), "--data", str(prefs), "--batch-size", "2", "--max-len", "16",
+                          "--hessians", "", "--out", str(diag)]) == 0
+    assert len(json.loads(diag.read_text())["gradient_products"]["cosine"]) == 2
 
 
 def test_precomputed_reference_trains_like_the_frozen_one(tmp_path, prefs):
