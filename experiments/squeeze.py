@@ -1,21 +1,38 @@
-"""Figure 1(c) analogue: the squeezing effect in DPO under AdamW, and logits-SAM's fix.
+"""Figure 1(c) analogue: the squeezing effect in DPO, with plain gradients, logits-SAM and SAM.
 
-    python -m experiments.squeeze                      # synthetic task, CPU, a few minutes
+    python -m experiments.squeeze                      # synthetic task, CPU, ~2 minutes
     python -m experiments.squeeze --sweep-rho          # + Table 3 analogue over ρ
     python -m experiments.squeeze --model DIR --data webgpt.jsonl   # the paper's setting
 
 A GPT-2 is first fine-tuned on the chosen responses (SFT: NLL of the response tokens),
-then trained with DPO from the SFT model (which is also the reference), once with plain
-gradients (``mode="adamw"``) and once with logits-SAM (``mode="logits-sam"``, ρ > 0, the
-practical sign convention of paper Table 4), same seed and batches. The per-step
-``logps/chosen`` and ``logps/rejected`` of both runs go to ``fig1c_logps.png`` and
-``metrics.json``: under AdamW the chosen log-prob falls (squeezing, paper §3.2); under
-logits-SAM it falls less or rises.
+then trained with DPO from the SFT model (which is also the reference) three times from
+the same seed and batches: plain gradients (``mode="plain"``), logits-SAM
+(``mode="logits-sam"``) and full SAM (``mode="sam"``, ``--no-sam`` skips it), ρ > 0 as in
+the practical convention of paper Table 4, under AdamW (default) or plain SGD (the
+paper's GD). The per-step ``logps/chosen`` and ``logps/rejected`` go to
+``fig1c_logps.png`` (left) and ``metrics.json``.
+
+A run that learns the preference more slowly also moves its log-probs later, so the end
+of the run alone would credit slow learning as mitigation. The runs are therefore also
+compared at an equal train reward margin (half the baseline's final one): the chosen
+change there is ``matched_margin_chosen_change`` and the plot's right panel.
+
+What the defaults show (gpt2-tiny, untied head, long style, AdamW lr 1e-4, 100 steps,
+ρ = 0.1; seeds 0 and 1): the baseline squeezes clearly (held-out chosen log-prob −6.9 and
+−3.8 nats while the rejected one falls by ~35 and the margin reaches ~3). Logits-SAM does
+NOT mitigate it: at equal margin it is within 0.35 nats of the baseline (slightly worse),
+and it ends 1.5 nats lower. Full SAM ends higher (−5.3, −2.8) but with a smaller margin
+(0.67x, 0.26x); at equal margin it is better on seed 0 (+3.8 nats) and worse on seed 1
+(−1.6): no consistent mitigation either. The paper's claim (SAM raises the chosen
+log-prob, Figure 1c) is not reproduced here; this experiment measures it, it does not
+assume it. Other settings tried (SGD, tied head, smaller ρ, better-trained SFT models)
+are listed in the README.
 
 By default the data are the long-suffix sentiment task (:mod:`lm.synthetic`, margin-
-pitfalls §4.2) on a from-scratch ``gpt2-tiny`` with the task's word-level vocabulary.
-The loop is :func:`lm.train.make_train_step` under ``jit`` with no checkpoints: every run
-here is minutes long and re-runnable from its seed.
+pitfalls §4.2) on a from-scratch ``gpt2-tiny`` with the task's word-level vocabulary and
+its own output layer (``--head tied`` ties it to the embedding as in GPT-2; untied,
+logits-SAM perturbs only the head). The loop is :func:`lm.train.make_train_step` under
+``jit`` with no checkpoints: every run here is minutes long and re-runnable from its seed.
 """
 
 from __future__ import annotations
@@ -37,6 +54,7 @@ _positive_int = int_at_least(1)
 _nonnegative_int = int_at_least(0)
 STYLES = ("single", "short", "long")
 OPTIMIZERS = ("adamw", "sgd")
+HEADS = ("untied", "tied")
 MARGIN_WINDOW = 5
 
 
@@ -48,20 +66,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--data", help="preference file (JSONL/Parquet); default: the synthetic sentiment task")
     g.add_argument("--tokenizer", help="tokenizer.json for --data (default: the model's)")
     g.add_argument("--style", default="long", choices=STYLES, help="synthetic response style")
-    g.add_argument("--untied-head", action="store_true",
-                   help="built-in model with its own output layer (default: GPT-2's head tied to the embedding)")
+    g.add_argument("--head", choices=HEADS,
+                   help="built-in model's output layer: its own matrix (default; logits-SAM then perturbs "
+                        "only the head) or GPT-2's tie to the embedding")
     g.add_argument("--pairs", type=_positive_int, default=512, help="synthetic training pairs")
     g.add_argument("--held-out", type=_positive_int, default=128, help="held-out pairs for reward accuracy")
     g.add_argument("--max-len", type=_positive_int, default=32, help="tokens per sequence")
     g = p.add_argument_group("training")
     g.add_argument("--sft-steps", type=_nonnegative_int, default=150)
     g.add_argument("--sft-lr", type=positive_float, default=1e-3)
-    g.add_argument("--steps", type=_positive_int, default=150, help="DPO steps per run")
+    g.add_argument("--steps", type=_positive_int, default=100, help="DPO steps per run")
     g.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
                    help="DPO optimizer: AdamW (clip 1.0) or plain SGD (no clipping: the paper's GD)")
     g.add_argument("--lr", type=positive_float, default=1e-4, help="DPO learning rate (constant)")
     g.add_argument("--beta", type=positive_float, default=0.1)
-    g.add_argument("--rho", type=finite_float, default=0.05, help="logits-SAM radius (> 0: practical convention)")
+    g.add_argument("--rho", type=finite_float, default=0.1, help="logits-SAM radius (> 0: practical convention)")
     g.add_argument("--sam", action=argparse.BooleanOptionalAction, default=True,
                    help="also run full SAM (two passes) at the same --rho (the paper's Figure 1c compares GD and SAM)")
     g.add_argument("--batch-size", type=_positive_int, default=16)
@@ -73,8 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"argument --rho: must be > 0 (rho = 0 is the AdamW run), got {args.rho}")
     if args.tokenizer and not args.data:
         p.error("argument --tokenizer: only used with --data")
-    if args.untied_head and os.path.isdir(args.model):
-        p.error("argument --untied-head: only for a built-in --model (a checkpoint keeps its own head)")
+    if args.head and os.path.isdir(args.model):
+        p.error("argument --head: only for a built-in --model (a checkpoint keeps its own head)")
+    args.head = args.head or "untied"
     return args
 
 
@@ -115,7 +135,7 @@ def synthetic_setup(args) -> Setup:
     tok = synthetic.sentiment_tokenizer()
     eos, pad = tok.token_to_id(synthetic.EOS), tok.token_to_id(synthetic.PAD)
     cfg = models.builtin_config(args.model, vocab_size=tok.get_vocab_size(),
-                                tie_word_embeddings=not args.untied_head,
+                                tie_word_embeddings=args.head == "tied",
                                 max_position_embeddings=args.max_len, bos_token_id=eos,
                                 eos_token_id=eos, pad_token_id=pad)
     tcfg = data.TokenizeConfig(args.max_len, args.max_len // 2, eos_id=eos, pad_id=pad)
@@ -137,8 +157,8 @@ def file_setup(args) -> Setup:
     from lm import data
 
     cfg, model_dir = dpo.resolve_model(args.model)
-    if args.untied_head:
-        cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
+    if model_dir is None:
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=args.head == "tied")
     ns = argparse.Namespace(tokenizer=args.tokenizer, eos_token=None, model=args.model)
     tok, eos = dpo.load_tokenizer(ns, cfg, model_dir)
     try:
@@ -300,25 +320,22 @@ def summary(run: dict[str, Any], sft_logps: dict[str, float], target_margin: flo
 
 
 def verdict(name: str, s: dict[str, Any], base: dict[str, Any], tol: float = 0.1) -> str:
-    """One plain sentence: does ``name`` lose less chosen log-prob than the baseline, both
-    at the end and at the matched margin, without giving up held-out margin?"""
+    """One plain sentence: does ``name`` lose less chosen log-prob than the baseline at the
+    matched margin (the like-for-like comparison)? End-of-run numbers and the final margin
+    follow, since a run that learns more slowly also squeezes later. One seed: a claim
+    needs several (``--seed``)."""
     end = s["heldout_logps_chosen_change"] - base["heldout_logps_chosen_change"]
+    margin_ratio = s["heldout_margin"] / base["heldout_margin"] if base["heldout_margin"] > 0 else float("nan")
+    tail = (f"held-out Δchosen {end:+.2f} nats vs baseline at a final margin {margin_ratio:.2f}x the "
+            f"baseline's (this seed only)")
     at = s["matched_margin_chosen_change"]
     if at is None:
-        return (f"{name}: never reached the baseline's half-final margin "
-                f"{s['matched_margin']:.3f}; no like-for-like comparison (it learned the preference more slowly)")
+        return (f"{name}: never reached the matched margin {s['matched_margin']:.3f} (it learned the "
+                f"preference more slowly), so no like-for-like comparison; {tail}")
     rel = at - base["matched_margin_chosen_change"]
-    margin_ratio = s["heldout_margin"] / base["heldout_margin"] if base["heldout_margin"] > 0 else float("nan")
-    if end > tol and rel > tol and margin_ratio >= 0.8:
-        word = "MITIGATES the squeeze"
-    elif end > tol and rel > tol:
-        word = "loses less chosen log-prob but learns a smaller margin (not a clean mitigation)"
-    elif end < -tol and rel < -tol:
-        word = "WORSENS the squeeze"
-    else:
-        word = "does not mitigate the squeeze"
-    return (f"{name} {word}: held-out Δchosen {end:+.2f} nats vs baseline, at the matched margin "
-            f"{rel:+.2f} nats; held-out margin {margin_ratio:.2f}x the baseline's")
+    word = ("MITIGATES the squeeze" if rel > tol else "WORSENS the squeeze" if rel < -tol
+            else "does not change the squeeze")
+    return f"{name} {word} at equal margin ({rel:+.2f} nats of chosen log-prob vs baseline); {tail}"
 
 
 COLOURS = {"baseline": "tab:red", "logits-sam": "tab:blue", "sam": "tab:green"}
