@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from lm import losses
 from lm.models import forward_hidden, logits_from_hidden, output_head
-from lm.objectives import reference_logps
+from lm.objectives import flatten_pairs, reference_logps, split_pairs
 
 PyTree = Any
 
@@ -161,12 +161,6 @@ def hutchinson_trace(
 # ------------------------------------------------------------------ on a decoder and a batch
 
 
-def _flat(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """input_ids, attention_mask, loss_mask [B, 2, T] → [2B, T] (pairs adjacent)."""
-    return tuple(jnp.asarray(batch[k]).reshape(-1, batch[k].shape[-1])
-                 for k in ("input_ids", "attention_mask", "loss_mask"))
-
-
 def gradient_products(cfg, params: PyTree, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """:func:`pair_gradient_products` for every pair of a [B, 2, T] batch.
 
@@ -174,7 +168,7 @@ def gradient_products(cfg, params: PyTree, batch: Mapping[str, jax.Array]) -> di
     t + 1, counted where ``loss_mask[t + 1]`` is set; so ``token_*`` are (B, T−1, T−1)
     with index t standing for response token t + 1.
     """
-    ids, attn, mask = _flat(batch)
+    ids, attn, mask = flatten_pairs(batch)
     hidden = forward_hidden(cfg, params, ids, attn).astype(jnp.float32)
     head = output_head(cfg, params).astype(jnp.float32)
     b, t = ids.shape[0] // 2, ids.shape[1]
@@ -215,8 +209,8 @@ def hessian_traces(
     if unknown:
         raise ValueError(f"--hessians: unknown {unknown[0]!r}; choose from {', '.join(HESSIANS)}")
     objective = losses.get_loss(loss, **dict(loss_kwargs or {}))
-    ids, attn, mask = _flat(batch)
-    counts = jnp.sum(mask[:, 1:].astype(jnp.float32), axis=-1).reshape(-1, 2)
+    ids, attn, mask = flatten_pairs(batch)
+    counts = losses.response_lengths(mask)
     if objective.reference_free:
         ref = jnp.zeros(counts.shape, jnp.float32)
     else:
@@ -224,8 +218,7 @@ def hessian_traces(
     ref = jax.lax.stop_gradient(ref)
 
     def loss_of_logps(logps):
-        pairs = losses.PairLogps(logps.reshape(-1, 2)[:, 0], logps.reshape(-1, 2)[:, 1],
-                                 ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1])
+        pairs = losses.PairLogps(*split_pairs(logps), *split_pairs(ref), *split_pairs(counts))
         return jnp.mean(objective(pairs))
 
     def loss_of_head(hidden, head):

@@ -56,12 +56,22 @@ def _masked(flat_logps: jax.Array, loss_mask: jax.Array) -> jax.Array:
     return jnp.where(loss_mask[:, 1:] > 0, flat_logps, 0.0)
 
 
+def _counted_logps(prev_logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Masked log-probs (N, T − 1) of tokens 1..T−1 from the logits at 0..T−2 (N, T − 1, V)."""
+    return _masked(target_logps(prev_logits, input_ids[:, 1:]), loss_mask)
+
+
+def response_lengths(loss_mask: jax.Array) -> jax.Array:
+    """Counted response tokens |y| per row (N,) float32: the targets 1..T−1 in ``loss_mask``."""
+    return jnp.sum(loss_mask[:, 1:].astype(jnp.float32), axis=-1)
+
+
 def sequence_logps_from_logits(
     logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
 ) -> jax.Array:
     """:func:`sequence_logps` (sums only) from full logits (N, T, V): for callers that
     differentiate with respect to the logits themselves (the logit Hessian)."""
-    return jnp.sum(_masked(target_logps(logits[:, :-1], input_ids[:, 1:]), loss_mask), axis=-1)
+    return jnp.sum(_counted_logps(logits[:, :-1], input_ids, loss_mask), axis=-1)
 
 
 def token_logps(
@@ -91,8 +101,7 @@ def token_logps(
     """
     n, t, d = hidden.shape
     if chunk_size is None or chunk_size >= t - 1:
-        logps = target_logps(logits_from_hidden(hidden[:, :-1], head), input_ids[:, 1:])
-        return _masked(logps, loss_mask)
+        return _counted_logps(logits_from_hidden(hidden[:, :-1], head), input_ids, loss_mask)
     if chunk_size < 1:
         raise ValueError(f"--chunk-size must be a positive integer, got {chunk_size}")
     chunks = -(-t // chunk_size)
@@ -132,8 +141,7 @@ def sequence_logps(
     See :func:`token_logps` for the arguments; both outputs are float32.
     """
     logps = token_logps(hidden, head, input_ids, loss_mask, chunk_size=chunk_size)
-    counts = jnp.sum(loss_mask[:, 1:].astype(jnp.float32), axis=-1)
-    return jnp.sum(logps, axis=-1), counts
+    return jnp.sum(logps, axis=-1), response_lengths(loss_mask)
 
 
 # ---------------------------------------------------------------------------- pair losses

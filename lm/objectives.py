@@ -40,14 +40,14 @@ MODES = ("plain", "adamw", "logits-sam", "sam")
 REFERENCES = ("frozen", "precomputed", "none")
 
 
-def _flat(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+def flatten_pairs(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
     """input_ids, attention_mask, loss_mask reshaped [B, 2, T] → [2B, T] (pairs adjacent)."""
-    return tuple(batch[k].reshape(-1, batch[k].shape[-1]) for k in
+    return tuple(jnp.asarray(batch[k]).reshape(-1, batch[k].shape[-1]) for k in
                  ("input_ids", "attention_mask", "loss_mask"))
 
 
-def _pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """[2B] → (chosen [B], rejected [B])."""
+def split_pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[2B] (or [B, 2]) → (chosen [B], rejected [B]): the inverse of :func:`flatten_pairs`."""
     x = x.reshape(-1, 2)
     return x[:, 0], x[:, 1]
 
@@ -57,7 +57,7 @@ def _decoder_hidden(cfg, remat, params, input_ids, attention_mask):
 
 
 def _sequence_logps(hidden_fn, head_fn, params, batch, chunk_size):
-    ids, attn, mask = _flat(batch)
+    ids, attn, mask = flatten_pairs(batch)
     logps, _ = losses.sequence_logps(hidden_fn(params, ids, attn), head_fn(params), ids, mask,
                                       chunk_size=chunk_size)
     return logps.reshape(-1, 2)
@@ -160,7 +160,7 @@ def make_model_grad_fn(
     def pair_loss(hidden, head, mask, ids, ref):
         """Mean loss and metrics of the pairs from trunk output ``hidden`` and head ``head``."""
         logps, counts = losses.sequence_logps(hidden, head, ids, mask, chunk_size=chunk_size)
-        pairs = losses.PairLogps(*_pairs(logps), *_pairs(ref), *_pairs(counts))
+        pairs = losses.PairLogps(*split_pairs(logps), *split_pairs(ref), *split_pairs(counts))
         per_pair = objective(pairs)
         return jnp.mean(per_pair), objective.metrics(pairs, per_pair)
 
@@ -188,7 +188,7 @@ def make_model_grad_fn(
         return jax.lax.stop_gradient(ref.astype(jnp.float32).reshape(n))
 
     def grad_fn(params, batch, ref_params=None):
-        ids, attn, mask = _flat(batch)
+        ids, attn, mask = flatten_pairs(batch)
         ref = reference_for(batch, ref_params, ids.shape[0])
         if mode == "sam":
             def perturbed(p):
