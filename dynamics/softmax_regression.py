@@ -68,10 +68,13 @@ def param_hessian_vp(p: jax.Array, phi: jax.Array, dW: jax.Array) -> jax.Array:
 
 
 def ones_complement_basis(V: int, dtype=jnp.float32) -> jax.Array:
-    """Orthonormal basis Q (V, V−1) of 1^⊥ (Helmert-style, deterministic)."""
+    """Orthonormal basis Q (V, V−1) of 1^⊥, deterministic.
+
+    QR of the centring matrix I − 11ᵀ/V: any V−1 of its columns are independent and span
+    1^⊥, so the first V−1 columns of Q are an orthonormal basis of it.
+    """
     q, _ = jnp.linalg.qr(jnp.eye(V, dtype=dtype) - jnp.full((V, V), 1.0 / V, dtype=dtype))
-    basis = q[:, : V - 1]
-    return basis
+    return q[:, : V - 1]
 
 
 def eigenbasis(p: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -82,11 +82,12 @@ def most_confident_incorrect(p: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.argmax(jnp.where(y > 0, -jnp.inf, p), axis=-1)
 
 
-def _logit_step(phi, y, W, eta, rho):
-    """The first-order logit increment Δz = −ημ(g + ρ̃ H_z g) and the quantities it uses."""
+def _logit_direction(phi, y, W, rho):
+    """The direction g + ρ̃ H_z g of the first-order step Δz = −ημ(g + ρ̃ H_z g), and the
+    quantities it uses."""
     z = sr.logits(W, phi)
     p = jax.nn.softmax(z)
-    g = p - y
+    g = sr.residual(z, y)
     H = sr.logit_hessian(p)
     mu = feature_scale(phi)
     rt = rho_tilde(g, mu, rho)
@@ -96,7 +97,7 @@ def _logit_step(phi, y, W, eta, rho):
 
 def predicted_step(phi, y, W, eta, rho) -> Step:
     """Thm 3.2 / A.2 and Cor 3.4: the step with the O(η²) remainders dropped."""
-    z, p, g, H, mu, rt, direction = _logit_step(phi, y, W, eta, rho)
+    z, p, g, H, mu, rt, direction = _logit_direction(phi, y, W, rho)
     lam, v = sr.eigenbasis(p)
     e = sr.modal_coefficients(g, v)
     Hg = H @ g
@@ -145,7 +146,7 @@ def predicted_confidence_ratios(phi, y, W, eta, rho) -> jax.Array:
 
     i.e. α_i = exp(Δz_i) / Σ_j p_j exp(Δz_j) with Δz = −η'(g + ρ̃ H_z g). Returns (V,).
     """
-    _, p, _, _, mu, _, direction = _logit_step(phi, y, W, eta, rho)
+    _, p, _, _, mu, _, direction = _logit_direction(phi, y, W, rho)
     dz = -eta * mu * direction
     return jnp.exp(dz - jax.nn.logsumexp(dz, b=p))
 

@@ -13,9 +13,9 @@ of η's sign damps this, the opposite sign exacerbates it (Cor 3.4 / 3.6): along
 residual is scaled per step by ``1 − ημ(λ_k + ρ̃ λ_k²)`` with ρ̃ = ρ√μ/‖g‖ and μ = ‖φ‖².
 
 Because ρ acts through ρ̃, the toy fixes the feature norm ``√μ`` explicitly (independent of
-d): with ``feature_norm = 100`` the SAM perturbation moves the logits by |ρ|√μ = 1 at
-|ρ| = 0.01, a plainly visible correction, and η = −10⁻⁶ moves them by |η|μ‖g‖ ≈ 0.01‖g‖
-per step. With a batch (``examples > 1``) the features should be near-orthogonal (d ≫ n),
+d): with the default ``feature_norm = 200`` the SAM perturbation moves the logits by
+|ρ|√μ = 2 at |ρ| = 0.01, a plainly visible correction, and the default η = −2.5·10⁻⁷
+moves them by |η|μ‖g‖ = 0.01‖g‖ per step. With a batch (``examples > 1``) the features should be near-orthogonal (d ≫ n),
 or SFT's cross-talk can leave another class the most confident.
 
 Trajectories are ``lax.scan`` over steps; grids of (η, ρ) are ``vmap`` over a trajectory.
