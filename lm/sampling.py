@@ -59,6 +59,8 @@ def generate(cfg: ModelConfig, params, prompt_ids: jax.Array, prompt_mask: jax.A
       tokens int32 [B, max_new_tokens] and mask int32 [B, max_new_tokens], 1 for the
       generated tokens up to and including the first EOS, 0 (and ``pad_id``) after.
     """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     eos = () if eos_id is None else ((eos_id,) if isinstance(eos_id, int) else tuple(eos_id))
     # Every argument positional and every number an array: one compilation per shape,
     # whichever keywords the caller spelled out.
@@ -80,22 +82,30 @@ def _generate(cfg, params, prompt_ids, prompt_mask, rng, temperature, top_p, max
     hidden, cache = forward_cached(cfg, params, prompt_ids, key_pos[:, :p],
                                    init_cache(cfg, b, total), 0, key_valid, key_pos)
     z = logits_from_hidden(hidden[:, -1], head)
-    next_pos = jnp.sum(prompt_mask, axis=-1)
 
-    def step(carry, t):
-        cache, key_valid, key_pos, z, done, next_pos, rng = carry
+    def choose(z, done, rng):
+        """The next token of every row (``pad_id`` once a row is done) and the new state."""
         rng, sub = jax.random.split(rng)
         tok = jnp.where(done, pad_id, _choose(z, sub, temperature, top_p))
-        emitted = ~done
-        done = done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
+        return tok, done | jnp.any(tok[:, None] == eos[None, :], axis=-1), rng
+
+    # Token 0 comes from the prefill; each scan step feeds token t and picks token t + 1,
+    # so no forward pass is spent on the last token.
+    first, done, rng = choose(z, jnp.zeros((b,), bool), rng)
+
+    def step(carry, t):
+        cache, key_valid, key_pos, tok, done, pos, rng = carry
         slot = p + t
         key_valid = key_valid.at[:, slot].set(1)
-        key_pos = key_pos.at[:, slot].set(next_pos)
-        hidden, cache = forward_cached(cfg, params, tok[:, None], next_pos[:, None], cache,
+        key_pos = key_pos.at[:, slot].set(pos)
+        hidden, cache = forward_cached(cfg, params, tok[:, None], pos[:, None], cache,
                                        slot, key_valid, key_pos)
-        z = logits_from_hidden(hidden[:, 0], head)
-        return (cache, key_valid, key_pos, z, done, next_pos + 1, rng), (tok, emitted)
+        emitted = ~done
+        tok, done, rng = choose(logits_from_hidden(hidden[:, 0], head), done, rng)
+        return (cache, key_valid, key_pos, tok, done, pos + 1, rng), (tok, emitted)
 
-    carry = (cache, key_valid, key_pos, z, jnp.zeros((b,), bool), next_pos, rng)
-    _, (tokens, emitted) = jax.lax.scan(step, carry, jnp.arange(max_new_tokens))
-    return tokens.T, emitted.T.astype(jnp.int32)
+    carry = (cache, key_valid, key_pos, first, done, jnp.sum(prompt_mask, axis=-1), rng)
+    _, (rest, emitted) = jax.lax.scan(step, carry, jnp.arange(max_new_tokens - 1))
+    tokens = jnp.concatenate([first[None], rest]).T
+    emitted = jnp.concatenate([jnp.ones((1, b), bool), emitted]).T
+    return tokens, emitted.astype(jnp.int32)

@@ -94,3 +94,9 @@ def test_gpt2_124m_forward_and_sampler_step():
     assert z.shape == (1, 4, 50257) and np.isfinite(np.asarray(z)).all()
     tokens, _ = generate(cfg, params, ids, mask, max_new_tokens=1, rng=jax.random.key(0))
     assert tokens.shape == (1, 1) and int(tokens[0, 0]) == int(jnp.argmax(z[0, -1]))
+
+
+def test_max_new_tokens_must_be_positive():
+    cfg = builtin_config("gpt2-tiny")
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+        generate(cfg, {}, PROMPTS, PROMPT_MASK, max_new_tokens=0, rng=jax.random.key(0))
