@@ -85,11 +85,11 @@ positive_int = int_at_least(1)
 nonnegative_int = int_at_least(0)
 
 
-def writable_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+def writable_dir(path: str | os.PathLike, flag: str = "--out", prog: str | None = None) -> Path:
     """Create ``path`` (with parents) and prove it writable by writing a probe file.
 
     Any failure (a parent that is a regular file, no permission, a read-only file system)
-    ends in :func:`fail` naming ``flag`` and the path.
+    ends in :func:`fail` (as ``prog``) naming ``flag`` and the path.
     """
     out = Path(path)
     try:
@@ -97,5 +97,5 @@ def writable_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as err:
-        fail(f"{flag} {str(out)!r}: not a writable directory ({err.strerror or err})")
+        fail(f"{flag} {str(out)!r}: not a writable directory ({err.strerror or err})", prog)
     return out

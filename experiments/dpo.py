@@ -272,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         check_batch_size(args.batch_size // args.grad_accum, parse_mesh(args.mesh, jax.device_count()))
     except ConfigError as err:
         fail(str(err))
-    out = writable_dir(args.out)
+    out = writable_dir(args.out, prog=PROG)
+    if args.export_hf:  # found out now, not after training
+        writable_dir(args.export_hf, "--export-hf", prog=PROG)
 
     if args.max_len is None:
         args.max_len = min(512, cfg.max_position_embeddings)

@@ -60,6 +60,18 @@ def test_bad_input_is_one_line(capsys, tmp_path, prefs, flags, message):
     assert message in lines[0]
 
 
+@pytest.mark.parametrize("flag", ["--out", "--export-hf"])
+def test_unwritable_directory_is_one_line_before_training(capsys, tmp_path, prefs, flag):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    argv = ["--model", "gpt2-tiny", "--data", str(prefs), "--out", str(tmp_path / "run"), "--steps", "1"]
+    code, lines = errors(capsys, argv + [flag, str(blocker / "sub")])
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"python -m experiments.dpo: error: {flag} ")
+    assert "not a writable directory" in lines[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_tiny_run_logs_checkpoints_and_exports(tmp_path, prefs, capsys):
     out, export = tmp_path / "run", tmp_path / "hf"
     argv = [
