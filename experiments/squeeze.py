@@ -423,9 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(result["verdict"]))
 
     if args.sweep_rho:
-        sweep = [summary(runs["baseline"] if rho == 0 else
-                         dpo_run(setup, sft_params, args, "logits-sam", rho, eval_fn), sft_eval, target)
-                 for rho in SWEEP_RHOS]
+        done = {0.0: runs["baseline"], args.rho: runs["logits-sam"]}
+        sweep = [summary(done.get(rho) or dpo_run(setup, sft_params, args, "logits-sam", rho, eval_fn),
+                         sft_eval, target) for rho in SWEEP_RHOS]
         result["sweep_rho"] = sweep
         print(f"{'rho':>8} {'chosen end':>11} {'held Δchosen':>13} {'margin':>8} {'accuracy':>9}")
         for s in sweep:

@@ -1,33 +1,92 @@
-"""experiments.squeeze end to end at a tiny size, and its one-line errors."""
+"""experiments.squeeze end to end at a tiny size, the matched-margin measure, and its one-line errors."""
 
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from experiments import squeeze
 
+TINY = ["--sft-steps", "3", "--steps", "3", "--pairs", "16", "--held-out", "8",
+        "--batch-size", "8", "--max-len", "16"]
 
-def test_tiny_run_writes_plot_and_metrics(tmp_path, capsys):
+
+def test_tiny_run_writes_plot_metrics_and_sweep(tmp_path, capsys, monkeypatch):
+    # The full grid is the same loop; a radius already run (0, --rho) is reused, not recompiled.
+    monkeypatch.setattr(squeeze, "SWEEP_RHOS", (0.0, 0.1))
     out = tmp_path / "run"
-    rc = squeeze.main(["--sft-steps", "3", "--steps", "3", "--pairs", "16", "--held-out", "8",
-                       "--batch-size", "8", "--max-len", "16", "--out", str(out)])
-    assert rc == 0
+    assert squeeze.main([*TINY, "--sweep-rho", "--out", str(out)]) == 0
     assert (out / "fig1c_logps.png").stat().st_size > 0
     result = json.loads((out / "metrics.json").read_text())
-    assert set(result["runs"]) == {"adamw", "logits-sam"}
-    for name, run in result["runs"].items():
+    assert list(result["runs"]) == ["baseline", "logits-sam", "sam"]
+    assert [r["mode"] for r in result["runs"].values()] == ["plain", "logits-sam", "sam"]
+    for run in result["runs"].values():
         assert len(run["history"]["logps/chosen"]) == 3
         assert len(run["history"]["logps/rejected"]) == 3
         assert 0.0 <= run["heldout"]["rewards/accuracies"] <= 1.0
-    sam, adamw = result["runs"]["logits-sam"], result["runs"]["adamw"]
-    assert sam["rho"] == pytest.approx(0.05) and adamw["rho"] == 0.0
+    base, lsam = result["runs"]["baseline"], result["runs"]["logits-sam"]
+    assert lsam["rho"] == pytest.approx(0.1) and base["rho"] == 0.0
     # Same SFT model, same first batch: the first logged (pre-update) metrics agree ...
-    assert sam["history"]["logps/chosen"][0] == pytest.approx(adamw["history"]["logps/chosen"][0])
+    for run in result["runs"].values():
+        assert run["history"]["logps/chosen"][0] == pytest.approx(base["history"]["logps/chosen"][0])
     # ... and the perturbation makes the runs differ afterwards.
-    assert sam["history"]["logps/chosen"][-1] != adamw["history"]["logps/chosen"][-1]
-    assert "logits-sam" in capsys.readouterr().out
+    assert lsam["history"]["logps/chosen"][-1] != base["history"]["logps/chosen"][-1]
+    # ρ = 0 and ρ = --rho in the sweep are the runs above.
+    assert [s["rho"] for s in result["sweep_rho"]] == [0.0, 0.1]
+    assert result["sweep_rho"][0] == result["summary"]["baseline"]
+    assert result["sweep_rho"][1] == result["summary"]["logits-sam"]
+    printed = capsys.readouterr().out
+    assert len(result["verdict"]) == 3 + 1 + 2 and all(line in printed for line in result["verdict"])
+
+
+def test_sgd_is_plain_gradient_descent():
+    import jax.numpy as jnp
+
+    tx = squeeze.make_tx("sgd", 0.5, steps=10)
+    params, grads = {"w": jnp.array([1.0, -2.0])}, {"w": jnp.array([4.0, 0.5])}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], [-2.0, -0.25])
+
+
+@pytest.mark.parametrize("head, tied", [("untied", False), ("tied", True)])
+def test_head_flag_sets_the_tie(head, tied):
+    args = squeeze.parse_args([*TINY, "--head", head])
+    cfg = squeeze.synthetic_setup(args).cfg
+    assert cfg.tie_word_embeddings is tied
+    assert squeeze.parse_args(TINY).head == "untied"
+
+
+def test_smoothed_is_a_trailing_mean():
+    x = [1.0, 3.0, 5.0, 7.0, 9.0, 11.0]
+    got = squeeze.smoothed(x, window=3)
+    want = [np.mean(x[max(0, i - 2):i + 1]) for i in range(len(x))]
+    np.testing.assert_allclose(got, want)
+
+
+def test_chosen_change_at_matched_margin():
+    run = {"history": {"rewards/margins": [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
+                       "logps/chosen": [-1.0, -1.0, -2.0, -3.0, -4.0, -5.0]}}
+    margin = squeeze.smoothed(run["history"]["rewards/margins"])
+    chosen = squeeze.smoothed(run["history"]["logps/chosen"])
+    step = int(np.flatnonzero(margin >= 0.3)[0])
+    assert squeeze.chosen_change_at_margin(run, 0.3) == (step, pytest.approx(chosen[step] - chosen[0]))
+    assert squeeze.chosen_change_at_margin(run, 5.0) == (None, None)
+
+
+def _summary(at, end, margin):
+    """The fields of :func:`squeeze.summary` that :func:`squeeze.verdict` reads."""
+    return {"matched_margin": 1.0, "matched_margin_chosen_change": at,
+            "heldout_logps_chosen_change": end, "heldout_margin": margin}
+
+
+@pytest.mark.parametrize("at, word", [(-1.0, "MITIGATES"), (-5.0, "WORSENS"), (-3.05, "does not change"),
+                                      (None, "never reached")])
+def test_verdict_compares_at_equal_margin(at, word):
+    base = _summary(-3.0, -6.0, 3.0)
+    # A slower run that ends higher is not called a mitigation unless it is higher at equal margin.
+    assert word in squeeze.verdict("x", _summary(at, -1.0, 1.0), base)
 
 
 @pytest.mark.parametrize(
@@ -38,6 +97,9 @@ def test_tiny_run_writes_plot_and_metrics(tmp_path, capsys):
         (["--steps", "0"], "--steps"),
         (["--lr", "-1"], "--lr"),
         (["--style", "medium"], "--style"),
+        (["--optimizer", "lion"], "--optimizer"),
+        (["--head", "shared"], "--head"),
+        (["--head", "tied", "--model", "."], "--head"),
         (["--model", "gpt9"], "--model"),
         (["--tokenizer", "t.json"], "--tokenizer"),
         (["--data", "/nonexistent/prefs.jsonl", "--model", "gpt2-tiny"], "--data"),
