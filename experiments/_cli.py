@@ -16,16 +16,32 @@ from pathlib import Path
 from typing import NoReturn
 
 
+# The prog of the command being run: helpers shared between commands (experiments.dpo's
+# model loading, used by diagnose and squeeze) then name the command the user typed.
+_current_prog: str | None = None
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose errors are one line (no usage block)."""
+    """``argparse.ArgumentParser`` whose errors are one line (no usage block).
+
+    Creating one makes its ``prog`` the default of :func:`fail`.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        global _current_prog
+        _current_prog = self.prog
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def fail(message: str, prog: str | None = None) -> NoReturn:
-    """Print ``prog: error: message`` on one line to stderr and exit with status 2."""
-    prog = prog or Path(sys.argv[0]).name
+    """Print ``prog: error: message`` on one line to stderr and exit with status 2.
+
+    ``prog`` defaults to the last :class:`ArgumentParser`'s, else the script name.
+    """
+    prog = prog or _current_prog or Path(sys.argv[0]).name
     print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -85,11 +101,11 @@ positive_int = int_at_least(1)
 nonnegative_int = int_at_least(0)
 
 
-def writable_dir(path: str | os.PathLike, flag: str = "--out", prog: str | None = None) -> Path:
+def writable_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     """Create ``path`` (with parents) and prove it writable by writing a probe file.
 
     Any failure (a parent that is a regular file, no permission, a read-only file system)
-    ends in :func:`fail` (as ``prog``) naming ``flag`` and the path.
+    ends in :func:`fail` naming ``flag`` and the path.
     """
     out = Path(path)
     try:
@@ -97,5 +113,5 @@ def writable_dir(path: str | os.PathLike, flag: str = "--out", prog: str | None 
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as err:
-        fail(f"{flag} {str(out)!r}: not a writable directory ({err.strerror or err})", prog)
+        fail(f"{flag} {str(out)!r}: not a writable directory ({err.strerror or err})")
     return out

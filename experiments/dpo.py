@@ -25,16 +25,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments._cli import ArgumentParser, finite_float, nonnegative_int, positive_float, positive_int, writable_dir
-
-from experiments._cli import fail as _fail
+from experiments._cli import (ArgumentParser, fail, finite_float, nonnegative_int, positive_float,
+                              positive_int, writable_dir)
 
 PROG = "python -m experiments.dpo"
 EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>")
-
-
-def fail(message: str):
-    _fail(message, prog=PROG)
 
 
 class ByteTokenizer:
@@ -272,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         check_batch_size(args.batch_size // args.grad_accum, parse_mesh(args.mesh, jax.device_count()))
     except ConfigError as err:
         fail(str(err))
-    out = writable_dir(args.out, prog=PROG)
+    out = writable_dir(args.out)
     if args.export_hf:  # found out now, not after training
-        writable_dir(args.export_hf, "--export-hf", prog=PROG)
+        writable_dir(args.export_hf, "--export-hf")
 
     if args.max_len is None:
         args.max_len = min(512, cfg.max_position_embeddings)

@@ -49,3 +49,5 @@ def test_bad_input_is_one_line(tmp_path, prefs, capsys, flags, message):
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(lines) == 1, lines
     assert message in lines[0]
+    # Errors raised in helpers shared with experiments.dpo still name this command.
+    assert lines[0].startswith("python -m experiments.diagnose: error: "), lines
