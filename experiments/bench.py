@@ -244,7 +244,7 @@ def build_step(cfg: Any, mode: str, args: argparse.Namespace, remat: str):
     :class:`lm.train.TrainState` donated, and the optimizer."""
     grad_fn = objectives.make_grad_fn(
         cfg, loss="dpo", mode=mode, rho=args.rho, chunk_size=args.chunk_size,
-        reference=args.reference, remat=remat == "block")
+        reference=args.reference, remat=remat == "block", head_dtype=args.head_dtype)
     tx = optim.make_optimizer(args.lr, total_steps=1, schedule="constant")
     return jax.jit(make_train_step(grad_fn, tx), donate_argnums=0), tx
 
@@ -368,6 +368,8 @@ def _shared_flags(args: argparse.Namespace) -> list[str]:
              "--attention", args.attention or "auto"]
     if args.chunk_size is not None:
         flags += ["--chunk-size", str(args.chunk_size)]
+    if args.head_dtype is not None:
+        flags += ["--head-dtype", args.head_dtype]
     if args.peak_flops is not None:
         flags += ["--peak-flops", repr(args.peak_flops)]
     if args.compile_only:
@@ -501,6 +503,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="gradient checkpointing of each transformer block")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="tokens per chunk of the vocabulary logits (default: all at once)")
+    p.add_argument("--head-dtype", choices=("float32",),
+                   help="output-layer dtype (default: the compute dtype); float32 keeps "
+                        "logits-SAM exact under bf16 compute")
     p.add_argument("--reference", default="frozen", choices=REFERENCES,
                    help="frozen: reference forward inside the step; precomputed: none")
     p.add_argument("--rho", type=float, default=1e-4, help="(logits-)SAM radius")

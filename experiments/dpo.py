@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None):
                    help="reference log-probs: the frozen initial model in every step, or "
                         "computed once before training (no reference weights on device)")
     g.add_argument("--chunk-size", type=positive_int, help="tokens per chunk of vocabulary logits")
+    g.add_argument("--head-dtype", choices=("float32",),
+                   help="output-layer dtype (default: the model's compute dtype); float32 keeps "
+                        "logits-SAM's tiny perturbation exact under bf16 compute")
     g.add_argument("--grad-accum", type=positive_int, default=1,
                    help="micro-batches per step (the (logits-)SAM norm is per micro-batch)")
     g.add_argument("--remat", action="store_true", help="rematerialise trunk blocks")
@@ -229,7 +232,7 @@ def load_data(args, tokenizer, eos_id):
     return train, heldout
 
 
-def precompute_reference(cfg, params, loader, chunk_size):
+def precompute_reference(cfg, params, loader, chunk_size, head_dtype):
     """Reference log-probs [N, 2] of every pair ``loader`` draws from, in one pass.
 
     Batches carry their pairs' ``index``, so :func:`lm.data.with_ref_logps` attaches the
@@ -237,7 +240,7 @@ def precompute_reference(cfg, params, loader, chunk_size):
     """
     from lm import data, objectives
 
-    reference = objectives.make_reference_fn(cfg, chunk_size=chunk_size)
+    reference = objectives.make_reference_fn(cfg, chunk_size=chunk_size, head_dtype=head_dtype)
     ordered = data.PairLoader(loader.pairs, loader.batch_size, buckets=loader.buckets,
                               pad_id=loader.pad_id, shuffle=False, drop_last=False)
     table = np.full((len(loader.pairs), 2), np.nan, np.float32)
@@ -292,14 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(cfg, model_dir, args.seed)
     batch_at, eval_at = loader.batch, heldout and heldout.batch
     if args.reference == "precomputed" and not objective.reference_free:
-        train_table = precompute_reference(cfg, params, loader, args.chunk_size)
+        train_table = precompute_reference(cfg, params, loader, args.chunk_size, args.head_dtype)
         batch_at = lambda k: data.with_ref_logps(loader.batch(k), train_table)
         if heldout is not None:
-            eval_table = precompute_reference(cfg, params, heldout, args.chunk_size)
+            eval_table = precompute_reference(cfg, params, heldout, args.chunk_size, args.head_dtype)
             eval_at = lambda k: data.with_ref_logps(heldout.batch(k), eval_table)
     try:
         reference = "none" if objective.reference_free else args.reference
-        common = dict(loss=args.loss, loss_kwargs=loss_kwargs, chunk_size=args.chunk_size, reference=reference)
+        common = dict(loss=args.loss, loss_kwargs=loss_kwargs, chunk_size=args.chunk_size, reference=reference,
+                      head_dtype=args.head_dtype)
         grad_fn = optim.accumulate_gradients(
             objectives.make_grad_fn(cfg, mode=args.grad, rho=args.rho, remat=args.remat, **common),
             args.grad_accum,

@@ -56,6 +56,22 @@ def _decoder_hidden(cfg, remat, params, input_ids, attention_mask):
     return forward_hidden(cfg, params, input_ids, attention_mask, remat=remat)
 
 
+def _head_in(dtype, hidden_fn, head_fn):
+    """``hidden_fn`` and ``head_fn`` with outputs cast to ``dtype`` (None: unchanged), so
+    the head matmuls, their gradients and logits-SAM's W + e run in that dtype.
+
+    Why float32 under bf16 compute: logits-SAM's |e| ≈ ρ/√(V·d) (1e-8 at ρ = 1e-4 and
+    GPT-2's head) is far below bf16's resolution of a weight (1e-4 at |W| = 0.02), so in
+    bf16 W + e rounds back to W and the SAM correction of the head gradient drowns in
+    rounding (tests/lm/test_objectives.py measures it).
+    """
+    if dtype is None:
+        return hidden_fn, head_fn
+    dtype = jnp.dtype(dtype)
+    return (lambda params, ids, attn: hidden_fn(params, ids, attn).astype(dtype),
+            lambda params: head_fn(params).astype(dtype))
+
+
 def _sequence_logps(hidden_fn, head_fn, params, batch, chunk_size):
     ids, attn, mask = flatten_pairs(batch)
     logps, _ = losses.sequence_logps(hidden_fn(params, ids, attn), head_fn(params), ids, mask,
@@ -64,19 +80,22 @@ def _sequence_logps(hidden_fn, head_fn, params, batch, chunk_size):
 
 
 def reference_logps(cfg, ref_params: Params, batch: Batch, *,
-                    chunk_size: int | None = None) -> jax.Array:
+                    chunk_size: int | None = None, head_dtype: str | None = None) -> jax.Array:
     """Reference sequence log-probs log π_ref(y | x), float32 [B, 2] (chosen, rejected).
 
     The same log-prob function as the policy (:func:`lm.losses.sequence_logps`); store
-    the result as ``batch["ref_logps"]`` to train with ``reference="precomputed"``.
+    the result as ``batch["ref_logps"]`` to train with ``reference="precomputed"`` (with
+    the ``head_dtype`` the policy uses).
     """
-    return _sequence_logps(functools.partial(_decoder_hidden, cfg, False),
-                           functools.partial(output_head, cfg), ref_params, batch, chunk_size)
+    hidden_fn, head_fn = _head_in(head_dtype, functools.partial(_decoder_hidden, cfg, False),
+                                  functools.partial(output_head, cfg))
+    return _sequence_logps(hidden_fn, head_fn, ref_params, batch, chunk_size)
 
 
-def make_reference_fn(cfg, *, chunk_size: int | None = None):
+def make_reference_fn(cfg, *, chunk_size: int | None = None, head_dtype: str | None = None):
     """``jit``-compiled ``ref_logps(ref_params, batch) -> [B, 2]``: precompute in one pass."""
-    return jax.jit(functools.partial(reference_logps, cfg, chunk_size=chunk_size))
+    return jax.jit(functools.partial(reference_logps, cfg, chunk_size=chunk_size,
+                                     head_dtype=head_dtype))
 
 
 def make_grad_fn(
@@ -89,6 +108,7 @@ def make_grad_fn(
     chunk_size: int | None = None,
     reference: str = "frozen",
     remat: bool = False,
+    head_dtype: str | None = None,
 ) -> GradFn:
     """:func:`make_model_grad_fn` for the :mod:`lm.models` decoder with config ``cfg``.
 
@@ -98,7 +118,7 @@ def make_grad_fn(
     return make_model_grad_fn(
         functools.partial(_decoder_hidden, cfg, remat), functools.partial(output_head, cfg),
         loss=loss, loss_kwargs=loss_kwargs, mode=mode, rho=rho, chunk_size=chunk_size,
-        reference=reference)
+        reference=reference, head_dtype=head_dtype)
 
 
 def make_model_grad_fn(
@@ -111,6 +131,7 @@ def make_model_grad_fn(
     rho: float = 1e-4,
     chunk_size: int | None = None,
     reference: str = "frozen",
+    head_dtype: str | None = None,
 ) -> GradFn:
     """A jit-able ``grad_fn(params, batch, ref_params) -> (loss, metrics, grads)``.
 
@@ -127,6 +148,9 @@ def make_model_grad_fn(
         "precomputed" reads ``batch["ref_logps"]`` [B, 2]; "none" uses no reference and
         needs a reference-free loss. Reference-free losses never evaluate the reference,
         whatever this says, and ``ref_params`` may then be None.
+      head_dtype: dtype of the output-layer computation (None: the trunk's). "float32"
+        under bf16 compute keeps logits-SAM's perturbation and its gradient correction
+        exact, at the price of float32 head matmuls.
 
     Returns:
       ``grad_fn``; ``loss`` and ``metrics`` (see :meth:`lm.losses.Loss.metrics`) are of
@@ -150,6 +174,7 @@ def make_model_grad_fn(
     if not math.isfinite(rho):
         raise ValueError(f"--rho must be finite, got {rho}")
     objective = losses.get_loss(loss, **dict(loss_kwargs or {}))
+    hidden_fn, head_fn = _head_in(head_dtype, hidden_fn, head_fn)
     if reference == "none" and not objective.reference_free:
         free = ", ".join(k for k, s in losses.LOSSES.items() if s.reference_free)
         raise ValueError(

@@ -109,9 +109,11 @@ def output_head(cfg: ModelConfig, params: Params) -> jax.Array:
 
 
 def logits_from_hidden(hidden: jax.Array, head: jax.Array) -> jax.Array:
-    """``hidden @ head.T`` [..., V] with float32 accumulation and output."""
+    """``hidden @ head.T`` [..., V] in ``hidden``'s dtype with float32 accumulation and
+    output; float32 operands get full float32 precision (no TF32 on GPU)."""
+    precision = jax.lax.Precision.HIGHEST if hidden.dtype == jnp.float32 else None
     return jnp.einsum("...d,vd->...v", hidden, head.astype(hidden.dtype),
-                      preferred_element_type=jnp.float32)
+                      preferred_element_type=jnp.float32, precision=precision)
 
 
 def logits(cfg: ModelConfig, params: Params, input_ids: jax.Array,

@@ -284,3 +284,30 @@ def test_full_sam_on_a_model_matches_its_definition():
     got, want, plain = run(params, batch)
     _assert_trees_close(got, want, rtol=1e-3, atol=1e-5)
     assert _tree_diff(want, plain) > 1e-4
+
+
+def test_float32_head_keeps_logits_sam_exact_under_bfloat16_compute():
+    """With a bf16 trunk, W + e rounds back to W (|e| ≈ ρ/√(V·d) ≪ bf16's step at |W| ≈ 1)
+    and the SAM correction of the head gradient drowns in rounding; ``head_dtype="float32"``
+    restores it: it matches the float32 computation on the same (bf16-valued) features."""
+    params, batch, rho = _toy_params(5, tied=False), _batch(5), 1e-3
+
+    def trunk(dtype):
+        return lambda p, ids, attn: _toy_hidden(p, ids, attn).astype(jnp.bfloat16).astype(dtype)
+
+    def correction(dtype, head_dtype=None):
+        """logits-SAM head gradient minus the plain one: the SAM correction."""
+        grads = [O.make_model_grad_fn(trunk(dtype), _toy_head, mode=mode, rho=rho,
+                                      reference="none", loss="cpo",
+                                      head_dtype=head_dtype)(params, batch, None)[2]["lm_head"]
+                 for mode in ("logits-sam", "plain")]
+        return np.ravel(grads[0] - grads[1])
+
+    def cosine(a, b):
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+    exact = correction(jnp.float32)
+    assert np.linalg.norm(exact) > 0
+    np.testing.assert_allclose(correction(jnp.bfloat16, "float32"), exact, rtol=1e-4,
+                               atol=1e-5 * np.abs(exact).max())
+    assert cosine(correction(jnp.bfloat16), exact) < 0.9  # what the option fixes
