@@ -72,6 +72,10 @@ def parse_args(argv: list[str] | None = None):
     g.add_argument("--reference", default="frozen", choices=("frozen", "precomputed"),
                    help="reference log-probs: the frozen initial model in every step, or "
                         "computed once before training (no reference weights on device)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="compute dtype (default: float32; bfloat16 on GPU)")
+    g.add_argument("--param-dtype", choices=("float32", "bfloat16"),
+                   help="parameter storage dtype (default: float32)")
     g.add_argument("--chunk-size", type=positive_int, help="tokens per chunk of vocabulary logits")
     g.add_argument("--head-dtype", choices=("float32",),
                    help="output-layer dtype (default: the model's compute dtype); float32 keeps "
@@ -152,7 +156,7 @@ def load_params(cfg, model_dir: str | None, seed: int):
         except CheckpointError as err:
             fail(f"--model {model_dir}: {err}")
     try:
-        return hf.load_pretrained(model_dir)[1]
+        return hf.load_pretrained(model_dir, dtype=cfg.dtype, param_dtype=cfg.param_dtype)[1]
     except (hf.CheckpointError, models.ConfigError) as err:
         fail(f"--model {model_dir}: {err}")
 
@@ -264,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isfile(path):
             fail(f"--data {path}: no such file")
     cfg, model_dir = resolve_model(args.model)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in (("dtype", args.dtype),
+                                                        ("param_dtype", args.param_dtype)) if v})
     if args.batch_size % args.grad_accum:
         fail(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     try:

@@ -130,3 +130,15 @@ def test_precomputed_reference_trains_like_the_frozen_one(tmp_path, prefs):
         for key in ("loss", "rewards/margins", "logps/chosen"):
             assert precomputed[key] == pytest.approx(frozen[key], rel=1e-4, abs=1e-5), key
     assert rows["frozen"][-1]["loss"] != pytest.approx(np.log(2), abs=1e-4)  # it trained
+
+
+def test_bfloat16_compute_with_a_float32_head(tmp_path, prefs):
+    out = tmp_path / "bf16"
+    argv = ["--model", "gpt2-tiny", "--data", str(prefs), "--dtype", "bfloat16", "--head-dtype", "float32",
+            "--batch-size", "4", "--steps", "1", "--max-len", "16", "--max-prompt-len", "8", "--held-out", "0",
+            "--log-every", "1", "--out", str(out), "--no-progress"]
+    assert dpo.main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_config"]["dtype"] == "bfloat16" and config["head_dtype"] == "float32"
+    (row,) = read_jsonl(out / "metrics.jsonl")
+    assert row["loss"] == pytest.approx(np.log(2), abs=1e-6)  # float32 head: policy == reference exactly
