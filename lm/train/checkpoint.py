@@ -111,6 +111,8 @@ def restore_params(directory: str, step: int | None = None) -> tuple[Any, int]:
             raise CheckpointError(
                 f"checkpoint folder {checkpointer.step_dir(step)} is corrupt or incomplete "
                 f"({type(err).__name__})") from err
+        if int(restored["state"]["step"]) != step:
+            raise CheckpointError(f"checkpoint folder {checkpointer.step_dir(step)} does not hold step {step}")
         return restored["state"]["params"], step
     finally:
         checkpointer.close()
