@@ -111,3 +111,8 @@ def test_bad_flags_give_one_line(argv, culprit, tmp_path):
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and culprit in lines[0], proc.stderr
+
+
+def test_rho_is_signed():
+    """Both sign conventions are first-class: a negative radius parses (only 0 is refused)."""
+    assert squeeze.parse_args(["--rho", "-0.1"]).rho == -0.1
