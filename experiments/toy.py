@@ -72,6 +72,16 @@ def plot_residuals(ax, runs: dict[str, toy.Trajectory], log_probs: bool = False)
     ax.legend(fontsize=6)
 
 
+
+def _save_panels(path, plot, runs, **variant):
+    """Two panels side by side: ``plot(ax, runs)`` and ``plot(ax, runs, **variant)``."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    plot(axes[0], runs)
+    plot(axes[1], runs, **variant)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
 def figure1(config: toy.ToyConfig, out) -> dict:
     """Run GD / SAM(±|ρ|) from one SFT'd start; save both panels and metrics.json."""
     W, phi = toy.setup(config)
@@ -91,18 +101,8 @@ def figure1(config: toy.ToyConfig, out) -> dict:
             for (label, traj), rho in zip(runs.items(), (0.0, abs(config.rho), -abs(config.rho)))
         },
     }
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    plot_modal(axes[0], runs)
-    plot_modal(axes[1], runs, minus_gd=True)
-    fig.tight_layout()
-    fig.savefig(out / "fig1a_modal.png", dpi=120)
-    plt.close(fig)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    plot_residuals(axes[0], runs)
-    plot_residuals(axes[1], runs, log_probs=True)
-    fig.tight_layout()
-    fig.savefig(out / "fig1b_residuals.png", dpi=120)
-    plt.close(fig)
+    _save_panels(out / "fig1a_modal.png", plot_modal, runs, minus_gd=True)
+    _save_panels(out / "fig1b_residuals.png", plot_residuals, runs, log_probs=True)
     (out / "metrics.json").write_text(json.dumps(metrics))
     return metrics
 
