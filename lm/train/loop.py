@@ -110,6 +110,23 @@ def make_train_step(
     return step
 
 
+def window_means(window: list[Mapping[str, Any]], skipped_before: int) -> dict[str, float]:
+    """The logged record of a window of steps: each metric's mean over the applied steps.
+
+    ``window[i]`` is step i's fetched metrics, whose ``skipped`` is the running count of
+    skipped steps, so step i was skipped iff its count exceeds step i-1's
+    (``skipped_before`` is the count before the window). A skipped step's loss and
+    metrics are non-finite, so averaging them in would poison the whole window; the
+    record keeps the running ``skipped`` count and, when every step was skipped, no means.
+    """
+    counts = np.array([skipped_before] + [int(m["skipped"]) for m in window])
+    applied = [m for m, new_skips in zip(window, np.diff(counts)) if new_skips == 0]
+    keys = [key for key in window[-1] if key != "skipped"] if applied else []
+    out = {key: float(np.mean([m[key] for m in applied])) for key in keys}
+    out["skipped"] = float(counts[-1])
+    return out
+
+
 def eval_from_grad_fn(grad_fn: GradFn) -> EvalFn:
     """Loss and metrics of ``grad_fn`` (XLA drops the unused backward pass under jit)."""
     return lambda params, batch, ref_params: grad_fn(params, batch, ref_params)[:2]
@@ -184,7 +201,7 @@ def train(
         if resume:
             print(f"--resume: no checkpoint in {ckpt.directory}; starting from step 0", file=sys.stderr)
         state = jax.jit(init, out_shardings=shardings)(params)
-    start = int(jax.device_get(state.step))
+    start, skipped = (int(x) for x in jax.device_get((state.step, state.skipped)))
 
     batch_sh = mesh_lib.batch_sharding(mesh)
     repl = mesh_lib.replicated(mesh)
@@ -241,9 +258,8 @@ def train(
             pending.append(metrics)
             done = k + 1
             if done % config.log_every == 0 or done == config.steps:
-                window = jax.device_get(pending)
-                last = {key: float(np.mean([m[key] for m in window])) for key in window[-1]}
-                last["skipped"] = float(window[-1]["skipped"])
+                last = window_means(jax.device_get(pending), skipped)
+                skipped = int(last["skipped"])
                 check_halted()
                 now = time.perf_counter()
                 last["tokens_per_s"] = tokens / max(now - tick, 1e-9)

@@ -10,6 +10,7 @@ import pytest
 
 from lm.train import CheckpointError, Checkpointer, ConfigError, NonFiniteError, TrainConfig, train
 from lm.train.checkpoint import abstract_like
+from lm.train.logging import read_jsonl
 from lm.train.mesh import make_mesh, state_shardings
 from lm.train.state import create_train_state
 from train_mlp import grad_fn, init_params, make_batch_at
@@ -58,6 +59,23 @@ def test_skip_mode_counts_skips_and_skipped_batches_leave_no_trace(tmp_path):
     only_good = run(tmp_path / "good", 3, batch_at=lambda k: base(2 * k))
     for name, value in jax.device_get(only_good.state.params).items():
         np.testing.assert_array_equal(np.asarray(result.state.params[name]), value, err_msg=name)
+
+
+def test_skipped_steps_are_left_out_of_the_logged_means(tmp_path):
+    run(tmp_path / "skip", 5, nan_at=[1, 3], skip_nonfinite=True, log_every=5)
+    (row,) = read_jsonl(str(tmp_path / "skip" / "metrics.jsonl"))
+    assert row["skipped"] == 2
+    # Steps 0, 2, 4 see the same params and batches as a clean run on batches 0, 2, 4.
+    base = make_batch_at(0, 8, set())
+    run(tmp_path / "good", 3, batch_at=lambda k: base(2 * k), log_every=3)
+    (good,) = read_jsonl(str(tmp_path / "good" / "metrics.jsonl"))
+    for key in ("loss", "grad_norm", "rewards/accuracies"):
+        np.testing.assert_allclose(row[key], good[key], rtol=1e-6, err_msg=key)
+
+    run(tmp_path / "alone", 3, nan_at=[1], skip_nonfinite=True, log_every=1)
+    rows = read_jsonl(str(tmp_path / "alone" / "metrics.jsonl"))
+    assert [r["skipped"] for r in rows] == [0, 1, 1]
+    assert "loss" not in rows[1] and np.isfinite(rows[2]["loss"])
 
 
 def test_corrupt_checkpoint_is_named_on_resume(tmp_path):
