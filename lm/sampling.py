@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lm.models import (ModelConfig, forward_cached, init_cache, logits_from_hidden,
                        output_head, position_ids)
@@ -58,9 +59,22 @@ def generate(cfg: ModelConfig, params, prompt_ids: jax.Array, prompt_mask: jax.A
     Returns:
       tokens int32 [B, max_new_tokens] and mask int32 [B, max_new_tokens], 1 for the
       generated tokens up to and including the first EOS, 0 (and ``pad_id``) after.
+
+    Raises:
+      ValueError: ``max_new_tokens < 1``, or the longest prompt's real tokens plus
+        ``max_new_tokens`` exceed ``cfg.max_position_embeddings`` (checked before
+        compiling; padding does not count, as positions come from the mask).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    # Past GPT-2's learned position table the embedding lookup silently yields NaN rows
+    # (no error, just garbage tokens), and rotary models were never trained on such
+    # positions; either way the prompt plus its continuation must be a sequence the
+    # model can score again, as DPO does with sampled responses.
+    longest = int(np.asarray(prompt_mask).sum(axis=-1).max(initial=0))
+    if longest + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"prompt length {longest} + {max_new_tokens} new tokens exceeds the "
+                         f"model's context of {cfg.max_position_embeddings} positions")
     eos = () if eos_id is None else ((eos_id,) if isinstance(eos_id, int) else tuple(eos_id))
     # Every argument positional and every number an array: one compilation per shape,
     # whichever keywords the caller spelled out.

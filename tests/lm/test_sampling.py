@@ -100,3 +100,26 @@ def test_max_new_tokens_must_be_positive():
     cfg = builtin_config("gpt2-tiny")
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
         generate(cfg, {}, PROMPTS, PROMPT_MASK, max_new_tokens=0, rng=jax.random.key(0))
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
+def test_prompt_plus_new_tokens_over_the_context_is_refused_before_compiling(name):
+    cfg = builtin_config(name)  # 128 positions; the longest prompt has 6 real tokens
+    # Empty params: any tracing would fail with a KeyError, not this message.
+    with pytest.raises(ValueError, match=r"^prompt length 6 \+ 123 new tokens exceeds the "
+                                         r"model's context of 128 positions$"):
+        generate(cfg, {}, PROMPTS, PROMPT_MASK, max_new_tokens=123, rng=jax.random.key(0))
+
+
+def test_left_padding_does_not_count_against_the_context():
+    cfg, params = load_pretrained(FIXTURES / "gpt2")
+    assert cfg.max_position_embeddings == 32
+    pad = np.zeros((3, 24), np.int32)
+    ids, mask = np.concatenate([pad, PROMPTS], 1), np.concatenate([pad, PROMPT_MASK], 1)
+    # 6 real tokens + 26 new ones fill the 32 positions exactly, though 30 + 26 slots > 32.
+    wide, _ = generate(cfg, params, ids, mask, max_new_tokens=26, rng=jax.random.key(0))
+    narrow, _ = generate(cfg, params, PROMPTS, PROMPT_MASK, max_new_tokens=26,
+                         rng=jax.random.key(0))
+    np.testing.assert_array_equal(wide, narrow)
+    with pytest.raises(ValueError, match="prompt length 6 \\+ 27 new tokens"):
+        generate(cfg, params, ids, mask, max_new_tokens=27, rng=jax.random.key(0))
