@@ -125,7 +125,7 @@ def train(W: jax.Array, phi: jax.Array, y: jax.Array, eta, rho, steps: int) -> j
 
 
 def _observe(W, phi, y, v_prev):
-    p = start_probs(W, phi)
+    p = probs(W, phi)
     g = p - y
     _, v = sr.eigenbasis(p)
     v = sr.align_signs(v, v_prev)
@@ -142,7 +142,7 @@ def trajectory(
     deterministic sign of :func:`~dynamics.softmax_regression.eigenbasis`.
     """
     y = one_hot(label, phi, W.shape[0])
-    _, v0 = sr.eigenbasis(start_probs(W, phi))
+    _, v0 = sr.eigenbasis(probs(W, phi))
     first = _observe(W, phi, y, v0)
 
     def body(carry, _):
@@ -156,15 +156,15 @@ def trajectory(
     return Trajectory(probs=p, residuals=g, modal=e, eigvecs=v, final=final)
 
 
-def start_probs(W: jax.Array, phi: jax.Array) -> jax.Array:
-    """p = softmax(W φ) (n, V) of the current model."""
+def probs(W: jax.Array, phi: jax.Array) -> jax.Array:
+    """p = softmax(W φ): class probabilities (n, V) of any weights W (V, d) on φ (n, d)."""
     return jax.nn.softmax(sr.logits(W, phi), axis=-1)
 
 
 def end_probs(W: jax.Array, phi: jax.Array, label: int, eta, rho, steps: int) -> jax.Array:
     """p (n, V) after ``steps`` signed steps on ``label`` from ``W``."""
     y = one_hot(label, phi, W.shape[0])
-    return start_probs(train(W, phi, y, eta, rho, steps), phi)
+    return probs(train(W, phi, y, eta, rho, steps), phi)
 
 
 def sweep(

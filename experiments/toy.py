@@ -86,7 +86,7 @@ def figure1(config: toy.ToyConfig, out) -> dict:
     """Run GD / SAM(±|ρ|) from one SFT'd start; save both panels and metrics.json."""
     W, phi = toy.setup(config)
     runs = toy.sign_rule_runs(config, W, phi)
-    start = np.asarray(toy.start_probs(W, phi))[0]
+    start = np.asarray(toy.probs(W, phi))[0]
     metrics = {
         "config": dataclasses.asdict(config),
         "y_minus": toy.Y_MINUS,
@@ -147,7 +147,7 @@ def sweep(config: toy.ToyConfig, grid: int, repeats: int, out) -> dict:
     numpy_s = _median_time(ref, repeats)
     ref_probs = ref_out[-1][:, :, 0]
 
-    ys = y_star(np.asarray(toy.start_probs(W, phi))[0])
+    ys = y_star(np.asarray(toy.probs(W, phi))[0])
     logp = np.log(probs)
     gd = logp[:, grid // 2 : grid // 2 + 1]
     delta = logp - gd

@@ -57,7 +57,7 @@ def test_sft_makes_class_zero_most_confident(seed, classes, examples):
     config = toy.ToyConfig(seed=seed, dim=256, classes=classes, examples=examples)
     W0, phi = toy.init(config)
     W, _ = toy.setup(config)
-    before, after = np.asarray(toy.start_probs(W0, phi)), np.asarray(toy.start_probs(W, phi))
+    before, after = np.asarray(toy.probs(W0, phi)), np.asarray(toy.probs(W, phi))
     assert np.all(np.argmax(after, axis=-1) == toy.Y_SFT)
     assert np.all(after[:, toy.Y_SFT] > before[:, toy.Y_SFT])
     if examples == 1:
@@ -112,13 +112,22 @@ def test_modal_coefficients_reconstruct_residual_and_are_sign_continuous(x64):
     np.testing.assert_allclose(g, np.asarray(traj.probs) - np.eye(4)[toy.Y_MINUS], atol=1e-15)
 
 
+def test_probs_is_the_softmax_of_any_weights():
+    gen = np.random.default_rng(0)
+    W, phi = gen.normal(size=(4, 8)), gen.normal(size=(3, 8))
+    z = phi @ W.T
+    expected = np.exp(z - z.max(-1, keepdims=True))
+    expected /= expected.sum(-1, keepdims=True)
+    np.testing.assert_allclose(toy.probs(jnp.asarray(W), jnp.asarray(phi)), expected, rtol=1e-5)
+
+
 def test_trajectory_matches_end_probs():
     config = toy.ToyConfig(dim=16, steps=10)
     W, phi = toy.setup(config)
     traj = toy.run_trajectory(W, phi, toy.Y_MINUS, config.lr, 0.01, config.steps)
     assert traj.probs.shape == (11, 1, 3) and traj.modal.shape == (11, 1, 2)
-    np.testing.assert_allclose(traj.probs[0], toy.start_probs(W, phi), rtol=1e-6)
-    np.testing.assert_allclose(traj.probs[-1], toy.start_probs(traj.final, phi), rtol=1e-6)
+    np.testing.assert_allclose(traj.probs[0], toy.probs(W, phi), rtol=1e-6)
+    np.testing.assert_allclose(traj.probs[-1], toy.probs(traj.final, phi), rtol=1e-6)
 
 
 @pytest.mark.parametrize(
