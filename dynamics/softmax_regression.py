@@ -47,6 +47,11 @@ def logit_hessian(p: jax.Array) -> jax.Array:
     )
 
 
+def logit_hessian_vp(p: jax.Array, v: jax.Array) -> jax.Array:
+    """H_z v = p ⊙ v − p (pᵀv) (..., V) without forming the V×V matrix."""
+    return p * v - p * jnp.sum(p * v, axis=-1, keepdims=True)
+
+
 def param_hessian(p: jax.Array, phi: jax.Array) -> jax.Array:
     """H_W = H_z ⊗ φφᵀ (V·d, V·d) for one example (Prop 3.1), row-major vec(W)."""
     return jnp.kron(logit_hessian(p), jnp.outer(phi, phi))
@@ -64,7 +69,7 @@ def T_phi_adjoint(v: jax.Array, phi: jax.Array) -> jax.Array:
 
 def param_hessian_vp(p: jax.Array, phi: jax.Array, dW: jax.Array) -> jax.Array:
     """H_W[ΔW] = T_φ*(H_z T_φ(ΔW)) = H_z ΔW φφᵀ without forming the (V·d)² matrix."""
-    return T_phi_adjoint(logit_hessian(p) @ T_phi(dW, phi), phi)
+    return T_phi_adjoint(logit_hessian_vp(p, T_phi(dW, phi)), phi)
 
 
 def ones_complement_basis(V: int, dtype=jnp.float32) -> jax.Array:

@@ -15,6 +15,27 @@ The (t, s) matrix of these is the token-by-token map of margin-pitfalls Figure 4
 sum is ⟨∇_W log π_w, ∇_W log π_l⟩ and the same formula on (w, w) and (l, l) gives the
 norms. Cost O(T² (V + d)), memory O(T V + T²).
 
+One-step effect of logits-SAM (paper Thm 3.2, Cor 3.6, in the language model). One
+descent step θ' = θ − η G(θ; ρ) with the logits-SAM gradient G (``G(θ; 0) = ∇L``)
+moves a log-prob functional F (the mean log π(y_w) or log π(y_l) of a batch) by
+
+    F(θ') − F(θ) = −η ∇Fᵀ∇L − η ρ ∇Fᵀ ∂_ρG + O(η²),    ∂_ρG = ∇_θ ⟨∇_W L(h(θ), W(θ)), ê⟩,
+
+with ê = ∇_W L/‖∇_W L‖ held fixed. ``sam`` = −∇Fᵀ∂_ρG is the first-order change per
+unit ηρ: positive means ρ > 0 raises F relative to plain descent (for the chosen
+log-prob: mitigates the squeeze). For the head-only step (trunk features fixed, the
+setting of Theorem 3.2) ∂_ρG = ∇²_W L ê, and with the loss written through per-pair
+weights c_r = ∂L/∂log π_r of each response r,
+
+    ∇²_W L ê = Σ_r c_r ∇²_W log π_r ê  +  Σ_{r,r'} (∂²L/∂log π_r ∂log π_r') (∇ log π_r'·ê) ∇ log π_r,
+
+the first sum (``curvature``) is Theorem 3.2's correction −Σ_t c_t H_z,t (ê h_t) h_tᵀ,
+one term per token t; the second (``weight``) is the change of the pair weights
+(σ(−βΔ) for DPO) at the perturbed point, which the theory's fixed ±η per response does
+not have. ``self`` is the part of ``curvature`` in which each token's correction acts
+on that token's own logits (the one-example mechanism of Cor 3.6); the rest couples
+tokens through the feature kernel h_t·h_s.
+
 Hessian traces (logits-SAM paper §4.3): Hutchinson's estimator
 tr H = E_v[vᵀ H v] with Rademacher v, each vᵀHv from one Hessian-vector product
 (``jax.jvp`` of ``jax.grad``), for the loss as a function of (a) the output layer with
@@ -28,6 +49,8 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from dynamics.sam import sam_perturbation
+from dynamics.softmax_regression import logit_hessian_vp
 from lm import losses
 from lm.models import forward_hidden, logits_from_hidden, output_head
 from lm.objectives import flatten_pairs, reference_logps, split_pairs
@@ -180,6 +203,24 @@ def gradient_products(cfg, params: PyTree, batch: Mapping[str, jax.Array]) -> di
     )
 
 
+def _pair_objective(cfg, params, batch, ref_params, loss, loss_kwargs):
+    """``loss_of_logps(logps (2B,)) -> mean pair loss`` of ``batch``, with the reference
+    log-probs (from ``ref_params``, or ``params`` when None) and lengths held constant."""
+    objective = losses.get_loss(loss, **dict(loss_kwargs or {}))
+    counts = losses.response_lengths(flatten_pairs(batch)[2])
+    if objective.reference_free:
+        ref = jnp.zeros(counts.shape, jnp.float32)
+    else:
+        ref = reference_logps(cfg, params if ref_params is None else ref_params, batch)
+    ref = jax.lax.stop_gradient(ref)
+
+    def loss_of_logps(logps):
+        pairs = losses.PairLogps(*split_pairs(logps), *split_pairs(ref), *split_pairs(counts))
+        return jnp.mean(objective(pairs))
+
+    return loss_of_logps
+
+
 def hessian_traces(
     cfg,
     params: PyTree,
@@ -208,18 +249,8 @@ def hessian_traces(
     unknown = sorted(set(which) - set(HESSIANS))
     if unknown:
         raise ValueError(f"--hessians: unknown {unknown[0]!r}; choose from {', '.join(HESSIANS)}")
-    objective = losses.get_loss(loss, **dict(loss_kwargs or {}))
     ids, attn, mask = flatten_pairs(batch)
-    counts = losses.response_lengths(mask)
-    if objective.reference_free:
-        ref = jnp.zeros(counts.shape, jnp.float32)
-    else:
-        ref = reference_logps(cfg, params if ref_params is None else ref_params, batch)
-    ref = jax.lax.stop_gradient(ref)
-
-    def loss_of_logps(logps):
-        pairs = losses.PairLogps(*split_pairs(logps), *split_pairs(ref), *split_pairs(counts))
-        return jnp.mean(objective(pairs))
+    loss_of_logps = _pair_objective(cfg, params, batch, ref_params, loss, loss_kwargs)
 
     def loss_of_head(hidden, head):
         return loss_of_logps(losses.sequence_logps(hidden, head, ids, mask)[0])
@@ -239,4 +270,96 @@ def hessian_traces(
         out["logits"] = hutchinson_trace(
             lambda zz: loss_of_logps(losses.sequence_logps_from_logits(zz, ids, mask)), z, key,
             num_probes)
+    return out
+
+
+def sam_step_effects(
+    cfg,
+    params: PyTree,
+    batch: Mapping[str, jax.Array],
+    *,
+    ref_params: PyTree | None = None,
+    loss: str = "dpo",
+    loss_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, jax.Array]:
+    """First-order effect of logits-SAM on the batch's log-probs after one descent step.
+
+    See the module docstring for the expansion. For each response side ``s`` in
+    (chosen, rejected), with F_s the batch mean of log π(y_s):
+
+      ``gd/s``              −∇_W F_sᵀ ∇_W L: change per unit η of a plain head-only step;
+      ``sam/s``             −∇_W F_sᵀ ∇²_W L ê: change per unit ηρ that logits-SAM adds
+                            to the head-only step (> 0: ρ > 0 raises F_s);
+      ``sam/s/curvature``   its part through the token logit Hessians (Thm 3.2);
+      ``sam/s/weight``      its part through the pair weights (``sam − curvature``);
+      ``sam/s/self``        the part of ``curvature`` of each token on itself (Cor 3.6);
+      ``params/gd/s``, ``params/sam/s``  the same two for a step of every parameter
+                            (the logits-SAM gradient also reaches the trunk through h).
+
+    The reference log-probs come from ``ref_params`` (``params`` when None). The
+    ``self`` term holds every token's probabilities at once: (2B·T, V) floats.
+    """
+    ids, attn, mask = flatten_pairs(batch)
+    loss_of_logps = _pair_objective(cfg, params, batch, ref_params, loss, loss_kwargs)
+
+    def logps_of(hidden, head):
+        return losses.sequence_logps(hidden, head, ids, mask)[0]
+
+    def side_means(logps):
+        chosen, rejected = split_pairs(logps)
+        return {"chosen": jnp.mean(chosen), "rejected": jnp.mean(rejected)}
+
+    hidden = jax.lax.stop_gradient(forward_hidden(cfg, params, ids, attn).astype(jnp.float32))
+    head = output_head(cfg, params).astype(jnp.float32)
+
+    def head_loss(w):
+        return loss_of_logps(logps_of(hidden, w))
+
+    grad_w = jax.grad(head_loss)(head)
+    e_hat = jax.lax.stop_gradient(sam_perturbation(grad_w, 1.0))
+    correction = hvp(head_loss, head, e_hat)
+    # The curvature term alone: the loss linearised in the log-probs at the current weights.
+    weights = jax.grad(loss_of_logps)(logps_of(hidden, head))
+    curvature = hvp(lambda w: jnp.vdot(weights, logps_of(hidden, w)), head, e_hat)
+
+    # Per-token self term: c_t u_tᵀ H_t (ê h_t) ‖h_t‖² / B, u_t = e_{y_t} − p_t (B ∂F_s/∂z_t).
+    h_prev = hidden[:, :-1]
+    targets = ids[:, 1:]
+    counted = (mask[:, 1:] > 0).astype(jnp.float32)
+    p = jax.nn.softmax(logits_from_hidden(h_prev, head).astype(jnp.float32), axis=-1)
+    dz = logits_from_hidden(h_prev, e_hat).astype(jnp.float32)
+    h_dz = logit_hessian_vp(p, dz)
+    u = jax.nn.one_hot(targets, head.shape[0]) - p
+    n_pairs = ids.shape[0] // 2
+    per_token = (weights[:, None] * counted * jnp.sum(u * h_dz, axis=-1)
+                 * jnp.sum(h_prev * h_prev, axis=-1) / n_pairs)
+    self_term = dict(zip(("chosen", "rejected"), split_pairs(jnp.sum(per_token, axis=-1))))
+
+    def model_loss(p_):
+        return loss_of_logps(logps_of(forward_hidden(cfg, p_, ids, attn), output_head(cfg, p_)))
+
+    def directional(p_):
+        h_p = forward_hidden(cfg, p_, ids, attn)
+        return jax.jvp(lambda w: loss_of_logps(logps_of(h_p, w)), (output_head(cfg, p_),),
+                       (e_hat.astype(output_head(cfg, p_).dtype),))[1]
+
+    grad_params = jax.grad(model_loss)(params)
+    d_rho_params = jax.grad(directional)(params)
+
+    out = {}
+    for side in ("chosen", "rejected"):
+        grad_f = jax.grad(lambda w: side_means(logps_of(hidden, w))[side])(head)
+        sam = -jnp.vdot(grad_f, correction)
+        curv = -jnp.vdot(grad_f, curvature)
+        grad_fp = jax.grad(lambda p_: side_means(logps_of(forward_hidden(cfg, p_, ids, attn),
+                                                             output_head(cfg, p_)))[side])(params)
+        out.update({
+            f"gd/{side}": -jnp.vdot(grad_f, grad_w),
+            f"sam/{side}": sam,
+            f"sam/{side}/curvature": curv,
+            f"sam/{side}/weight": sam - curv,
+            f"sam/{side}/self": jnp.sum(self_term[side]),
+            f"params/gd/{side}": -_tree_vdot(grad_fp, grad_params),
+            f"params/sam/{side}": -_tree_vdot(grad_fp, d_rho_params),
+        })
     return out

@@ -90,6 +90,14 @@ def test_logit_hessian_matches_jax_hessian_and_finite_differences_of_residual():
     np.testing.assert_allclose(H, fd, atol=1e-8)
 
 
+def test_logit_hessian_vp_matches_the_matrix_on_a_batch():
+    key = jax.random.PRNGKey(3)
+    p = jax.nn.softmax(jax.random.normal(key, (2, 3, 5)), axis=-1)
+    v = jax.random.normal(jax.random.fold_in(key, 1), (2, 3, 5))
+    np.testing.assert_allclose(sr.logit_hessian_vp(p, v),
+                               jnp.einsum("...ij,...j->...i", sr.logit_hessian(p), v), atol=1e-14)
+
+
 def test_batched_loss_is_mean_of_single_losses():
     key = jax.random.PRNGKey(6)
     W = jax.random.normal(key, (3, 2))

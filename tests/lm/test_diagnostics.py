@@ -230,3 +230,119 @@ def test_hessian_traces_rejects_unknown_hessian():
     cfg, params, _, batch = _micro()  # cached
     with pytest.raises(ValueError, match="--hessians"):
         diagnostics.hessian_traces(cfg, params, batch, jax.random.key(0), which=("trunk",))
+
+
+# ------------------------------------------------------- the one-step effect of logits-SAM
+
+
+def _effects(cfg, params, batch, ref_params):
+    return {k: float(v) for k, v in jax.jit(lambda p, b, r: diagnostics.sam_step_effects(
+        cfg, p, b, ref_params=r))(params, batch, ref_params).items()}
+
+
+@pytest.fixture(scope="module")
+def micro_effects():
+    cfg, params, ref_params, batch = _micro()
+    return _effects(cfg, params, batch, ref_params)
+
+
+def _explicit_head_effects(cfg, params, ref_params, batch, beta=0.1):
+    """The head-only expansion written out token by token in float64 NumPy: every ∇_W as
+    an explicit V×d matrix, the curvature as the double sum over tokens (j, t) with the
+    feature kernel h_j·h_t, the weight term from DPO's second derivative."""
+    ids, attn, mask = (np.asarray(batch[k]).reshape(4, 6) for k in ("input_ids", "attention_mask", "loss_mask"))
+    hidden = np.asarray(forward_hidden(cfg, params, jnp.asarray(ids), jnp.asarray(attn)), np.float64)
+    W = np.asarray(output_head(cfg, params), np.float64)
+    ref = np.asarray(_dpo_of(cfg, params, ref_params, batch)[1](ref_params), np.float64)
+    tokens = [(r, t) for r in range(4) for t in range(5) if mask[r, t + 1]]
+    h = {k: hidden[k] for k in tokens}
+    p = {}
+    for k in tokens:
+        z = W @ h[k]
+        p[k] = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    u = {k: np.eye(W.shape[0])[ids[k[0], k[1] + 1]] - p[k] for k in tokens}
+    logp = np.zeros(4)
+    for k in tokens:
+        logp[k[0]] += np.log(p[k][ids[k[0], k[1] + 1]])
+    grad_seq = np.zeros((4,) + W.shape)  # ∇_W log π of each row
+    for k in tokens:
+        grad_seq[k[0]] += np.outer(u[k], h[k])
+    delta = (logp[0::2] - ref[0::2]) - (logp[1::2] - ref[1::2])
+    sig = 1 / (1 + np.exp(beta * delta))  # σ(−βΔ)
+    B = 2
+    c = np.zeros(4)
+    c[0::2], c[1::2] = -beta * sig / B, beta * sig / B  # ∂L/∂log π of each row
+    grad_L = np.einsum("r,rvd->vd", c, grad_seq)
+    e_hat = grad_L / np.linalg.norm(grad_L)
+    grad_m = grad_seq[0::2] - grad_seq[1::2]
+    curv_w = beta ** 2 * sig * (1 - sig) / B  # ∂²L/∂Δ² / β² per pair
+    out = {}
+    for side, rows in (("chosen", (0, 2)), ("rejected", (1, 3))):
+        grad_f = sum(grad_seq[r] for r in rows) / B
+        curvature = self_term = 0.0
+        for j in tokens:
+            if j[0] not in rows:
+                continue
+            for t in tokens:
+                dz = e_hat @ h[t]
+                h_dz = p[t] * dz - p[t] * (p[t] @ dz)
+                term = c[t[0]] * (u[j] @ h_dz) * (h[j] @ h[t]) / B
+                curvature += term
+                self_term += term if t == j else 0.0
+        weight = -sum(curv_w[b] * np.vdot(grad_m[b], e_hat) * np.vdot(grad_f, grad_m[b]) for b in range(B))
+        out.update({f"gd/{side}": -np.vdot(grad_f, grad_L), f"sam/{side}": curvature + weight,
+                    f"sam/{side}/curvature": curvature, f"sam/{side}/weight": weight,
+                    f"sam/{side}/self": self_term})
+    return out
+
+
+def test_sam_step_effects_match_an_explicit_token_sum(micro_effects):
+    cfg, params, ref_params, batch = _micro()
+    explicit = _explicit_head_effects(cfg, params, ref_params, batch)
+    for name, value in explicit.items():
+        assert abs(value) > 1e-6, name  # every term is exercised, none vanishes by accident
+        np.testing.assert_allclose(micro_effects[name], value, rtol=2e-3, atol=1e-7, err_msg=name)
+
+
+def _side_grad(cfg, ref_params, batch, side):
+    _, logps, _ = _dpo_of(cfg, ref_params, ref_params, batch)
+    return jax.jit(jax.grad(lambda p: jnp.mean(logps(p).reshape(2, 2)[:, side])))
+
+
+def test_sam_step_effects_of_every_parameter_match_the_logits_sam_gradient(micro_effects):
+    """−∇Fᵀ ∂_ρG against central differences in ρ of the production logits-SAM gradient."""
+    from lm import objectives
+
+    cfg, params, ref_params, batch = _micro()
+    eps = 1e-3
+
+    def grads(mode, rho):
+        fn = objectives.make_grad_fn(cfg, loss="dpo", loss_kwargs={"beta": 0.1}, mode=mode, rho=rho)
+        return jax.jit(fn)(params, batch, ref_params)[2]
+
+    flat = lambda tree: jax.flatten_util.ravel_pytree(tree)[0]
+    d_rho = (flat(grads("logits-sam", eps)) - flat(grads("logits-sam", -eps))) / (2 * eps)
+    for i, side in enumerate(("chosen", "rejected")):
+        grad_f = flat(_side_grad(cfg, ref_params, batch, i)(params))
+        np.testing.assert_allclose(micro_effects[f"params/gd/{side}"],
+                                   -jnp.vdot(grad_f, flat(grads("plain", 0.0))), rtol=1e-4)
+        np.testing.assert_allclose(micro_effects[f"params/sam/{side}"], -jnp.vdot(grad_f, d_rho),
+                                   rtol=1e-2)
+
+
+def test_head_sam_effect_matches_a_signed_head_step():
+    """The head-only ``sam`` is ∂/∂ρ of dynamics.sam.head_step's update (fixed features)."""
+    from dynamics.sam import head_step
+
+    cfg, params, ref_params, batch = _micro()
+    effects = _effects(cfg, params, batch, ref_params)
+    loss_of_logps, logps, (ids, attn, mask) = _dpo_of(cfg, params, ref_params, batch)
+    hidden = forward_hidden(cfg, params, ids, attn)
+    head = output_head(cfg, params)
+    head_loss = lambda h, w: loss_of_logps(losses.sequence_logps(h, w, ids, mask)[0].reshape(2, 2))
+    step = jax.jit(lambda rho: head - head_step(head_loss, hidden, head, 1.0, rho))
+    eps = 1e-3
+    d_rho = (step(eps) - step(-eps)) / (2 * eps)
+    grad_f = jax.grad(lambda w: jnp.mean(
+        losses.sequence_logps(hidden, w, ids, mask)[0].reshape(2, 2)[:, 0]))(head)
+    np.testing.assert_allclose(effects["sam/chosen"], -jnp.vdot(grad_f, d_rho), rtol=1e-2)
