@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -29,6 +30,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # argparse reads "-1e-4" as an unknown flag (its pattern has no exponent), and a
+        # signed radius such as --rho -1e-4 must parse like --rho -0.0001.
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
         global _current_prog
         _current_prog = self.prog
 

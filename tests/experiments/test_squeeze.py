@@ -116,3 +116,4 @@ def test_bad_flags_give_one_line(argv, culprit, tmp_path):
 def test_rho_is_signed():
     """Both sign conventions are first-class: a negative radius parses (only 0 is refused)."""
     assert squeeze.parse_args(["--rho", "-0.1"]).rho == -0.1
+    assert squeeze.parse_args(["--rho", "-1e-2"]).rho == -0.01  # exponent: not read as a flag
