@@ -1,38 +1,47 @@
 """Figure 1(c) analogue: the squeezing effect in DPO, with plain gradients, logits-SAM and SAM.
 
-    python -m experiments.squeeze                      # synthetic task, CPU, ~2 minutes
-    python -m experiments.squeeze --sweep-rho          # + Table 3 analogue over ρ
+    python -m experiments.squeeze                      # synthetic task, CPU, ~1.5 minutes
+    python -m experiments.squeeze --seeds 6            # the same, paired over six seeds
+    python -m experiments.squeeze --sweep-rho          # + Table 3 analogue over ±ρ
     python -m experiments.squeeze --model DIR --data webgpt.jsonl   # the paper's setting
 
 A GPT-2 is first fine-tuned on the chosen responses (SFT: NLL of the response tokens),
-then trained with DPO from the SFT model (which is also the reference) three times from
-the same seed and batches: plain gradients (``mode="plain"``), logits-SAM
-(``mode="logits-sam"``) and full SAM (``mode="sam"``, ``--no-sam`` skips it), ρ > 0 as in
-the practical convention of paper Table 4, under AdamW (default) or plain SGD (the
+then trained with DPO from the SFT model (which is also the reference) from the same
+seed and batches: plain gradients (``mode="plain"``), logits-SAM at ``--rho`` (ρ > 0 is
+the practical convention of paper Table 4) and at −ρ (``--no-opposite`` skips it), and
+full SAM at ``--rho`` (``--no-sam`` skips it), under AdamW (default) or plain SGD (the
 paper's GD). The per-step ``logps/chosen`` and ``logps/rejected`` go to
 ``fig1c_logps.png`` (left) and ``metrics.json``.
 
 A run that learns the preference more slowly also moves its log-probs later, so the end
 of the run alone would credit slow learning as mitigation. The runs are therefore also
 compared at an equal train reward margin (half the baseline's final one): the chosen
-change there is ``matched_margin_chosen_change`` and the plot's right panel.
+change there is ``matched_margin_chosen_change`` and the plot's middle panel. With
+``--seeds N`` every method is paired with its own seed's baseline and reported as
+mean ± standard error over seeds.
+
+Every ``--probe-every`` steps the baseline run is probed with
+:func:`lm.diagnostics.sam_step_effects`: the first-order change of the chosen log-prob
+that logits-SAM at ρ > 0 would add to that step, split into Theorem 3.2's curvature
+term (and its per-token self part, Cor 3.6's mechanism) and the DPO pair-weight term
+σ(−βΔ) evaluated at the perturbed point, which the theory's fixed ±η has no analogue of
+(the plot's right panel).
 
 What the defaults show (gpt2-tiny, untied head, long style, AdamW lr 1e-4, 100 steps,
-ρ = 0.1; seeds 0 and 1): the baseline squeezes clearly (held-out chosen log-prob −6.9 and
-−3.8 nats while the rejected one falls by ~35 and the margin reaches ~3). Logits-SAM does
-NOT mitigate it: at equal margin it is within 0.35 nats of the baseline (slightly worse),
-and it ends 1.5 nats lower. Full SAM ends higher (−5.3, −2.8) but with a smaller margin
-(0.67x, 0.26x); at equal margin it is better on seed 0 (+3.8 nats) and worse on seed 1
-(−1.6): no consistent mitigation either. The paper's claim (SAM raises the chosen
-log-prob, Figure 1c) is not reproduced here; this experiment measures it, it does not
-assume it. Other settings tried (SGD, tied head, smaller ρ, better-trained SFT models)
-are listed in the README.
-
-The opposite sign does what the paper's rule promises: with ρ = −0.1 (``--rho -0.1``)
-logits-SAM raises the held-out chosen log-prob over the baseline on seeds 0, 1 and 2
-(+1.40, +0.48, +0.33 nats; +0.59, +0.10, +0.29 at equal margin) at the same final margin
-(0.98–0.99x), while ρ = +0.1 lowers it (−1.50 nats on seed 0; the short and single styles
-too). Three seeds of one small task: a lead to test at scale, not a result.
+ρ = ±0.1; seeds 0–5): the baseline squeezes (held-out chosen log-prob −2.5 to −10 nats
+while the margin reaches ~3). Logits-SAM at ρ = +0.1 makes it WORSE on every seed
+(held-out −1.12 ± 0.35 nats vs baseline; −0.25 ± 0.08 at equal margin), at ρ = −0.1 it
+MITIGATES on every seed (+0.80 ± 0.31; +0.39 ± 0.08 at equal margin), both at the same
+final margin (0.99–1.01x); ρ = ±0.01 gives the same signs, ten times smaller. So on this
+task the sign that helps is the opposite of the paper's practical rule. The probe (seed
+0) shows where the one-step rule stops holding: while the margin is below ~0.4 (steps
+0–30) a head-only step with ρ > 0 raises the chosen log-prob, its per-token self part
+too, as Cor 3.6 predicts; from margin ~0.8 on (step 40–) it lowers it, because the
+pair-weight term turns negative and outweighs the curvature term (a median 4x), even
+though the curvature term itself is then positive. The full-parameter effect, where the
+trunk's share dominates, changes sign from probe to probe (magnitudes in the hundreds).
+The paper's Figure 1c (GPT-2 on webgpt_comparisons) is not reproduced here; other
+settings are in the README.
 
 By default the data are the long-suffix sentiment task (:mod:`lm.synthetic`, margin-
 pitfalls §4.2) on a from-scratch ``gpt2-tiny`` with the task's word-level vocabulary and
@@ -88,11 +97,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--beta", type=positive_float, default=0.1)
     g.add_argument("--rho", type=finite_float, default=0.1,
                    help="signed logits-SAM radius (> 0: the paper's practical rule, Table 4)")
+    g.add_argument("--opposite", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run logits-SAM at -rho (the theory's sign for the y- term; see the README)")
     g.add_argument("--sam", action=argparse.BooleanOptionalAction, default=True,
                    help="also run full SAM (two passes) at the same --rho (the paper's Figure 1c compares GD and SAM)")
     g.add_argument("--batch-size", type=_positive_int, default=16)
-    g.add_argument("--seed", type=_nonnegative_int, default=0)
+    g.add_argument("--seed", type=_nonnegative_int, default=0, help="first seed (data, init, batch order)")
+    g.add_argument("--seeds", type=_positive_int, default=1,
+                   help="run seeds --seed .. --seed+N-1 and report each method's mean ± s.e. vs baseline")
     g.add_argument("--sweep-rho", action="store_true", help=f"also run rho in {SWEEP_RHOS} (Table 3 analogue)")
+    g.add_argument("--probe-every", type=_nonnegative_int, default=10,
+                   help="every N baseline steps, the first-order effect of logits-SAM on the chosen "
+                        "log-prob after one step (lm.diagnostics.sam_step_effects); 0: off")
     g.add_argument("--out", default="runs/squeeze")
     args = p.parse_args(argv)
     if args.rho == 0:
@@ -220,17 +236,26 @@ def make_tx(name: str, lr: float, steps: int):
     return optim.make_optimizer(lr, total_steps=steps, schedule="constant")
 
 
-def run_loop(grad_fn, params, loader, steps: int, tx, *, ref_params=None, seed: int = 0):
-    """``steps`` jitted steps of optimizer ``tx``; returns params and per-step metrics."""
+def run_loop(grad_fn, params, loader, steps: int, tx, *, ref_params=None, seed: int = 0,
+             probe=None, probe_every: int = 0):
+    """``steps`` jitted steps of optimizer ``tx``; returns params and per-step metrics.
+
+    With ``probe`` (``probe(params, batch, ref_params) -> dict of scalars``) and
+    ``probe_every`` > 0, the probe runs on the model and batch of steps 0, k, 2k, …
+    before that step's update; its values go to ``history["probe"]``, one dict each.
+    """
     import jax
 
     from lm.train import create_train_state, make_train_step
 
     step = jax.jit(make_train_step(grad_fn, tx))
     state = create_train_state(params, tx, seed)
-    history: dict[str, list[float]] = {}
+    history: dict[str, list] = {}
     for k in range(steps):
         batch = {key: v for key, v in loader.batch(k).items() if key != "index"}
+        if probe is not None and probe_every and k % probe_every == 0:
+            values = jax.device_get(probe(state.params, batch, ref_params))
+            history.setdefault("probe", []).append({"step": k, **{n: float(v) for n, v in values.items()}})
         state, metrics = step(state, batch, ref_params)
         for name, value in jax.device_get(metrics).items():
             history.setdefault(name, []).append(float(value))
@@ -262,7 +287,17 @@ def evaluate(fn, params, ref_params, loader) -> dict[str, float]:
     return {name: float(np.mean([r[name] for r in rows])) for name in rows[0]}
 
 
-def dpo_run(setup: Setup, sft_params, args, mode: str, rho: float, eval_fn) -> dict[str, Any]:
+def make_probe(cfg, beta: float):
+    """Jitted :func:`lm.diagnostics.sam_step_effects` of plain DPO (the one-step probe)."""
+    import jax
+
+    from lm import diagnostics
+
+    return jax.jit(lambda params, batch, ref_params: diagnostics.sam_step_effects(
+        cfg, params, batch, ref_params=ref_params, loss_kwargs={"beta": beta}))
+
+
+def dpo_run(setup: Setup, sft_params, args, mode: str, rho: float, eval_fn, probe=None) -> dict[str, Any]:
     from lm import objectives
 
     grad_fn = objectives.make_grad_fn(setup.cfg, loss="dpo", loss_kwargs={"beta": args.beta},
@@ -270,7 +305,8 @@ def dpo_run(setup: Setup, sft_params, args, mode: str, rho: float, eval_fn) -> d
     t0 = time.time()
     params, history = run_loop(grad_fn, sft_params, setup.train, args.steps,
                                make_tx(args.optimizer, args.lr, args.steps),
-                               ref_params=sft_params, seed=args.seed)
+                               ref_params=sft_params, seed=args.seed, probe=probe,
+                               probe_every=args.probe_every)
     heldout = evaluate(eval_fn, params, sft_params, setup.heldout)
     return {"mode": mode, "rho": rho, "seconds": round(time.time() - t0, 1),
             "history": history, "heldout": heldout}
@@ -345,20 +381,53 @@ def verdict(name: str, s: dict[str, Any], base: dict[str, Any], tol: float = 0.1
     return f"{name} {word} at equal margin ({rel:+.2f} nats of chosen log-prob vs baseline); {tail}"
 
 
-COLOURS = {"baseline": "tab:red", "logits-sam": "tab:blue", "sam": "tab:green"}
+PROBE_TERMS = {
+    "sam/chosen": "head-only step",
+    "params/sam/chosen": "step of every parameter",
+    "sam/chosen/curvature": "Thm 3.2's curvature term alone",
+    "sam/chosen/self": "its per-token self part (Cor 3.6)",
+}
 
 
-def plot(runs: dict[str, dict[str, Any]], path: str, title: str) -> None:
-    """Left: chosen (solid) and rejected (dashed) train log-probs per step (Figure 1c).
-    Right: the chosen change against the smoothed train margin, the like-for-like view."""
-    import matplotlib
+def probe_summary(records: list[dict[str, float]]) -> dict[str, Any]:
+    """Along the probed baseline steps: in how many does ρ > 0 raise the chosen log-prob
+    at first order (per term of :data:`PROBE_TERMS`), and how large is the pair-weight
+    term against the curvature term (median of |weight| / |curvature|)."""
+    ratios = [abs(r["sam/chosen/weight"]) / abs(r["sam/chosen/curvature"])
+              for r in records if r["sam/chosen/curvature"] != 0]
+    return {"probed_steps": len(records),
+            "raises_chosen": {term: sum(r[term] > 0 for r in records) for term in PROBE_TERMS},
+            "median_weight_over_curvature": float(np.median(ratios)) if ratios else None}
 
-    matplotlib.use("Agg")
+
+def probe_line(s: dict[str, Any]) -> str:
+    n = s["probed_steps"]
+    counts = ", ".join(f"{what} {s['raises_chosen'][term]}/{n}" for term, what in PROBE_TERMS.items())
+    ratio = s["median_weight_over_curvature"]
+    return (f"one-step probe of the baseline run ({n} steps): rho > 0 raises the chosen log-prob at "
+            f"first order in: {counts}; the pair-weight term is a median "
+            + (f"{ratio:.1f}x" if ratio is not None else "n/a") + " the curvature term")
+
+
+COLOURS = {"baseline": "tab:red", "logits-sam": "tab:blue", "logits-sam-opposite": "tab:purple",
+           "sam": "tab:green"}
+
+
+def figure(runs: dict[str, dict[str, Any]], title: str = ""):
+    """The Figure 1(c) analogue as a matplotlib figure (also drawn by the notebook).
+
+    Left: chosen (solid) and rejected (dashed) train log-probs per step. Middle: the
+    chosen change against the smoothed train margin, the like-for-like view. Right (when
+    the baseline was probed): the one-step first-order effect of ρ > 0 on the chosen
+    log-prob, per term of :func:`lm.diagnostics.sam_step_effects`.
+    """
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    records = runs["baseline"]["history"].get("probe", [])
+    fig, axes = plt.subplots(1, 3 if records else 2, figsize=(16.5 if records else 11, 4))
+    ax, bx = axes[:2]
     for name, run in runs.items():
-        h, colour = run["history"], COLOURS[name]
+        h, colour = run["history"], COLOURS.get(name, "tab:gray")
         label = f"{name} (rho={run['rho']:g})"
         ax.plot(h["logps/chosen"], "-", color=colour, label=f"{label}: chosen")
         ax.plot(h["logps/rejected"], "--", color=colour, label=f"{label}: rejected")
@@ -372,7 +441,29 @@ def plot(runs: dict[str, dict[str, Any]], path: str, title: str) -> None:
     bx.set_ylabel("Δ chosen log-prob since step 0")
     bx.set_title("chosen change at equal margin", fontsize=9)
     bx.legend(fontsize=7)
+    if records:
+        cx = axes[2]
+        steps = [r["step"] for r in records]
+        for term, what in {**PROBE_TERMS, "sam/chosen/weight": "pair-weight term"}.items():
+            cx.plot(steps, [r[term] for r in records], "o-", ms=3, label=what)
+        cx.axhline(0.0, color="k", lw=0.5)
+        cx.set_yscale("symlog", linthresh=1e-3)
+        cx.set_xlabel("baseline DPO step")
+        cx.set_ylabel("d(Δ chosen log-prob)/d(ηρ) after one step")
+        cx.set_title("> 0: rho > 0 raises the chosen log-prob (first order)", fontsize=9)
+        cx.legend(fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def plot(runs: dict[str, dict[str, Any]], path: str, title: str) -> None:
+    """:func:`figure`, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = figure(runs, title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -396,7 +487,89 @@ def report(result: dict[str, Any]) -> list[str]:
                  f"({base['heldout_logps_chosen_change']:+.2f} nats held-out) while the margin grows "
                  f"to {base['heldout_margin']:.3f}" + (" (squeezing)" if squeezed else ""))
     lines += [verdict(name, s, base) for name, s in result["summary"].items() if name != "baseline"]
+    if "probe" in result:
+        lines.append(probe_line(result["probe"]))
     return lines
+
+
+def run_seed(args) -> dict[str, Any]:
+    """SFT, then every DPO run of one seed (``args.seed``); returns the result dict."""
+    setup = file_setup(args) if args.data else synthetic_setup(args)
+    t0 = time.time()
+    sft_params, sft_history = run_loop(sft_grad_fn(setup.cfg), setup.params, setup.train, args.sft_steps,
+                                       make_tx("adamw", args.sft_lr, args.sft_steps), seed=args.seed)
+    print(f"seed {args.seed}: SFT {args.sft_steps} steps, {time.time() - t0:.0f}s, final NLL/token "
+          f"{sft_history['loss'][-1] if args.sft_steps else float('nan'):.3f}", file=sys.stderr)
+    eval_fn = make_eval_fn(setup.cfg, args.beta)
+    sft_eval = evaluate(eval_fn, sft_params, sft_params, setup.heldout)
+
+    probe = make_probe(setup.cfg, args.beta) if args.probe_every else None
+    runs = {"baseline": dpo_run(setup, sft_params, args, "plain", 0.0, eval_fn, probe),
+            "logits-sam": dpo_run(setup, sft_params, args, "logits-sam", args.rho, eval_fn)}
+    if args.opposite:
+        runs["logits-sam-opposite"] = dpo_run(setup, sft_params, args, "logits-sam", -args.rho, eval_fn)
+    if args.sam:
+        runs["sam"] = dpo_run(setup, sft_params, args, "sam", args.rho, eval_fn)
+    # Half the baseline's final train margin: reached early enough by a run that learns a
+    # little more slowly, late enough that the baseline has squeezed.
+    target = 0.5 * float(np.mean(runs["baseline"]["history"]["rewards/margins"][-10:]))
+    result = {"seed": args.seed, "sft": {"heldout": sft_eval, "history": sft_history},
+              "runs": runs, "summary": {k: summary(r, sft_eval, target) for k, r in runs.items()}}
+    if probe is not None:
+        result["probe"] = probe_summary(runs["baseline"]["history"]["probe"])
+    result["verdict"] = report(result)
+
+    if args.sweep_rho:
+        done = {0.0: runs["baseline"], args.rho: runs["logits-sam"], -args.rho: runs.get("logits-sam-opposite")}
+        rhos = sorted({*SWEEP_RHOS, *(-r for r in SWEEP_RHOS if args.opposite)})
+        result["sweep_rho"] = [summary(done.get(rho) or dpo_run(setup, sft_params, args, "logits-sam", rho, eval_fn),
+                                       sft_eval, target) for rho in rhos]
+    return result
+
+
+def sweep_table(sweep: list[dict[str, Any]]) -> list[str]:
+    lines = [f"{'rho':>8} {'chosen end':>11} {'held Δchosen':>13} {'margin':>8} {'accuracy':>9}"]
+    lines += [f"{s['rho']:>8.0e} {s['train_logps_chosen_end']:>11.3f} {s['heldout_logps_chosen_change']:>+13.3f} "
+              f"{s['heldout_margin']:>8.3f} {s['heldout_accuracy']:>9.3f}" for s in sweep]
+    return lines
+
+
+def across_seeds(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method, the paired differences from the same seed's baseline: held-out chosen
+    change at the end and train chosen change at the matched margin, each as
+    ``{"values", "mean", "stderr", "mitigates"}`` (stderr None for one seed; mitigates =
+    seeds with a positive difference)."""
+    out = {}
+    for name in results[0]["summary"]:
+        if name == "baseline":
+            continue
+        diffs = {"end": [], "matched_margin": []}
+        for r in results:
+            s, b = r["summary"][name], r["summary"]["baseline"]
+            diffs["end"].append(s["heldout_logps_chosen_change"] - b["heldout_logps_chosen_change"])
+            if s["matched_margin_chosen_change"] is not None:
+                diffs["matched_margin"].append(s["matched_margin_chosen_change"] - b["matched_margin_chosen_change"])
+        out[name] = {"rho": results[0]["summary"][name]["rho"]}
+        for key, values in diffs.items():
+            v = np.asarray(values)
+            out[name][key] = {
+                "values": values,
+                "mean": float(v.mean()) if v.size else None,
+                "stderr": float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else None,
+                "mitigates": int(np.sum(v > 0)),
+            }
+    return out
+
+
+def across_seeds_lines(agg: dict[str, dict[str, Any]], seeds: int) -> list[str]:
+    def cell(d):
+        if d["mean"] is None:
+            return "never reached"
+        err = f" ± {d['stderr']:.2f}" if d["stderr"] is not None else ""
+        return f"{d['mean']:+.2f}{err} (higher in {d['mitigates']}/{len(d['values'])})"
+    return [f"over {seeds} seeds, chosen log-prob vs the same seed's baseline (mean ± s.e.):"] + [
+        f"{name:>20} (rho={a['rho']:g}): held-out at the end {cell(a['end'])}; "
+        f"train at equal margin {cell(a['matched_margin'])}" for name, a in agg.items()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -408,41 +581,21 @@ def main(argv: list[str] | None = None) -> int:
         os.remove(os.path.join(args.out, ".write-test"))
     except OSError as err:
         fail(f"--out {args.out}: not writable ({err.strerror})")
-    setup = file_setup(args) if args.data else synthetic_setup(args)
-    t0 = time.time()
-    sft_params, sft_history = run_loop(sft_grad_fn(setup.cfg), setup.params, setup.train, args.sft_steps,
-                                       make_tx("adamw", args.sft_lr, args.sft_steps), seed=args.seed)
-    print(f"SFT: {args.sft_steps} steps, {time.time() - t0:.0f}s, final NLL/token "
-          f"{sft_history['loss'][-1] if args.sft_steps else float('nan'):.3f}", file=sys.stderr)
-    eval_fn = make_eval_fn(setup.cfg, args.beta)
-    sft_eval = evaluate(eval_fn, sft_params, sft_params, setup.heldout)
+    results = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        results.append(run_seed(argparse.Namespace(**{**vars(args), "seed": seed})))
+        print("\n".join([f"-- seed {seed}", *results[-1]["verdict"]]))
+        if args.sweep_rho:
+            print("\n".join(sweep_table(results[-1]["sweep_rho"])))
+    first = results[0]
+    result = {"config": vars(args), **first, "seeds": [
+        {k: r[k] for k in ("seed", "summary", "verdict", "probe", "sweep_rho") if k in r} for r in results]}
+    if args.seeds > 1:
+        result["across_seeds"] = across_seeds(results)
+        print("\n".join(across_seeds_lines(result["across_seeds"], args.seeds)))
 
-    runs = {"baseline": dpo_run(setup, sft_params, args, "plain", 0.0, eval_fn),
-            "logits-sam": dpo_run(setup, sft_params, args, "logits-sam", args.rho, eval_fn)}
-    if args.sam:
-        runs["sam"] = dpo_run(setup, sft_params, args, "sam", args.rho, eval_fn)
-    # Half the baseline's final train margin: reached early enough by a run that learns a
-    # little more slowly, late enough that the baseline has squeezed.
-    target = 0.5 * float(np.mean(runs["baseline"]["history"]["rewards/margins"][-10:]))
-    result = {"config": vars(args), "sft": {"heldout": sft_eval, "history": sft_history},
-              "runs": runs, "summary": {k: summary(r, sft_eval, target) for k, r in runs.items()}}
-    result["verdict"] = report(result)
-    print("\n".join(result["verdict"]))
-
-    if args.sweep_rho:
-        done = {0.0: runs["baseline"], args.rho: runs["logits-sam"]}
-        sweep = [summary(done.get(rho) or dpo_run(setup, sft_params, args, "logits-sam", rho, eval_fn),
-                         sft_eval, target) for rho in SWEEP_RHOS]
-        result["sweep_rho"] = sweep
-        print(f"{'rho':>8} {'chosen end':>11} {'held Δchosen':>13} {'margin':>8} {'accuracy':>9}")
-        for s in sweep:
-            print(f"{s['rho']:>8.0e} {s['train_logps_chosen_end']:>11.3f} "
-                  f"{s['heldout_logps_chosen_change']:>+13.3f} {s['heldout_margin']:>8.3f} "
-                  f"{s['heldout_accuracy']:>9.3f}")
-
-    plot(runs, os.path.join(args.out, "fig1c_logps.png"),
-         f"DPO from SFT ({args.optimizer}, lr={args.lr:g}): baseline vs logits-SAM"
-         + (" vs SAM" if args.sam else "") + f" (rho={args.rho:g})")
+    plot(first["runs"], os.path.join(args.out, "fig1c_logps.png"),
+         f"DPO from SFT ({args.optimizer}, lr={args.lr:g}, rho={args.rho:g}, seed {args.seed})")
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {args.out}/fig1c_logps.png and {args.out}/metrics.json", file=sys.stderr)

@@ -14,31 +14,67 @@ TINY = ["--sft-steps", "3", "--steps", "3", "--pairs", "16", "--held-out", "8",
 
 
 def test_tiny_run_writes_plot_metrics_and_sweep(tmp_path, capsys, monkeypatch):
-    # The full grid is the same loop; a radius already run (0, --rho) is reused, not recompiled.
+    # The full grid is the same loop; a radius already run (0, ±--rho) is reused, not recompiled.
     monkeypatch.setattr(squeeze, "SWEEP_RHOS", (0.0, 0.1))
     out = tmp_path / "run"
-    assert squeeze.main([*TINY, "--sweep-rho", "--out", str(out)]) == 0
+    assert squeeze.main([*TINY, "--sweep-rho", "--probe-every", "2", "--out", str(out)]) == 0
     assert (out / "fig1c_logps.png").stat().st_size > 0
     result = json.loads((out / "metrics.json").read_text())
-    assert list(result["runs"]) == ["baseline", "logits-sam", "sam"]
-    assert [r["mode"] for r in result["runs"].values()] == ["plain", "logits-sam", "sam"]
+    assert list(result["runs"]) == ["baseline", "logits-sam", "logits-sam-opposite", "sam"]
+    assert [r["mode"] for r in result["runs"].values()] == ["plain", "logits-sam", "logits-sam", "sam"]
     for run in result["runs"].values():
         assert len(run["history"]["logps/chosen"]) == 3
         assert len(run["history"]["logps/rejected"]) == 3
         assert 0.0 <= run["heldout"]["rewards/accuracies"] <= 1.0
     base, lsam = result["runs"]["baseline"], result["runs"]["logits-sam"]
     assert lsam["rho"] == pytest.approx(0.1) and base["rho"] == 0.0
+    assert result["runs"]["logits-sam-opposite"]["rho"] == pytest.approx(-0.1)
     # Same SFT model, same first batch: the first logged (pre-update) metrics agree ...
     for run in result["runs"].values():
         assert run["history"]["logps/chosen"][0] == pytest.approx(base["history"]["logps/chosen"][0])
     # ... and the perturbation makes the runs differ afterwards.
     assert lsam["history"]["logps/chosen"][-1] != base["history"]["logps/chosen"][-1]
-    # ρ = 0 and ρ = --rho in the sweep are the runs above.
-    assert [s["rho"] for s in result["sweep_rho"]] == [0.0, 0.1]
-    assert result["sweep_rho"][0] == result["summary"]["baseline"]
-    assert result["sweep_rho"][1] == result["summary"]["logits-sam"]
+    # The probe ran on the baseline at steps 0 and 2, before their updates.
+    probes = base["history"]["probe"]
+    assert [p["step"] for p in probes] == [0, 2] and "probe" not in lsam["history"]
+    assert set(squeeze.PROBE_TERMS) <= set(probes[0]) and result["probe"]["probed_steps"] == 2
+    # ρ = 0 and ρ = ±--rho in the sweep are the runs above.
+    assert [s["rho"] for s in result["sweep_rho"]] == [-0.1, 0.0, 0.1]
+    assert result["sweep_rho"][0] == result["summary"]["logits-sam-opposite"]
+    assert result["sweep_rho"][1] == result["summary"]["baseline"]
+    assert result["sweep_rho"][2] == result["summary"]["logits-sam"]
     printed = capsys.readouterr().out
-    assert len(result["verdict"]) == 3 + 1 + 2 and all(line in printed for line in result["verdict"])
+    assert len(result["verdict"]) == 4 + 1 + 3 + 1 and all(line in printed for line in result["verdict"])
+    assert "across_seeds" not in result and [s["seed"] for s in result["seeds"]] == [0]
+
+
+def test_seeds_are_paired_with_their_own_baseline(tmp_path, capsys):
+    out = tmp_path / "seeds"
+    argv = [*TINY, "--no-sam", "--no-opposite", "--probe-every", "0", "--seed", "3", "--seeds", "2"]
+    assert squeeze.main([*argv, "--out", str(out)]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert [s["seed"] for s in result["seeds"]] == [3, 4] and result["seed"] == 3
+    agg = result["across_seeds"]["logits-sam"]
+    want = [s["summary"]["logits-sam"]["heldout_logps_chosen_change"]
+            - s["summary"]["baseline"]["heldout_logps_chosen_change"] for s in result["seeds"]]
+    assert agg["end"]["values"] == pytest.approx(want)
+    assert agg["end"]["mean"] == pytest.approx(np.mean(want))
+    assert agg["end"]["stderr"] == pytest.approx(np.std(want, ddof=1) / np.sqrt(2))
+    assert agg["end"]["mitigates"] == sum(w > 0 for w in want)
+    assert "over 2 seeds" in capsys.readouterr().out
+
+
+def test_probe_summary_counts_signs_and_the_weight_to_curvature_ratio():
+    records = [{"sam/chosen": 1.0, "params/sam/chosen": -1.0, "sam/chosen/curvature": 0.5,
+                "sam/chosen/self": 0.1, "sam/chosen/weight": 0.5},
+               {"sam/chosen": -2.0, "params/sam/chosen": 3.0, "sam/chosen/curvature": 1.0,
+                "sam/chosen/self": -0.1, "sam/chosen/weight": -3.0}]
+    s = squeeze.probe_summary(records)
+    assert s["probed_steps"] == 2
+    assert s["raises_chosen"] == {"sam/chosen": 1, "params/sam/chosen": 1,
+                                  "sam/chosen/curvature": 2, "sam/chosen/self": 1}
+    assert s["median_weight_over_curvature"] == pytest.approx(2.0)  # median of 1 and 3
+    assert "2 steps" in squeeze.probe_line(s)
 
 
 def test_sgd_is_plain_gradient_descent():
