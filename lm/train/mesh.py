@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp")
@@ -124,28 +125,44 @@ def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     """Assemble the global batch from host arrays.
 
     Every process computes the same global batch (batch k is a pure function of the
-    seed and k) and contributes its contiguous slice of rows, which is what
-    ``jax.make_array_from_process_local_data`` expects for a leading-axis sharding.
+    seed and k) and hands over all of it: with ``global_shape`` equal to the local
+    shape, ``jax.make_array_from_process_local_data`` copies to each local device the
+    rows that device holds, so no assumption about which rows a process's devices
+    cover (they need not be contiguous in the mesh) can put a row in the wrong place.
     """
     sharding = batch_sharding(mesh)
-    nproc, index = jax.process_count(), jax.process_index()
     out = {}
     for name, value in batch.items():
         value = np.asarray(value)
-        rows = value.shape[0] // nproc
-        local = value[index * rows : (index + 1) * rows]
-        out[name] = jax.make_array_from_process_local_data(sharding, local, value.shape)
+        out[name] = jax.make_array_from_process_local_data(sharding, value, value.shape)
     return out
 
 
-def maybe_initialize_distributed(flag: bool = False) -> bool:
-    """Join a multi-host job when asked (``flag`` or ``SQUEEZE_DISTRIBUTED=1``).
+def maybe_initialize_distributed(
+    flag: bool = False,
+    *,
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """Join a multi-process job when asked: ``flag``, ``SQUEEZE_DISTRIBUTED=1``, or any
+    explicit setting.
 
-    ``jax.distributed.initialize()`` reads the coordinator and process ids from the
-    cluster environment (SLURM, TPU pods, or ``JAX_COORDINATOR_ADDRESS`` and friends).
-    On a single host it is never called.
+    What is left ``None`` ``jax.distributed.initialize()`` detects from the cluster
+    (SLURM, Open MPI, TPU pods; the coordinator also from ``JAX_COORDINATOR_ADDRESS``).
+    Elsewhere, e.g. on hosts started by hand, all three must be given. Must run before
+    any JAX computation; on a single host it is never called.
     """
-    if flag or os.environ.get(DISTRIBUTED_ENV, "") not in ("", "0"):
-        jax.distributed.initialize()
+    explicit = (coordinator, num_processes, process_id)
+    if flag or any(v is not None for v in explicit) or os.environ.get(DISTRIBUTED_ENV, "") not in ("", "0"):
+        jax.distributed.initialize(
+            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+        )
         return True
     return False
+
+
+def to_host(tree: Any) -> Any:
+    """Host (numpy) copies of a pytree of arrays that may be sharded over several
+    processes. Every process must call it (it gathers); every process gets the whole tree."""
+    return multihost_utils.process_allgather(tree, tiled=True)

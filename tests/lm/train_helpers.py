@@ -1,10 +1,15 @@
-"""Run ``tests/lm/train_mlp.py`` in a subprocess (optionally with forced host devices)."""
+"""Run ``tests/lm/train_mlp.py`` in a subprocess (optionally with forced host devices),
+or any script as the processes of one ``jax.distributed`` job on this host."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import socket
 import subprocess
 import sys
+import time
+from typing import Callable
 
 import numpy as np
 
@@ -30,3 +35,52 @@ def run_mlp(out_dir, *flags: str, devices: int = 1) -> subprocess.CompletedProce
 def params(out_dir) -> dict[str, np.ndarray]:
     with np.load(os.path.join(str(out_dir), "params.npz")) as f:
         return {k: f[k] for k in f.files}
+
+
+@dataclasses.dataclass
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(command: Callable[[list[str]], list[str]], log_dir, *, processes: int = 2,
+                  devices: int = 2, timeout: float = 120) -> list[Finished]:
+    """Run ``command(flags)`` once per process of a ``jax.distributed`` job with a
+    coordinator on localhost (``flags``: ``--coordinator``, ``--num-processes``,
+    ``--process-id``), each process with ``devices`` CPU devices.
+
+    A process that dies leaves the others blocked in a collective until JAX's heartbeat
+    gives up (minutes), so the first failure, or ``timeout`` seconds, kills them all.
+    Output goes to files in ``log_dir``: pipes nobody reads while polling could fill up.
+    """
+    coordinator = f"127.0.0.1:{free_port()}"
+    logs, procs = [], []
+    try:
+        for i in range(processes):
+            out, err = (open(os.path.join(str(log_dir), f"process{i}.{s}"), "w+") for s in ("out", "err"))
+            logs.append((out, err))
+            flags = ["--coordinator", coordinator, "--num-processes", str(processes), "--process-id", str(i)]
+            procs.append(subprocess.Popen(command(flags), env=env(devices), stdout=out, stderr=err, text=True))
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline or any(p.poll() for p in procs):
+                break
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    finished = []
+    for p, (out, err) in zip(procs, logs):
+        out.seek(0), err.seek(0)
+        finished.append(Finished(p.returncode, out.read(), err.read()))
+        out.close(), err.close()
+    return finished
