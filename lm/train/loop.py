@@ -171,7 +171,9 @@ def train(
       batch_at: ``k -> batch k``, a pure function of k (and the data seed), dicts of
         arrays with the pair axis first; this is what makes resume exact.
       config: see :class:`TrainConfig`.
-      out_dir: run folder: ``metrics.jsonl``, ``checkpoints/``, PNG plots.
+      out_dir: run folder: ``metrics.jsonl``, ``checkpoints/``, PNG plots. In a
+        multi-process job, one folder every process sees (a shared file system): each
+        process writes its shards of a checkpoint there, process 0 everything else.
       ref_params: frozen reference parameters (FSDP-sharded like ``params``) or None.
       eval_batches: ``() -> iterable of batches`` of a held-out split.
       eval_fn: ``(params, batch, ref_params) -> (loss, metrics)``; default: ``grad_fn``'s.
@@ -222,8 +224,11 @@ def train(
         out_shardings=repl,
     )
 
-    log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), keep_until=start)
-    bar = ProgressBar(config.steps) if config.progress else None
+    # Every process trains; only process 0 writes the run folder's metrics and plots
+    # (the folder is shared in a multi-host job, and appends from each would repeat lines).
+    primary = jax.process_index() == 0
+    log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), keep_until=start) if primary else None
+    bar = ProgressBar(config.steps) if config.progress and primary else None
     meta = dict(meta or {}, seed=config.seed)
     pending: list[dict[str, jax.Array]] = []
     tokens, last, saved_step = 0, {}, (start if resume and latest is not None else None)
@@ -247,7 +252,7 @@ def train(
             for k, v in jax.device_get(dict(metrics, loss=loss)).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             count += 1
-        if count:
+        if count and log:
             log.write(step, "eval", {k: v / count for k, v in sums.items()})
 
     try:
@@ -265,7 +270,8 @@ def train(
                 last["tokens_per_s"] = tokens / max(now - tick, 1e-9)
                 if bar:
                     bar.update(done, last)
-                log.write(done, "train", last)
+                if log:
+                    log.write(done, "train", last)
                 pending, tokens, tick = [], 0, now
             if config.checkpoint_every and done % config.checkpoint_every == 0:
                 check_halted()
@@ -281,8 +287,9 @@ def train(
     finally:
         if bar:
             bar.close()
-        log.close()
+        if log:
+            log.close()
         ckpt.close()
-    if config.plots:
+    if config.plots and log:
         plot_metrics(read_jsonl(log.path), out_dir)
     return TrainResult(state=state, mesh=mesh, last_metrics=last, checkpoint_dir=ckpt.directory)

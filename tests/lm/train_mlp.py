@@ -2,7 +2,8 @@
 
 A 2-layer MLP regresses synthetic targets; batch k is a pure function of (seed, k), so
 runs are resumable. Prints ``STEP-DONE k`` after each host step when ``--sleep`` > 0 (so
-a test can kill it mid-run) and writes the final params to ``--out/params.npz``.
+a test can kill it mid-run) and writes the final params to ``--out/params.npz`` (process 0
+of a ``--coordinator`` job).
 Exit codes: 0 ok, 2 configuration error, 3 non-finite, 4 checkpoint error.
 """
 
@@ -19,6 +20,7 @@ import numpy as np
 import optax
 
 from lm.train import CheckpointError, ConfigError, NonFiniteError, TrainConfig, train
+from lm.train.mesh import maybe_initialize_distributed, to_host
 
 D_IN, D_HID, D_OUT = 8, 16, 4
 
@@ -68,7 +70,12 @@ def main() -> int:
     ap.add_argument("--skip-nonfinite", action="store_true")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--sleep", type=float, default=0.0)
+    ap.add_argument("--coordinator")
+    ap.add_argument("--num-processes", type=int)
+    ap.add_argument("--process-id", type=int)
     args = ap.parse_args()
+    maybe_initialize_distributed(
+        coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
 
     base = make_batch_at(0, args.batch_size, set(args.nan_at))
 
@@ -105,9 +112,10 @@ def main() -> int:
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 4
-    params = jax.device_get(result.state.params)
+    params = to_host(result.state.params)
     specs = {k: str(v.sharding.spec) for k, v in result.state.params.items()}
-    np.savez(os.path.join(args.out, "params.npz"), **params)
+    if jax.process_index() == 0:
+        np.savez(os.path.join(args.out, "params.npz"), **params)
     print("SPECS", specs, "SKIPPED", int(result.state.skipped), flush=True)
     return 0
 
