@@ -9,6 +9,7 @@ seed, and the run's config echo, so a resumed run reads the same batches.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -98,21 +99,31 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 
 def restore_params(directory: str, step: int | None = None) -> tuple[Any, int]:
     """The policy parameters (host arrays) of the checkpoint at ``step`` (default: latest)
-    under ``directory``, without rebuilding the optimizer state, and that step."""
+    under ``directory``, without rebuilding the optimizer state, and that step.
+
+    Whatever devices and processes wrote it, it is read onto this process's first
+    device: the shardings recorded in the checkpoint name devices that need not exist here.
+    """
     checkpointer = Checkpointer(directory)
     try:
         step = checkpointer.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint found in {checkpointer.directory}")
         try:
+            saved = ocp.StandardCheckpointHandler().metadata(Path(checkpointer.step_dir(step)) / "state")
+            one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree_util.tree_map(
+                lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=one_device),
+                getattr(saved, "tree", saved),  # orbax >= 0.12 wraps the tree
+            )
             restored = checkpointer._manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         except Exception as err:  # Orbax raises many types for damaged folders.
             raise CheckpointError(
                 f"checkpoint folder {checkpointer.step_dir(step)} is corrupt or incomplete "
                 f"({type(err).__name__})") from err
         if int(restored["state"]["step"]) != step:
             raise CheckpointError(f"checkpoint folder {checkpointer.step_dir(step)} does not hold step {step}")
-        return restored["state"]["params"], step
+        return jax.device_get(restored["state"]["params"]), step
     finally:
         checkpointer.close()

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from lm.train import CheckpointError, Checkpointer, ConfigError, NonFiniteError, TrainConfig, train
-from lm.train.checkpoint import abstract_like
+from lm.train.checkpoint import abstract_like, restore_params
 from lm.train.logging import read_jsonl
 from lm.train.mesh import make_mesh, state_shardings
 from lm.train.state import create_train_state
@@ -88,6 +88,9 @@ def test_corrupt_checkpoint_is_named_on_resume(tmp_path):
     with pytest.raises(CheckpointError) as err:
         run(tmp_path, 6, checkpoint_every=2, resume=True)
     assert str(err.value).startswith(f"checkpoint folder {damaged} is corrupt or incomplete")
+    with pytest.raises(CheckpointError) as err:
+        restore_params(str(tmp_path / "checkpoints"))
+    assert str(err.value).startswith(f"checkpoint folder {damaged} is corrupt or incomplete")
 
 
 def test_partial_checkpoint_folder_is_named_on_resume(tmp_path):
@@ -96,6 +99,9 @@ def test_partial_checkpoint_folder_is_named_on_resume(tmp_path):
     shutil.rmtree(partial / "state")
     with pytest.raises(CheckpointError) as err:
         run(tmp_path, 4, resume=True)
+    assert str(partial) in str(err.value)
+    with pytest.raises(CheckpointError) as err:
+        restore_params(str(tmp_path / "checkpoints"))
     assert str(partial) in str(err.value)
 
 

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from lm.train.checkpoint import restore_params
 from lm.train.logging import read_jsonl
 from train_helpers import ROOT, command, params, run_mlp, run_processes
 
@@ -55,3 +56,16 @@ def test_two_processes_train_like_one(tmp_path, single, mesh):
         assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4", "5"]
 
+
+def test_two_process_checkpoint_restores_and_resumes_on_one_process(tmp_path, single):
+    """The checkpoint of a 2-process fsdp=4 run names devices of both processes; one
+    process with one device reads it and finishes the run as if it had never stopped."""
+    two_processes(tmp_path, "--steps", "3", "--mesh", "fsdp=4")
+    restored, step = restore_params(str(tmp_path / "checkpoints"))
+    assert step == 3
+    for name, value in params(tmp_path).items():
+        np.testing.assert_array_equal(restored[name], value, err_msg=name)
+    proc = run_mlp(tmp_path, *FLAGS, "--steps", "5", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    for name, value in params(single).items():
+        np.testing.assert_allclose(params(tmp_path)[name], value, rtol=1e-5, atol=1e-6, err_msg=name)

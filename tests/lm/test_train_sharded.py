@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from lm.train.checkpoint import restore_params
 from train_helpers import params, run_mlp
 from train_mlp import init_params
 
@@ -33,6 +34,11 @@ def test_sharded_matches_single_device(tmp_path, single, mesh, specs):
     for name, value in single.items():
         assert np.abs(value - init[name]).max() > 1e-3, f"{name} did not train"
         np.testing.assert_allclose(sharded[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    # The checkpoint names 8 devices; this process has one.
+    restored, step = restore_params(str(tmp_path / "checkpoints"))
+    assert step == 5
+    for name, value in sharded.items():
+        np.testing.assert_array_equal(restored[name], value, err_msg=name)
 
 
 def test_impossible_mesh_is_one_clear_line(tmp_path):
