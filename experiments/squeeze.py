@@ -3,7 +3,7 @@
     python -m experiments.squeeze                      # synthetic task, CPU, ~1.5 minutes
     python -m experiments.squeeze --seeds 6            # the same, paired over six seeds
     python -m experiments.squeeze --sweep-rho          # + Table 3 analogue over ±ρ
-    python -m experiments.squeeze --model DIR --data webgpt.jsonl   # the paper's setting
+    python -m experiments.squeeze --model DIR --data webgpt.jsonl --max-len 512   # the paper's setting
 
 A GPT-2 is first fine-tuned on the chosen responses (SFT: NLL of the response tokens),
 then trained with DPO from the SFT model (which is also the reference) from the same
@@ -86,7 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "only the head) or GPT-2's tie to the embedding")
     g.add_argument("--pairs", type=_positive_int, default=512, help="synthetic training pairs")
     g.add_argument("--held-out", type=_positive_int, default=128, help="held-out pairs for reward accuracy")
-    g.add_argument("--max-len", type=_positive_int, default=32, help="tokens per sequence")
+    g.add_argument("--max-len", type=_positive_int, default=32,
+                   help="tokens per sequence (with a checkpoint: at most its context)")
+    g.add_argument("--max-prompt-len", type=_positive_int,
+                   help="prompt tokens (default: half of --max-len); longer prompts are dropped")
     g = p.add_argument_group("training")
     g.add_argument("--sft-steps", type=_nonnegative_int, default=150)
     g.add_argument("--sft-lr", type=positive_float, default=1e-3)
@@ -118,6 +121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.head and os.path.isdir(args.model):
         p.error("argument --head: only for a built-in --model (a checkpoint keeps its own head)")
     args.head = args.head or "untied"
+    if args.max_prompt_len is None:
+        args.max_prompt_len = args.max_len // 2
+    if not 0 < args.max_prompt_len < args.max_len:
+        p.error(f"argument --max-prompt-len: must be below --max-len {args.max_len}, got {args.max_prompt_len}")
     return args
 
 
@@ -130,6 +137,7 @@ class Setup:
     params: Any
     train: Any  # lm.data.PairLoader
     heldout: Any  # lm.data.PairLoader
+    data: dict[str, Any]  # what the pairs came from, for metrics.json
 
 
 def _loaders(args, pairs, heldout_pairs, pad_id):
@@ -161,7 +169,7 @@ def synthetic_setup(args) -> Setup:
                                 tie_word_embeddings=args.head == "tied",
                                 max_position_embeddings=args.max_len, bos_token_id=eos,
                                 eos_token_id=eos, pad_token_id=pad)
-    tcfg = data.TokenizeConfig(args.max_len, args.max_len // 2, eos_id=eos, pad_id=pad)
+    tcfg = data.TokenizeConfig(args.max_len, args.max_prompt_len, eos_id=eos, pad_id=pad)
 
     def tokenized(n, seed):
         records = [data.PreferenceRecord(r["prompt"], r["chosen"], r["rejected"], f"synthetic:{i}")
@@ -171,7 +179,9 @@ def synthetic_setup(args) -> Setup:
     train, held = _loaders(args, tokenized(args.pairs, args.seed),
                            tokenized(args.held_out, args.seed + 10_000), pad)
     params = jax.jit(models.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(args.seed))
-    return Setup(cfg, params, train, held)
+    info = {"file": None, "style": args.style, "tokenizer": "synthetic word-level", "eos_id": eos,
+            "train_pairs": len(train.pairs), "heldout_pairs": len(held.pairs)}
+    return Setup(cfg, params, train, held, info)
 
 
 def file_setup(args) -> Setup:
@@ -182,17 +192,30 @@ def file_setup(args) -> Setup:
     cfg, model_dir = dpo.resolve_model(args.model)
     if model_dir is None:
         cfg = dataclasses.replace(cfg, tie_word_embeddings=args.head == "tied")
+    if args.max_len > cfg.max_position_embeddings:
+        fail(f"--max-len {args.max_len}: over the model's {cfg.max_position_embeddings} positions")
     ns = argparse.Namespace(tokenizer=args.tokenizer, eos_token=None, model=args.model)
     tok, eos = dpo.load_tokenizer(ns, cfg, model_dir)
     try:
-        records, _ = data.read_records(args.data, on_error="skip")
-        tcfg = data.TokenizeConfig(args.max_len, args.max_len // 2, eos_id=eos)
-        pairs, _ = data.tokenize_records(records, tok, tcfg, on_error="skip")
-        train_idx, held_idx = data.split_indices(len(pairs), args.held_out, args.seed)
+        records, report = data.read_records(args.data, on_error="skip")
+        tcfg = data.TokenizeConfig(args.max_len, args.max_prompt_len, eos_id=eos)
+        pairs, report = data.tokenize_records(records, tok, tcfg, on_error="skip", report=report)
     except (data.DataError, ValueError) as err:
-        fail(f"--data {args.data}: {err}")
+        fail(f"--data: {err}")  # err names the file and line
+    # Records are skipped, not fatal, so that webgpt's ties and the odd over-long prompt
+    # don't stop a run; the counts say when a setting (e.g. --max-len) drops most of them.
+    if len(pairs) <= args.held_out:
+        fail(f"--data {args.data}: {len(pairs)} usable pairs, need more than --held-out {args.held_out} "
+             f"({report.summary()}; --max-len {args.max_len}, --max-prompt-len {args.max_prompt_len})")
+    if report.num_dropped or report.truncated:
+        print(f"--data {args.data}: {report.summary()}", file=sys.stderr)
+    train_idx, held_idx = data.split_indices(len(pairs), args.held_out, args.seed)
     train, held = _loaders(args, pairs.take(train_idx), pairs.take(held_idx), tcfg.pad)
-    return Setup(cfg, dpo.load_params(cfg, model_dir, args.seed), train, held)
+    info = {"file": args.data, "records": report.summary(), "eos_id": eos,
+            "tokenizer": "bytes" if isinstance(tok, dpo.ByteTokenizer)
+            else args.tokenizer or os.path.join(model_dir, "tokenizer.json"),
+            "train_pairs": len(train.pairs), "heldout_pairs": len(held.pairs)}
+    return Setup(cfg, dpo.load_params(cfg, model_dir, args.seed), train, held, info)
 
 
 # ------------------------------------------------------------------------------ training
@@ -233,7 +256,8 @@ def make_tx(name: str, lr: float, steps: int):
 
     if name == "sgd":
         return optax.sgd(lr)
-    return optim.make_optimizer(lr, total_steps=steps, schedule="constant")
+    # A constant schedule ignores its length, which lm.optim still needs >= 1 (--sft-steps 0).
+    return optim.make_optimizer(lr, total_steps=max(steps, 1), schedule="constant")
 
 
 def run_loop(grad_fn, params, loader, steps: int, tx, *, ref_params=None, seed: int = 0,
@@ -513,7 +537,7 @@ def run_seed(args) -> dict[str, Any]:
     # Half the baseline's final train margin: reached early enough by a run that learns a
     # little more slowly, late enough that the baseline has squeezed.
     target = 0.5 * float(np.mean(runs["baseline"]["history"]["rewards/margins"][-10:]))
-    result = {"seed": args.seed, "sft": {"heldout": sft_eval, "history": sft_history},
+    result = {"seed": args.seed, "data": setup.data, "sft": {"heldout": sft_eval, "history": sft_history},
               "runs": runs, "summary": {k: summary(r, sft_eval, target) for k, r in runs.items()}}
     if probe is not None:
         result["probe"] = probe_summary(runs["baseline"]["history"]["probe"])

@@ -1,14 +1,19 @@
 """experiments.squeeze end to end at a tiny size, the matched-margin measure, and its one-line errors."""
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from experiments import squeeze
 
+HF = Path(__file__).resolve().parents[1] / "fixtures" / "hf"
+GPT2, TOKENIZER = str(HF / "gpt2"), str(HF / "tokenizer")  # the fixture checkpoint has no tokenizer.json
+WEBGPT = str(HF.parent / "data" / "webgpt.jsonl")  # 4 rows: a tie and three prompts over 16 tokens
 TINY = ["--sft-steps", "3", "--steps", "3", "--pairs", "16", "--held-out", "8",
         "--batch-size", "8", "--max-len", "16"]
 
@@ -48,6 +53,82 @@ def test_tiny_run_writes_plot_metrics_and_sweep(tmp_path, capsys, monkeypatch):
     assert "across_seeds" not in result and [s["seed"] for s in result["seeds"]] == [0]
 
 
+# Words the committed tokenizer knows whole, so a 4-word question fits its 32-position GPT-2.
+WORDS = "the cat sat on mat a preferred answer beats rejected logits sam flattens squeezing hello world jax".split()
+
+
+def _checkpoint(tmp_path):
+    """The tiny GPT-2 fixture in save_pretrained layout: config, weights and tokenizer.json."""
+    ckpt = tmp_path / "gpt2"
+    ckpt.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(HF / "gpt2" / name, ckpt)
+    shutil.copy(HF / "tokenizer" / "tokenizer.json", ckpt)
+    return ckpt
+
+
+def _webgpt(path, n, ties_every=5):
+    """``n`` rows as openai/webgpt_comparisons has them (dict or plain-string question,
+    scores summing to 0); every ``ties_every``-th is a tie, which must be dropped."""
+    rng = np.random.default_rng(0)
+    words = lambda k: " ".join(rng.choice(WORDS, k))
+    with open(path, "w") as f:
+        for i in range(n):
+            score = 0.0 if i % ties_every == 0 else float(rng.choice([-1.0, -0.5, 0.5, 1.0]))
+            question = words(4) + "?"
+            row = {"question": {"dataset": "eli5", "id": f"q{i}", "full_text": question} if i % 2 else question,
+                   "quotes_0": {"title": [], "extract": []}, "answer_0": words(4), "tokens_0": [],
+                   "score_0": score, "quotes_1": {"title": [], "extract": []}, "answer_1": words(5),
+                   "tokens_1": [], "score_1": -score}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+CHECKPOINT_TINY = ["--sft-steps", "2", "--steps", "2", "--held-out", "4", "--batch-size", "4",
+                   "--max-len", "32", "--max-prompt-len", "24"]
+
+
+def test_checkpoint_and_webgpt_file_end_to_end(tmp_path, capsys):
+    """The paper's setting (a HF GPT-2 directory, webgpt_comparisons rows) at a tiny size."""
+    ckpt, data = _checkpoint(tmp_path), _webgpt(tmp_path / "webgpt.jsonl", 30)
+    out = tmp_path / "run"
+    argv = ["--model", str(ckpt), "--data", str(data), *CHECKPOINT_TINY, "--no-sam", "--no-opposite",
+            "--probe-every", "2", "--out", str(out)]
+    assert squeeze.main(argv) == 0
+    assert (out / "fig1c_logps.png").stat().st_size > 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert list(result["runs"]) == ["baseline", "logits-sam"]
+    for run in result["runs"].values():
+        assert len(run["history"]["logps/chosen"]) == 2 and np.isfinite(run["history"]["logps/chosen"]).all()
+    # The tied head (GPT-2) goes through the probe too.
+    assert [p["step"] for p in result["runs"]["baseline"]["history"]["probe"]] == [0]
+    info = result["data"]
+    assert info["tokenizer"] == str(ckpt / "tokenizer.json") and info["eos_id"] == 2  # the config's </s>
+    assert info["records"] == "kept 24 records; dropped 6 (tie=6)"
+    assert (info["train_pairs"], info["heldout_pairs"]) == (20, 4)
+    assert "dropped 6 (tie=6)" in capsys.readouterr().err
+
+
+def test_checkpoint_setup_tokenizes_with_its_tokenizer_and_holds_out_unseen_pairs(tmp_path):
+    from tokenizers import Tokenizer
+
+    from lm import data
+
+    ckpt, path = _checkpoint(tmp_path), _webgpt(tmp_path / "webgpt.jsonl", 30)
+    setup = squeeze.file_setup(squeeze.parse_args(["--model", str(ckpt), "--data", str(path), *CHECKPOINT_TINY]))
+    assert setup.cfg.tie_word_embeddings and setup.cfg.max_position_embeddings == 32
+    train, held = setup.train.pairs, setup.heldout.pairs
+    assert not set(train.source) & set(held.source)
+    content = lambda p: {(tuple(a), tuple(b), tuple(c)) for a, b, c in zip(p.prompt, p.chosen, p.rejected)}
+    assert not content(train) & content(held)
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    records = {r.source: r for r in data.read_records(str(path), on_error="skip")[0]}
+    for pairs in (train, held):
+        r = records[pairs.source[0]]
+        assert list(pairs.prompt[0]) == tok.encode(r.prompt).ids
+        assert list(pairs.chosen[0]) == tok.encode(r.chosen).ids + [2]  # + EOS
+
+
 def test_seeds_are_paired_with_their_own_baseline(tmp_path, capsys):
     out = tmp_path / "seeds"
     argv = [*TINY, "--no-sam", "--no-opposite", "--probe-every", "0", "--seed", "3", "--seeds", "2"]
@@ -84,6 +165,14 @@ def test_sgd_is_plain_gradient_descent():
     params, grads = {"w": jnp.array([1.0, -2.0])}, {"w": jnp.array([4.0, 0.5])}
     updates, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(updates["w"], [-2.0, -0.25])
+
+
+
+def test_no_sft_steps_is_a_no_op():
+    """--sft-steps 0 starts DPO from the checkpoint itself: no step, so no batch or gradient is needed."""
+    params = {"w": np.ones(2, np.float32)}
+    out, history = squeeze.run_loop(None, params, None, 0, squeeze.make_tx("adamw", 1e-3, 0))
+    assert history == {} and out["w"].tolist() == [1.0, 1.0]
 
 
 @pytest.mark.parametrize("head, tied", [("untied", False), ("tied", True)])
@@ -139,6 +228,14 @@ def test_verdict_compares_at_equal_margin(at, word):
         (["--model", "gpt9"], "--model"),
         (["--tokenizer", "t.json"], "--tokenizer"),
         (["--data", "/nonexistent/prefs.jsonl", "--model", "gpt2-tiny"], "--data"),
+        (["--head", "tied", "--model", GPT2], "--head: only for a built-in --model"),
+        (["--max-len", "16", "--max-prompt-len", "16"], "--max-prompt-len"),
+        (["--model", GPT2, "--data", WEBGPT, "--max-len", "64"], "--max-len 64: over the model's 32 positions"),
+        (["--model", GPT2, "--data", WEBGPT], "has no tokenizer.json; pass --tokenizer"),
+        (["--model", GPT2, "--tokenizer", TOKENIZER, "--data", WEBGPT, "--held-out", "1"],
+         "0 usable pairs, need more than --held-out 1 (kept 0 records; dropped 4 (prompt_too_long=3, tie=1)"),
+        (["--model", GPT2, "--tokenizer", TOKENIZER, "--data", str(HF / "gpt2" / "config.json")],
+         "0 usable pairs, need more than --held-out 128 (kept 0 records; dropped"),  # not JSON lines
     ],
 )
 def test_bad_flags_give_one_line(argv, culprit, tmp_path):
