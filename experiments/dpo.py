@@ -94,7 +94,13 @@ def parse_args(argv: list[str] | None = None):
     g.add_argument("--steps", type=positive_int, default=100)
     g.add_argument("--seed", type=nonnegative_int, default=0)
     g.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4 (default: all devices on data)")
-    g.add_argument("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize()")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process jax.distributed job (implied by the next three)")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="process 0's address and a free port, the same for every process "
+                        "(default: detected on SLURM / Open MPI / TPU pods, or $JAX_COORDINATOR_ADDRESS)")
+    g.add_argument("--num-processes", type=positive_int, help="processes in the job (default: detected)")
+    g.add_argument("--process-id", type=nonnegative_int, help="this process, 0 to N-1 (default: detected)")
     g.add_argument("--log-every", type=positive_int, default=10)
     g.add_argument("--eval-every", type=nonnegative_int, default=0, help="0: eval only at the end")
     g.add_argument("--eval-batches", type=positive_int, default=8, help="at most this many held-out batches")
@@ -108,6 +114,10 @@ def parse_args(argv: list[str] | None = None):
     args = p.parse_args(argv)
     if args.held_out < 0:
         p.error(f"--held-out must be >= 0, got {args.held_out}")
+    if args.num_processes is not None and args.process_id is not None and args.process_id >= args.num_processes:
+        p.error(f"--process-id {args.process_id} is not below --num-processes {args.num_processes}")
+    if args.coordinator is not None and not args.coordinator.rpartition(":")[2].isdigit():
+        p.error(f"--coordinator {args.coordinator!r}: expected HOST:PORT")
     return args
 
 
@@ -261,9 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     from lm.hf import save_pretrained
     from lm.train import CheckpointError, ConfigError, NonFiniteError, TrainConfig, train
     from lm.train.loop import eval_from_grad_fn
-    from lm.train.mesh import check_batch_size, maybe_initialize_distributed, parse_mesh
+    from lm.train.mesh import check_batch_size, maybe_initialize_distributed, parse_mesh, to_host
 
-    maybe_initialize_distributed(args.distributed)
+    try:
+        maybe_initialize_distributed(args.distributed, coordinator=args.coordinator,
+                                     num_processes=args.num_processes, process_id=args.process_id)
+    except (ValueError, RuntimeError) as err:
+        fail(f"--distributed: {str(err).splitlines()[0]} (outside SLURM / Open MPI / TPU pods pass "
+             f"--coordinator, --num-processes and --process-id)")
+    primary = jax.process_index() == 0  # writes the run folder's files; every process trains
     for path in args.data:
         if not os.path.isfile(path):
             fail(f"--data {path}: no such file")
@@ -296,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         fail(str(err))
     tokenizer, eos_id = load_tokenizer(args, cfg, model_dir)
-    save_run_model(out, cfg, tokenizer)
+    if primary:
+        save_run_model(out, cfg, tokenizer)
     loader, heldout = load_data(args, tokenizer, eos_id)
     params = load_params(cfg, model_dir, args.seed)
     batch_at, eval_at = loader.batch, heldout and heldout.batch
@@ -324,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
 
     echo = dict(vars(args), model_config=dataclasses.asdict(cfg), eos_id=eos_id,
                 tokenizer=type(tokenizer).__name__, devices=jax.device_count())
-    (out / "config.json").write_text(json.dumps(echo, indent=2, default=str) + "\n")
+    if primary:
+        (out / "config.json").write_text(json.dumps(echo, indent=2, default=str) + "\n")
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, seed=args.seed, mesh=args.mesh,
         log_every=args.log_every, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
@@ -346,8 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     except (NonFiniteError, CheckpointError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
-    if args.export_hf and jax.process_index() == 0:
-        save_pretrained(cfg, jax.device_get(result.state.params), args.export_hf)
+    if args.export_hf:
+        policy = to_host(result.state.params)  # a gather: every process takes part
+        if primary:
+            save_pretrained(cfg, policy, args.export_hf)
     summary = ", ".join(f"{k} {v:.4g}" for k, v in result.last_metrics.items() if k in ("loss", "rewards/accuracies", "rewards/margins"))
     print(f"done: step {int(result.state.step)} ({summary}); run folder {out}")
     return 0

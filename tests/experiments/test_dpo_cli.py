@@ -50,6 +50,8 @@ def test_help(capsys):
         (["--loss", "slic", "--beta", "0.1"], "--beta: loss 'slic' takes no 'beta'"),
         (["--loss", "cpo", "--lam", "-1"], "--lam must be >= 0 for loss 'cpo', got -1.0"),
         (["--batch-size", "4", "--grad-accum", "3"], "--batch-size 4 is not divisible by --grad-accum 3"),
+        (["--num-processes", "2", "--process-id", "2"], "--process-id 2 is not below --num-processes 2"),
+        (["--coordinator", "10.0.0.1"], "--coordinator '10.0.0.1': expected HOST:PORT"),
     ],
 )
 def test_bad_input_is_one_line(capsys, tmp_path, prefs, flags, message):

@@ -1,12 +1,16 @@
 """Two real processes of one ``jax.distributed`` job on this host (2 CPU devices each,
 gloo collectives): they assemble, train and checkpoint what one process does."""
 
+import json
 import os
 import sys
 
+import jax
 import numpy as np
 import pytest
 
+from experiments import dpo
+from lm import hf
 from lm.train.checkpoint import restore_params
 from lm.train.logging import read_jsonl
 from train_helpers import ROOT, command, params, run_mlp, run_processes
@@ -69,3 +73,51 @@ def test_two_process_checkpoint_restores_and_resumes_on_one_process(tmp_path, si
     assert proc.returncode == 0, proc.stderr
     for name, value in params(single).items():
         np.testing.assert_allclose(params(tmp_path)[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+DPO_FLAGS = [
+    "--model", "gpt2-tiny", "--loss", "dpo", "--grad", "logits-sam", "--rho", "1e-2", "--lr", "1e-2",
+    "--batch-size", "4", "--steps", "3", "--max-len", "16", "--max-prompt-len", "8", "--held-out", "0",
+    "--log-every", "1", "--checkpoint-every", "2", "--no-progress",
+]
+
+
+@pytest.mark.slow
+def test_two_process_dpo_run_matches_one_process(tmp_path):
+    """``experiments.dpo`` with logits-SAM, weights FSDP-split across two processes: the
+    exported policy, the metrics and the checkpoint are those of a one-device run."""
+    rng = np.random.default_rng(0)
+    prefs = tmp_path / "prefs.jsonl"
+    with open(prefs, "w") as f:
+        for _ in range(12):
+            a, b = rng.integers(0, 50, size=2)
+            f.write(json.dumps({"prompt": f"{a}+{b}=", "chosen": f" {a + b}", "rejected": f" {a + b + 3}"}) + "\n")
+    two, one = tmp_path / "two", tmp_path / "one"
+    os.makedirs(tmp_path / "logs")
+    done = run_processes(
+        lambda job: [sys.executable, "-m", "experiments.dpo", *DPO_FLAGS, "--data", str(prefs), "--mesh", "fsdp=4",
+                     "--out", str(two), "--export-hf", str(two / "hf"), *job],
+        tmp_path / "logs", timeout=300)
+    for i, process in enumerate(done):
+        assert process.returncode == 0, f"process {i}: {process.stderr}"
+        assert "done: step 3" in process.stdout
+    assert dpo.main([*DPO_FLAGS, "--data", str(prefs), "--out", str(one), "--export-hf", str(one / "hf")]) == 0
+
+    rows, expected = read_jsonl(two / "metrics.jsonl"), read_jsonl(one / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # Step 1 starts from the same weights: its loss, log-probs and logits-SAM gradient norm
+    # agree to float32 rounding; later steps inherit the weights' differences (below).
+    first, *later = zip(without_timing(rows), without_timing(expected))
+    assert first[0] == pytest.approx(first[1], rel=1e-5, abs=1e-6)
+    for row, want_row in later:
+        assert row == pytest.approx(want_row, rel=1e-4, abs=1e-5)
+    # AdamW moves a weight by about lr whatever its gradient's size, so on gradients that
+    # are float noise (the key biases, which softmax ignores) the sums' order shows at
+    # ~1e-4; a row on the wrong device or a stale shard would be off by ~lr = 1e-2.
+    _, got = hf.load_pretrained(two / "hf")
+    _, want = hf.load_pretrained(one / "hf")
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4), got, want)
+    assert json.loads((two / "config.json").read_text())["devices"] == 4
+    # The run folder is a model: its latest checkpoint (step 3) is the exported policy.
+    restored = dpo.load_params(*dpo.resolve_model(str(two)), seed=0)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restored, got)
