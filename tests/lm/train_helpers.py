@@ -67,7 +67,9 @@ def run_processes(command: Callable[[list[str]], list[str]], log_dir, *, process
             out, err = (open(os.path.join(str(log_dir), f"process{i}.{s}"), "w+") for s in ("out", "err"))
             logs.append((out, err))
             flags = ["--coordinator", coordinator, "--num-processes", str(processes), "--process-id", str(i)]
-            procs.append(subprocess.Popen(command(flags), env=env(devices), stdout=out, stderr=err, text=True))
+            # CPU collectives across processes: gloo (jax 0.10's default, pinned in case it changes).
+            job_env = dict(env(devices), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+            procs.append(subprocess.Popen(command(flags), env=job_env, stdout=out, stderr=err, text=True))
         deadline = time.monotonic() + timeout
         while any(p.poll() is None for p in procs):
             if time.monotonic() > deadline or any(p.poll() for p in procs):
