@@ -101,8 +101,10 @@ def restore_params(directory: str, step: int | None = None) -> tuple[Any, int]:
     """The policy parameters (host arrays) of the checkpoint at ``step`` (default: latest)
     under ``directory``, without rebuilding the optimizer state, and that step.
 
-    Whatever devices and processes wrote it, it is read onto this process's first
-    device: the shardings recorded in the checkpoint name devices that need not exist here.
+    Whatever devices and processes wrote it, it is read whole into this process's host
+    memory (the CPU device; the first device where JAX runs without a CPU backend): the
+    shardings recorded in the checkpoint name devices that need not exist here, and one
+    accelerator need not hold the optimizer state that comes with the parameters.
     """
     checkpointer = Checkpointer(directory)
     try:
@@ -110,8 +112,12 @@ def restore_params(directory: str, step: int | None = None) -> tuple[Any, int]:
         if step is None:
             raise CheckpointError(f"no checkpoint found in {checkpointer.directory}")
         try:
+            host = jax.local_devices(backend="cpu")[0]
+        except RuntimeError:  # JAX_PLATFORMS names no cpu
+            host = jax.local_devices()[0]
+        one_device = jax.sharding.SingleDeviceSharding(host)
+        try:
             saved = ocp.StandardCheckpointHandler().metadata(Path(checkpointer.step_dir(step)) / "state")
-            one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             target = jax.tree_util.tree_map(
                 lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=one_device),
                 getattr(saved, "tree", saved),  # orbax >= 0.12 wraps the tree
