@@ -27,26 +27,36 @@ term (and its per-token self part, Cor 3.6's mechanism) and the DPO pair-weight 
 σ(−βΔ) evaluated at the perturbed point, which the theory's fixed ±η has no analogue of
 (the plot's right panel).
 
-What the defaults show (gpt2-tiny, untied head, long style, AdamW lr 1e-4, 100 steps,
-ρ = ±0.1; seeds 0–5): the baseline squeezes (held-out chosen log-prob −2.5 to −10 nats
-while the margin reaches ~3). Logits-SAM at ρ = +0.1 makes it WORSE on every seed
-(held-out −1.12 ± 0.35 nats vs baseline; −0.25 ± 0.08 at equal margin), at ρ = −0.1 it
-MITIGATES on every seed (+0.80 ± 0.31; +0.39 ± 0.08 at equal margin), both at the same
-final margin (0.99–1.01x); ρ = ±0.01 gives the same signs, ten times smaller. So on this
-task the sign that helps is the opposite of the paper's practical rule. The probe (seed
-0) shows where the one-step rule stops holding: while the margin is below ~0.4 (steps
-0–30) a head-only step with ρ > 0 raises the chosen log-prob, its per-token self part
-too, as Cor 3.6 predicts; from margin ~0.8 on (step 40–) it lowers it, because the
-pair-weight term turns negative and outweighs the curvature term (a median 4x), even
-though the curvature term itself is then positive. The full-parameter effect, where the
-trunk's share dominates, changes sign from probe to probe (magnitudes in the hundreds).
-The paper's Figure 1c (GPT-2 on webgpt_comparisons) is not reproduced here; other
-settings are in the README.
+What the defaults show (gpt2-tiny with GPT-2's tied head, long style, AdamW lr 1e-4, 100
+steps, ρ = ±0.03; seeds 0–7, mean ± s.e. of the difference from the same seed's
+baseline): the baseline squeezes (held-out chosen log-prob −1.8 to −6.0 nats while the
+held-out margin grows). Logits-SAM at ρ = +0.03, the paper's practical sign, MITIGATES it:
++0.66 ± 0.17 nats at equal margin (higher on all 7 seeds that reached it), +0.49 ± 0.23
+held-out at the end (6/8), at a final margin 0.86–1.00x the baseline's on six seeds (0.62x
+and 0.29x on two). At ρ = −0.03 it worsens it (−0.34 ± 0.13 at equal margin, 1/8 higher).
+ρ = 0.1 mostly slows learning (margin 0.07–0.2x on two of four seeds); ρ = 0.01 is within
+noise (+0.03 ± 0.07). The probe agrees in sign: a head-only step with ρ > 0 raises the
+chosen log-prob at 7–10 of 10 probed steps. But it does so through the pair-weight term:
+Theorem 3.2's curvature term is 1e-3 to 1e-5 of it, because chosen and rejected share
+nearly the same features on their common tokens and their opposite-signed corrections
+cancel (each token's self part alone is positive, as Cor 3.6 says, and is cancelled by
+its twin's).
+
+With an untied head (``--head untied``, a matrix used only as the output layer) the sign
+reverses, on every style: ρ = +0.1 worsens the squeeze (long style, seeds 0–5: −1.12 ± 0.35
+nats held-out, −0.25 ± 0.08 at equal margin) and ρ = −0.1 mitigates it (+0.80 ± 0.31, +0.39 ±
+0.08, higher on all six seeds), both at the same final margin. There the probe (seed 0)
+shows where the one-step rule stops holding: while the margin is below ~0.4 a head-only
+step with ρ > 0 raises the chosen log-prob, as Cor 3.6 predicts; from margin ~0.8 on it
+lowers it, because DPO's pair-weight term turns negative and outweighs the curvature term.
+Which sign helps therefore depends on the architecture, not only on the learning rate's
+sign; the README has the full table, and the paper's own setting (GPT-2 on
+webgpt_comparisons) runs with ``--model DIR --data FILE``.
 
 By default the data are the long-suffix sentiment task (:mod:`lm.synthetic`, margin-
-pitfalls §4.2) on a from-scratch ``gpt2-tiny`` with the task's word-level vocabulary and
-its own output layer (``--head tied`` ties it to the embedding as in GPT-2; untied,
-logits-SAM perturbs only the head). The loop is :func:`lm.train.make_train_step` under
+pitfalls §4.2) on a from-scratch ``gpt2-tiny`` with the task's word-level vocabulary and,
+as in GPT-2, the output layer tied to the input embedding (logits-SAM perturbs only its
+use as the output layer). The loop is :func:`lm.train.make_train_step` under
 ``jit`` with no checkpoints: every run here is minutes long and re-runnable from its seed.
 """
 
@@ -82,8 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--tokenizer", help="tokenizer.json for --data (default: the model's)")
     g.add_argument("--style", default="long", choices=STYLES, help="synthetic response style")
     g.add_argument("--head", choices=HEADS,
-                   help="built-in model's output layer: its own matrix (default; logits-SAM then perturbs "
-                        "only the head) or GPT-2's tie to the embedding")
+                   help="built-in model's output layer: GPT-2's tie to the embedding (default, the paper's "
+                        "model) or its own matrix (logits-SAM then perturbs a matrix used nowhere else)")
     g.add_argument("--pairs", type=_positive_int, default=512, help="synthetic training pairs")
     g.add_argument("--held-out", type=_positive_int, default=128, help="held-out pairs for reward accuracy")
     g.add_argument("--max-len", type=_positive_int, default=32,
@@ -98,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="DPO optimizer: AdamW (clip 1.0) or plain SGD (no clipping: the paper's GD)")
     g.add_argument("--lr", type=positive_float, default=1e-4, help="DPO learning rate (constant)")
     g.add_argument("--beta", type=positive_float, default=0.1)
-    g.add_argument("--rho", type=finite_float, default=0.1,
+    g.add_argument("--rho", type=finite_float, default=0.03,
                    help="signed logits-SAM radius (> 0: the paper's practical rule, Table 4)")
     g.add_argument("--opposite", action=argparse.BooleanOptionalAction, default=True,
                    help="also run logits-SAM at -rho (the theory's sign for the y- term; see the README)")
@@ -120,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("argument --tokenizer: only used with --data")
     if args.head and os.path.isdir(args.model):
         p.error("argument --head: only for a built-in --model (a checkpoint keeps its own head)")
-    args.head = args.head or "untied"
+    args.head = args.head or "tied"
     if args.max_prompt_len is None:
         args.max_prompt_len = args.max_len // 2
     if not 0 < args.max_prompt_len < args.max_len:

@@ -22,7 +22,7 @@ def test_tiny_run_writes_plot_metrics_and_sweep(tmp_path, capsys, monkeypatch):
     # The full grid is the same loop; a radius already run (0, ±--rho) is reused, not recompiled.
     monkeypatch.setattr(squeeze, "SWEEP_RHOS", (0.0, 0.1))
     out = tmp_path / "run"
-    assert squeeze.main([*TINY, "--sweep-rho", "--probe-every", "2", "--out", str(out)]) == 0
+    assert squeeze.main([*TINY, "--rho", "0.1", "--sweep-rho", "--probe-every", "2", "--out", str(out)]) == 0
     assert (out / "fig1c_logps.png").stat().st_size > 0
     result = json.loads((out / "metrics.json").read_text())
     assert list(result["runs"]) == ["baseline", "logits-sam", "logits-sam-opposite", "sam"]
@@ -180,7 +180,7 @@ def test_head_flag_sets_the_tie(head, tied):
     args = squeeze.parse_args([*TINY, "--head", head])
     cfg = squeeze.synthetic_setup(args).cfg
     assert cfg.tie_word_embeddings is tied
-    assert squeeze.parse_args(TINY).head == "untied"
+    assert squeeze.parse_args(TINY).head == "tied"  # GPT-2's, the paper's model
 
 
 def test_smoothed_is_a_trailing_mean():
