@@ -11,17 +11,6 @@ from lm import hf, models
 from lm.train.logging import read_jsonl
 
 
-@pytest.fixture
-def prefs(tmp_path):
-    rng = np.random.default_rng(0)
-    path = tmp_path / "prefs.jsonl"
-    with open(path, "w") as f:
-        for _ in range(12):
-            a, b = rng.integers(0, 50, size=2)
-            f.write(json.dumps({"prompt": f"{a}+{b}=", "chosen": f" {a + b}", "rejected": f" {a + b + 3}"}) + "\n")
-    return path
-
-
 def errors(capsys, argv):
     with pytest.raises(SystemExit) as exit_:
         dpo.main(argv)

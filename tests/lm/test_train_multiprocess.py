@@ -83,15 +83,9 @@ DPO_FLAGS = [
 
 
 @pytest.mark.slow
-def test_two_process_dpo_run_matches_one_process(tmp_path):
+def test_two_process_dpo_run_matches_one_process(tmp_path, prefs):
     """``experiments.dpo`` with logits-SAM, weights FSDP-split across two processes: the
     exported policy, the metrics and the checkpoint are those of a one-device run."""
-    rng = np.random.default_rng(0)
-    prefs = tmp_path / "prefs.jsonl"
-    with open(prefs, "w") as f:
-        for _ in range(12):
-            a, b = rng.integers(0, 50, size=2)
-            f.write(json.dumps({"prompt": f"{a}+{b}=", "chosen": f" {a + b}", "rejected": f" {a + b + 3}"}) + "\n")
     two, one = tmp_path / "two", tmp_path / "one"
     os.makedirs(tmp_path / "logs")
     done = run_processes(
