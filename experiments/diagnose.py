@@ -5,7 +5,9 @@
 For the first ``--batch-size`` pairs: the output-layer gradient inner product and cosine
 of log π(y_w) and log π(y_l) per pair (margin-pitfalls condition (7)), and Hutchinson
 estimates of the traces of the DPO loss Hessian w.r.t. the output layer, all parameters
-and the logits (logits-SAM paper §4.3). The reference is ``--ref`` (default: the model).
+and the logits (logits-SAM paper §4.3), and the first-order effect of logits-SAM on the
+chosen and rejected log-probs after one step, by term (``lm.diagnostics.sam_step_effects``).
+The reference is ``--ref`` (default: the model).
 """
 
 from __future__ import annotations
@@ -78,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg, p, b, jax.random.PRNGKey(args.seed), ref_params=r,
             loss_kwargs={"beta": args.beta}, num_probes=args.probes, which=args.hessians))(
             params, batch, ref_params)
-    products, traces = jax.device_get((products, traces))
+    effects = jax.jit(lambda p, b, r: diagnostics.sam_step_effects(
+        cfg, p, b, ref_params=r, loss_kwargs={"beta": args.beta}))(params, batch, ref_params)
+    products, traces, effects = jax.device_get((products, traces, effects))
     result = {
         "pairs": [pairs.source[i] for i in range(args.batch_size)],
         "gradient_products": {k: np.asarray(products[k]).tolist()
@@ -86,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "token_cosine": np.asarray(products["token_cosine"]).tolist(),
         "hessian_traces": {k: {"trace": float(v["trace"]), "stderr": float(v["stderr"]),
                                "probes": args.probes} for k, v in traces.items()},
+        "sam_step_effects": {k: float(v) for k, v in effects.items()},
     }
     text = json.dumps(result)
     if args.out:

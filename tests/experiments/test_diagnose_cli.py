@@ -31,6 +31,9 @@ def test_writes_products_and_traces(tmp_path, prefs, capsys):
     assert set(result["hessian_traces"]) == {"head", "logits"}
     assert all(np.isfinite(v["trace"]) for v in result["hessian_traces"].values())
     assert len(result["token_cosine"]) == 2
+    effects = result["sam_step_effects"]
+    assert {"sam/chosen", "sam/chosen/curvature", "sam/chosen/weight", "params/sam/rejected"} <= set(effects)
+    assert effects["sam/chosen"] == pytest.approx(effects["sam/chosen/curvature"] + effects["sam/chosen/weight"])
     assert "gradient_products" in capsys.readouterr().out
 
 
