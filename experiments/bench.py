@@ -28,7 +28,9 @@ each; nothing inside the step talks to the host) and reports:
   overhead        for logits-sam and sam, step time and memory relative to adamw; for
                   logits-sam next to its FLOP lower bound: the inner head forward and the head
                   gradient, 4 · N · V · d for the N = pairs · 2 · (seq − 1) positions that go
-                  through the policy head, over the adamw model_flops.
+                  through the policy head, over the adamw model_flops; with ``--head-dtype
+                  split``, 8 · N · V · d + 4 · P_trunk · tokens (the split head's extra
+                  matmuls and the trunk's second backward pass, :func:`logits_sam_extra_flops`).
 
 ``peak_bytes_in_use`` only grows within a process, so on devices that report it each
 (case, mode) runs in its own child process (``--isolate auto``). Cases that do not fit are
@@ -144,9 +146,20 @@ def head_positions(pairs: int, seq: int, prompt: int, chunk_size: int | None) ->
     return pairs * 2 * (chunks - prompt // chunk_size) * chunk_size
 
 
-def logits_sam_extra_flops(positions: int, vocab: int, width: int) -> float:
+def logits_sam_extra_flops(positions: int, vocab: int, width: int, *, split: bool = False,
+                           trunk_params: int = 0, tokens: int = 0) -> float:
     """Logits-SAM's extra work, 4 · N · V · d: the inner head forward ``h Wᵀ`` (2NVd) and the
-    head gradient ``gᵀ h`` (2NVd) that set the perturbation (paper §3.3, Algorithm 1)."""
+    head gradient ``gᵀ h`` (2NVd) that set the perturbation (paper §3.3, Algorithm 1).
+
+    ``split`` (``--head-dtype split``, :func:`lm.losses.split_token_logps`): the head's
+    matmuls are the inner gradient gᵀ h, the forward h Wᵀ (which the inner pass can share:
+    the same product) and h eᵀ, and the backward g0 W, Δg W, g' e and Δgᵀ h, 14 · N · V · d
+    against plain's 6 (16 unshared), so at least 8 · N · V · d extra, plus the trunk's
+    second backward pass, 4 · P_trunk · tokens (P_trunk: the parameters outside the
+    embedding and head matrices).
+    """
+    if split:
+        return 8.0 * positions * vocab * width + 4.0 * trunk_params * tokens
     return 4.0 * positions * vocab * width
 
 
@@ -262,14 +275,17 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     n_params = count_params(params_abs)
     flops = model_flops(n_params, tokens, args.reference)
     row: dict[str, Any] = {
-        **dataclasses.asdict(case), "mode": mode, "n_params": n_params,
+        **dataclasses.asdict(case), "mode": mode, "head_dtype": args.head_dtype,
+        "n_params": n_params,
         "vocab": cfg.vocab_size, "width": cfg.hidden_size,
         "tokens_per_step": tokens, "model_flops_per_step": flops,
     }
     if mode == "logits-sam":
+        head_matrices = (1 if cfg.tie_word_embeddings else 2) * cfg.vocab_size * cfg.hidden_size
         extra = logits_sam_extra_flops(head_positions(case.pairs, case.seq, case.prompt,
                                                        args.chunk_size), cfg.vocab_size,
-                                       cfg.hidden_size)
+                                       cfg.hidden_size, split=args.head_dtype == "split",
+                                       trunk_params=n_params - head_matrices, tokens=tokens)
         row["flop_bound"] = extra / model_flops(n_params, tokens, args.reference)
 
     step, tx = build_step(cfg, mode, args, case.remat)
@@ -472,7 +488,8 @@ def environment(args: argparse.Namespace) -> dict:
             "flop_bound": "logits-SAM extra 4 * N * V * d over the adamw model_flops; N = "
                           "pairs * 2 * (seq - 1) head positions, or with --chunk-size c the "
                           "positions of chunks holding a response target (prompt-only chunks "
-                          "skip the head)",
+                          "skip the head); with --head-dtype split 8 * N * V * d + 4 * "
+                          "P_trunk * tokens",
         },
         "targets": TARGETS, "gpu_command": GPU_COMMAND,
     }
@@ -503,9 +520,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="gradient checkpointing of each transformer block")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="tokens per chunk of the vocabulary logits (default: all at once)")
-    p.add_argument("--head-dtype", choices=("float32",),
-                   help="output-layer dtype (default: the compute dtype); float32 keeps "
-                        "logits-SAM exact under bf16 compute")
+    p.add_argument("--head-dtype", choices=objectives.HEAD_DTYPES,
+                   help="output-layer numerics (default: the compute dtype); float32 or split "
+                        "keep logits-SAM exact under bf16 compute (see lm.objectives)")
     p.add_argument("--reference", default="frozen", choices=REFERENCES,
                    help="frozen: reference forward inside the step; precomputed: none")
     p.add_argument("--rho", type=float, default=1e-4, help="(logits-)SAM radius")

@@ -77,9 +77,11 @@ def parse_args(argv: list[str] | None = None):
     g.add_argument("--param-dtype", choices=("float32", "bfloat16"),
                    help="parameter storage dtype (default: float32)")
     g.add_argument("--chunk-size", type=positive_int, help="tokens per chunk of vocabulary logits")
-    g.add_argument("--head-dtype", choices=("float32",),
-                   help="output-layer dtype (default: the model's compute dtype); float32 keeps "
-                        "logits-SAM's tiny perturbation exact under bf16 compute")
+    g.add_argument("--head-dtype", choices=objectives.HEAD_DTYPES,
+                   help="output-layer numerics (default: the model's compute dtype); under bf16 "
+                        "compute, float32 (float32 head matmuls) keeps logits-SAM's head "
+                        "correction exact, split (bf16 matmuls, twice the trunk's backward "
+                        "work) every parameter's")
     g.add_argument("--grad-accum", type=positive_int, default=1,
                    help="micro-batches per step (the (logits-)SAM norm is per micro-batch)")
     g.add_argument("--remat", action="store_true", help="rematerialise trunk blocks")

@@ -99,31 +99,135 @@ def token_logps(
       chunk_size: target positions per chunk (each chunk holds N·c·V float32 logits);
         ``None`` = all at once.
     """
-    n, t, d = hidden.shape
+    return _chunked(lambda h, tg: target_logps(logits_from_hidden(h, head), tg), (hidden,), (),
+                    input_ids, loss_mask, chunk_size)
+
+
+def split_token_logps(
+    hidden: jax.Array,
+    hidden_corr: jax.Array,
+    head: jax.Array,
+    e: jax.Array,
+    unperturbed_cotangent: jax.Array,
+    input_ids: jax.Array,
+    loss_mask: jax.Array,
+    *,
+    chunk_size: int | None = None,
+) -> jax.Array:
+    """:func:`token_logps` of the perturbed head W + e, exact for tiny e in bf16 matmuls.
+
+    Forward, per token: z = h Wᵀ, δ = h eᵀ (both matmuls in h's dtype with float32
+    results: e keeps its own relative precision in bf16), log-probs from z' = z + δ.
+    Backward, with c' the incoming cotangent of a token's log-prob and c
+    (``unperturbed_cotangent``, (N, T − 1), a constant) the one at e = 0:
+
+        g0 = c (onehot − p),   g' = c' (onehot − p'),   Δg = g' − g0
+           = (c' − c)(onehot − p') − c (p' − p),   p' − p = p·expm1(δ − Δlse),
+        Δlse = lse(z') − lse(z) = log1p(Σ_v p_v expm1(δ_v))
+
+    (Δg is formed without cancelling p' against p), and
+
+        ∂/∂hidden      = g0 W                  the plain logit gradient's share
+        ∂/∂hidden_corr = Δg W + g' e           the SAM correction (both terms first order in e)
+        ∂/∂head        = Δgᵀ h                 the correction only: the caller adds g0ᵀ h,
+                                                 which is the inner gradient ∇_W L it already has
+
+    whose sums are g' (W + e) and g'ᵀ h, the gradients of z' = h (W + e)ᵀ, each share rounded
+    to bf16 relative to itself: the correction (first order in ρ, ~1e-4 of the gradient at
+    ρ = 1e-4 on GPT-2) is never rounded against the much larger g0 W or g0ᵀ h. g0 W is
+    formed as autodiff forms the plain gradient's (float32 g0 against the compute-dtype W),
+    so it matches the plain share up to float32 rounding. ``hidden`` and ``hidden_corr`` are the same features passed twice so
+    that the two shares reach the trunk as separate cotangents; ``e`` and the
+    unperturbed cotangent get zero cotangents. Shapes and chunking as in
+    :func:`token_logps`.
+    """
+    cot = jnp.pad(_masked(unperturbed_cotangent.astype(jnp.float32), loss_mask), ((0, 0), (1, 0)))
+    return _chunked(lambda h, hc, tg, c: _split_target_logps(h, hc, head, e, c, tg),
+                    (hidden, hidden_corr), (cot,), input_ids, loss_mask, chunk_size)
+
+
+def _precision(x: jax.Array):
+    return jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+
+
+def _dot(a: jax.Array, b: jax.Array, spec: str) -> jax.Array:
+    """einsum in float32 result, operands as given (cast by the caller)."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=_precision(b))
+
+
+@jax.custom_vjp
+def _split_target_logps(h, h_corr, head, e, c, targets):
+    return target_logps(logits_from_hidden(h, head) + logits_from_hidden(h, e), targets)
+
+
+def _split_fwd(h, h_corr, head, e, c, targets):
+    z, delta = logits_from_hidden(h, head), logits_from_hidden(h, e)
+    return target_logps(z + delta, targets), (h, head, e, c, targets, z, delta)
+
+
+def _split_bwd(res, ct):
+    h, head, e, c, targets, z, delta = res
+    p = jax.nn.softmax(z, axis=-1)
+    dlse = jnp.log1p(jnp.sum(p * jnp.expm1(delta), axis=-1, keepdims=True))
+    dp = p * jnp.expm1(delta - dlse)
+    onehot = jax.nn.one_hot(targets, z.shape[-1], dtype=jnp.float32)
+    c0, c1 = c[..., None], ct[..., None]
+    g0 = c0 * (onehot - p)
+    g_new = c1 * (onehot - p - dp)
+    dg = (c1 - c0) * (onehot - p - dp) - c0 * dp
+    w = head.astype(h.dtype)
+    # g0 enters in float32, as in autodiff's transpose of the plain logits matmul: a bf16 g0
+    # would round this share differently from plain descent's, and logits-SAM minus plain
+    # would carry that rounding (≫ the correction) besides the correction.
+    d_h = _dot(g0, w, "...v,vd->...d").astype(h.dtype)
+    d_corr = (_dot(dg.astype(h.dtype), w, "...v,vd->...d")
+              + _dot(g_new.astype(h.dtype), e.astype(h.dtype), "...v,vd->...d")).astype(h.dtype)
+    d_head = _dot(dg.astype(h.dtype), h, "...v,...d->vd").astype(head.dtype)
+    return d_h, d_corr, d_head, jnp.zeros_like(e), jnp.zeros_like(c), None
+
+
+_split_target_logps.defvjp(_split_fwd, _split_bwd)
+
+
+def _chunked(fn, shifted, aligned, input_ids, loss_mask, chunk_size):
+    """Masked ``fn(*h_prev, targets, *aligned)`` (N, T − 1) over target positions 1..T − 1.
+
+    ``shifted`` are (N, T, ...) per-position inputs (the features that predict the next
+    token: shifted by one onto their targets); ``aligned`` are (N, T, ...) inputs already
+    indexed by target position (entry 0 unused). See :func:`token_logps` for the chunking.
+    """
+    n, t = input_ids.shape
     if chunk_size is None or chunk_size >= t - 1:
-        return _counted_logps(logits_from_hidden(hidden[:, :-1], head), input_ids, loss_mask)
+        logps = fn(*(x[:, :-1] for x in shifted), input_ids[:, 1:], *(x[:, 1:] for x in aligned))
+        return _masked(logps, loss_mask)
     if chunk_size < 1:
         raise ValueError(f"--chunk-size must be a positive integer, got {chunk_size}")
     chunks = -(-t // chunk_size)
     pad = chunks * chunk_size - t
+
+    def pad_right(x):
+        return jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+
     # Target j is predicted from h_{j−1}: shift h right by one so chunks align with targets.
-    h_prev = jnp.pad(hidden, ((0, 0), (1, pad - 1 if pad else 0), (0, 0)))[:, : chunks * chunk_size]
-    targets = jnp.pad(input_ids, ((0, 0), (0, pad)))
-    counted = jnp.pad(loss_mask, ((0, 0), (0, pad))).at[:, 0].set(0) > 0
+    h_prev = [jnp.pad(x, ((0, 0), (1, pad - 1 if pad else 0)) + ((0, 0),) * (x.ndim - 2))
+              [:, : chunks * chunk_size] for x in shifted]
+    targets = pad_right(input_ids)
+    counted = pad_right(loss_mask).at[:, 0].set(0) > 0
 
     def split(x):
         return jnp.moveaxis(x.reshape(n, chunks, chunk_size, *x.shape[2:]), 1, 0)
 
     @jax.checkpoint
     def chunk(xs):
-        h_c, tg_c, m_c = xs
+        m_c, tg_c, hs, al = xs
         return jax.lax.cond(
             jnp.any(m_c),
-            lambda: target_logps(logits_from_hidden(h_c, head), tg_c),
+            lambda: fn(*hs, tg_c, *al),
             lambda: jnp.zeros(tg_c.shape, jnp.float32),
         )
 
-    logps = jax.lax.map(chunk, (split(h_prev), split(targets), split(counted)))
+    logps = jax.lax.map(chunk, (split(counted), split(targets), [split(x) for x in h_prev],
+                                [split(pad_right(x)) for x in aligned]))
     logps = jnp.moveaxis(logps, 0, 1).reshape(n, chunks * chunk_size)[:, 1:t]
     return _masked(logps, loss_mask)
 

@@ -9,7 +9,8 @@ perturbation e = ρ g/‖g‖ (``dynamics.sam``) is applied:
   sam            ∇θ L(θ + e),        g = ∇θ L(θ)                 Foret et al.; two passes
 
 Logits-SAM costs one trunk forward and one trunk backward: only the output layer sees
-the perturbation. For tied models (GPT-2) the perturbed W is the head *use* of the
+the perturbation. (``head_dtype="split"``, exact under bf16 compute, runs the trunk's
+backward on two cotangents: see :func:`make_model_grad_fn`.) For tied models (GPT-2) the perturbed W is the head *use* of the
 embedding matrix; the input embedding lookup keeps the unperturbed matrix, and the
 gradient of both uses lands on the one shared parameter.
 
@@ -28,7 +29,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from dynamics.sam import logits_sam_loss, sam_loss
+from dynamics.sam import logits_sam_loss, sam_loss, sam_perturbation
 from lm import losses
 from lm.models import forward_hidden, output_head
 
@@ -37,6 +38,8 @@ Batch = Mapping[str, jax.Array]
 GradFn = Callable[[Params, Batch, Params], tuple[jax.Array, dict[str, jax.Array], Params]]
 
 MODES = ("plain", "adamw", "logits-sam", "sam")
+SPLIT = "split"
+HEAD_DTYPES = ("float32", SPLIT)
 REFERENCES = ("frozen", "precomputed", "none")
 
 
@@ -63,9 +66,13 @@ def _head_in(dtype, hidden_fn, head_fn):
     Why float32 under bf16 compute: logits-SAM's |e| ≈ ρ/√(V·d) (1e-8 at ρ = 1e-4 and
     GPT-2's head) is far below bf16's resolution of a weight (1e-4 at |W| = 0.02), so in
     bf16 W + e rounds back to W and the SAM correction of the head gradient drowns in
-    rounding (tests/lm/test_objectives.py measures it).
+    rounding (tests/lm/test_objectives.py measures it). ``"split"`` keeps the compute dtype
+    here: it changes only how logits-SAM differentiates W + e (:func:`make_model_grad_fn`).
     """
-    if dtype is None:
+    if dtype is not None and dtype not in HEAD_DTYPES:
+        raise ValueError(f"--head-dtype: unknown head dtype {dtype!r}; choose from "
+                         f"{', '.join(HEAD_DTYPES)}")
+    if dtype is None or dtype == SPLIT:
         return hidden_fn, head_fn
     dtype = jnp.dtype(dtype)
     return (lambda params, ids, attn: hidden_fn(params, ids, attn).astype(dtype),
@@ -148,9 +155,13 @@ def make_model_grad_fn(
         "precomputed" reads ``batch["ref_logps"]`` [B, 2]; "none" uses no reference and
         needs a reference-free loss. Reference-free losses never evaluate the reference,
         whatever this says, and ``ref_params`` may then be None.
-      head_dtype: dtype of the output-layer computation (None: the trunk's). "float32"
-        under bf16 compute keeps logits-SAM's perturbation and its gradient correction
-        exact, at the price of float32 head matmuls.
+      head_dtype: the output layer's numerics. None: the trunk's dtype. "float32": float32
+        head matmuls, so logits-SAM's W + e and its head-gradient correction survive bf16
+        compute (the trunk still receives ∂L/∂h rounded to bf16). "split": the trunk's
+        dtype, and logits-sam differentiates W + e with the SAM correction carried apart
+        from the plain gradient (:func:`lm.losses.split_token_logps`) and run through the
+        trunk's backward pass separately, so the correction of every gradient is exact to
+        its own bf16 precision; other modes are unaffected.
 
     Returns:
       ``grad_fn``; ``loss`` and ``metrics`` (see :meth:`lm.losses.Loss.metrics`) are of
@@ -182,12 +193,51 @@ def make_model_grad_fn(
             f"reference-free losses are {free}"
         )
 
-    def pair_loss(hidden, head, mask, ids, ref):
-        """Mean loss and metrics of the pairs from trunk output ``hidden`` and head ``head``."""
-        logps, counts = losses.sequence_logps(hidden, head, ids, mask, chunk_size=chunk_size)
+    def tokens_loss(token_logps, mask, ref):
+        """Mean loss and metrics of the pairs from masked per-token log-probs (2B, T − 1)."""
+        logps, counts = jnp.sum(token_logps, axis=-1), losses.response_lengths(mask)
         pairs = losses.PairLogps(*split_pairs(logps), *split_pairs(ref), *split_pairs(counts))
         per_pair = objective(pairs)
         return jnp.mean(per_pair), objective.metrics(pairs, per_pair)
+
+    def pair_loss(hidden, head, mask, ids, ref):
+        """Mean loss and metrics of the pairs from trunk output ``hidden`` and head ``head``."""
+        return tokens_loss(losses.token_logps(hidden, head, ids, mask, chunk_size=chunk_size),
+                           mask, ref)
+
+    def split_logits_sam(params, ids, attn, mask, ref):
+        """Metrics and ∇θ L(h(θ), W + e) for ``head_dtype="split"``.
+
+        The inner pass gives the per-token cotangents c = ∂L/∂log π at e = 0 and the head
+        gradient g = Σ_tokens c (onehot − p)ᵀ h, so e = ρ g/‖g‖; the perturbed pass
+        returns the correction apart from the plain shares (split_token_logps), and
+
+            ∇θ = J_Wᵀ (g + Δgᵀh) + J_hᵀ (g0 W) + J_hᵀ (Δg W + g' e)
+
+        with J_W, J_h the Jacobians of head and trunk: the trunk's backward runs once per
+        share (one pass vmapped over the two), since summing them first would round the
+        correction away in the compute dtype.
+        """
+        hidden, trunk_vjp = jax.vjp(lambda p: hidden_fn(p, ids, attn), params)
+        head, head_vjp = jax.vjp(head_fn, params)
+        h0, w0 = jax.lax.stop_gradient((hidden, head))
+        tok0, inner_vjp = jax.vjp(
+            lambda w: losses.token_logps(h0, w, ids, mask, chunk_size=chunk_size), w0)
+        (_, metrics), cot = jax.value_and_grad(tokens_loss, has_aux=True)(tok0, mask, ref)
+        inner = inner_vjp(cot)[0]
+        e = jax.lax.stop_gradient(sam_perturbation(inner, rho))
+
+        def perturbed(h_plain, h_corr, w):
+            tok = losses.split_token_logps(h_plain, h_corr, w, e, cot, ids, mask,
+                                           chunk_size=chunk_size)
+            return tokens_loss(tok, mask, ref)[0]
+
+        out, (d_plain, d_corr, d_head) = jax.value_and_grad(perturbed, argnums=(0, 1, 2))(
+            hidden, hidden, head)
+        trunk = jax.vmap(trunk_vjp)(jnp.stack([d_plain, d_corr]))[0]
+        grads = jax.tree_util.tree_map(lambda h, t: h + t[0] + t[1],
+                                       head_vjp(inner + d_head)[0], trunk)
+        return {**metrics, "sam/perturbed_loss": out}, grads
 
     def model_loss(params, ids, attn, mask, ref):
         hidden = hidden_fn(params, ids, attn)
@@ -220,6 +270,8 @@ def make_model_grad_fn(
                 out, metrics = sam_loss(model_loss, p, rho, ids, attn, mask, ref, has_aux=True)
                 return out, {**metrics, "sam/perturbed_loss": out}
             (_, metrics), grads = jax.value_and_grad(perturbed, has_aux=True)(params)
+        elif mode == "logits-sam" and head_dtype == SPLIT:
+            metrics, grads = split_logits_sam(params, ids, attn, mask, ref)
         else:
             (_, metrics), grads = jax.value_and_grad(model_loss, has_aux=True)(
                 params, ids, attn, mask, ref)

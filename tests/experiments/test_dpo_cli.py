@@ -123,13 +123,14 @@ def test_precomputed_reference_trains_like_the_frozen_one(tmp_path, prefs):
     assert rows["frozen"][-1]["loss"] != pytest.approx(np.log(2), abs=1e-4)  # it trained
 
 
-def test_bfloat16_compute_with_a_float32_head(tmp_path, prefs):
+@pytest.mark.parametrize("head_dtype", ["float32", "split"])
+def test_bfloat16_compute_with_an_exact_head(tmp_path, prefs, head_dtype):
     out = tmp_path / "bf16"
-    argv = ["--model", "gpt2-tiny", "--data", str(prefs), "--dtype", "bfloat16", "--head-dtype", "float32",
+    argv = ["--model", "gpt2-tiny", "--data", str(prefs), "--dtype", "bfloat16", "--head-dtype", head_dtype,
             "--batch-size", "4", "--steps", "1", "--max-len", "16", "--max-prompt-len", "8", "--held-out", "0",
             "--log-every", "1", "--out", str(out), "--no-progress"]
     assert dpo.main(argv) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["model_config"]["dtype"] == "bfloat16" and config["head_dtype"] == "float32"
+    assert config["model_config"]["dtype"] == "bfloat16" and config["head_dtype"] == head_dtype
     (row,) = read_jsonl(out / "metrics.jsonl")
-    assert row["loss"] == pytest.approx(np.log(2), abs=1e-6)  # float32 head: policy == reference exactly
+    assert row["loss"] == pytest.approx(np.log(2), abs=1e-6)  # policy == reference exactly

@@ -4,7 +4,8 @@
 Prints one JSON line: the largest gradient difference between the sharded and the
 single-device computation, and between the single-device one and a per-shard-norm
 variant (each half of the batch perturbed by its own ‖g‖), which is what a wrong,
-shard-local norm would compute.
+shard-local norm would compute; then the same sharded check for ``head_dtype="split"``
+and its difference from plain logits-SAM (float32: the same math).
 """
 
 import json
@@ -46,8 +47,13 @@ def main():
     halves = [grad_fn(policy, {k: v[s] for k, v in batch.items()}, reference)[2]
               for s in (slice(0, PAIRS // 2), slice(PAIRS // 2, PAIRS))]
     per_shard = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, *halves)
+    split_fn = jax.jit(objectives.make_grad_fn(cfg, mode="logits-sam", rho=0.05, head_dtype="split"))
+    split_single = split_fn(policy, batch, reference)[2]
+    split_sharded = split_fn(shard(policy), mesh_lib.put_batch(batch, mesh), shard(reference))[2]
     print(json.dumps({"devices": jax.device_count(), "sharded": max_diff(sharded, single),
-                      "per_shard_norm": max_diff(per_shard, single)}))
+                      "per_shard_norm": max_diff(per_shard, single),
+                      "split_sharded": max_diff(split_sharded, split_single),
+                      "split_vs_plain": max_diff(split_single, single)}))
 
 
 if __name__ == "__main__":

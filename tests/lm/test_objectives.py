@@ -311,3 +311,93 @@ def test_float32_head_keeps_logits_sam_exact_under_bfloat16_compute():
     np.testing.assert_allclose(correction(jnp.bfloat16, "float32"), exact, rtol=1e-4,
                                atol=1e-5 * np.abs(exact).max())
     assert cosine(correction(jnp.bfloat16), exact) < 0.9  # what the option fixes
+
+
+def _bf16_features(dtype):
+    """The toy trunk with bf16-valued features; only ``dtype=bfloat16`` rounds ∂L/∂h to
+    bf16 on its way back into the trunk, as a bf16 trunk's backward pass does."""
+    def hidden(params, ids, attn):
+        h = _toy_hidden(params, ids, attn)
+        return (h + jax.lax.stop_gradient(h.astype(jnp.bfloat16).astype(h.dtype) - h)).astype(dtype)
+    return hidden
+
+
+@pytest.mark.parametrize("rho", [1e-4, 1e-3])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_split_head_keeps_the_whole_logits_sam_correction_under_bfloat16(rho, chunk_size):
+    """``head_dtype="split"`` computes the correction (logits-SAM minus plain gradient) of
+    the head *and* the trunk as the float32 computation does, in bf16 matmuls; the float32
+    head only fixes the head's: the trunk gets ∂L/∂h rounded to bf16, correction and all."""
+    params, batch = _toy_params(5, tied=False), _batch(5)
+
+    def correction(dtype, head_dtype=None):
+        grads = [O.make_model_grad_fn(_bf16_features(dtype), _toy_head, mode=mode, rho=rho,
+                                      reference="none", loss="cpo", chunk_size=chunk_size,
+                                      head_dtype=head_dtype)(params, batch, None)[2]
+                 for mode in ("logits-sam", "plain")]
+        diff = TM(lambda a, b: np.ravel(a - b), *grads)
+        return diff["lm_head"], np.concatenate([diff[k] for k in ("embed", "w", "b")])
+
+    def cosine(a, b):
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+    exact = correction(jnp.float32)
+    split = correction(jnp.bfloat16, "split")
+    float32_head = correction(jnp.bfloat16, "float32")
+    for got, want in zip(split, exact):
+        assert cosine(got, want) >= 0.99
+    assert cosine(np.concatenate(split), np.concatenate(exact)) >= 0.99
+    assert cosine(float32_head[0], exact[0]) >= 0.99
+    assert cosine(float32_head[1], exact[1]) < 0.9
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("loss,reference", [("dpo", "frozen"), ("ipo", "frozen"), ("cpo", "none")])
+def test_split_head_in_float32_is_plain_logits_sam(tied, loss, reference):
+    """Same math: in float32 the split head gives logits-SAM's gradient and metrics."""
+    params, batch = _toy_params(6, tied), _batch(6)
+    ref_params = TM(lambda p: p * 0.9, params)
+    for chunk_size in (None, 3):
+        got, want = (O.make_model_grad_fn(_toy_hidden, _toy_head, loss=loss, mode="logits-sam",
+                                          rho=RHO, chunk_size=chunk_size, reference=reference,
+                                          head_dtype=h)(params, batch, ref_params)
+                     for h in ("split", None))
+        _assert_trees_close(got[2], want[2], rtol=1e-5, atol=1e-6)
+        _assert_trees_close(got[1], want[1], rtol=1e-6, atol=1e-7)
+        assert _tree_diff(want[2], O.make_model_grad_fn(
+            _toy_hidden, _toy_head, loss=loss, reference=reference)(params, batch, ref_params)[2]) > 1e-4
+
+
+def test_unknown_head_dtype_is_one_clear_error():
+    with pytest.raises(ValueError, match=r"^--head-dtype: unknown head dtype 'bf16-split'"):
+        O.make_model_grad_fn(_toy_hidden, _toy_head, head_dtype="bf16-split")
+
+
+def test_split_head_on_a_bfloat16_gpt2_matches_the_float32_correction():
+    """The whole model in bf16 (trunk backward included, tied head): the split head's
+    logits-SAM correction of every parameter is the float32 model's; the float32 head's is
+    not (the tied embedding and the trunk receive ∂L/∂h rounded to bf16)."""
+    pairs, length = 2, 24
+    cfg = builtin_config("gpt2-tiny")
+    ref_params = init_params(cfg, jax.random.key(0))
+    params = TM(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape), ref_params)
+    rng = np.random.default_rng(0)
+    loss_mask = np.zeros((pairs, 2, length), np.int32)
+    loss_mask[..., 6:] = 1
+    batch = {"input_ids": rng.integers(0, cfg.vocab_size, (pairs, 2, length)).astype(np.int32),
+             "attention_mask": np.ones((pairs, 2, length), np.int32), "loss_mask": loss_mask}
+
+    def correction(dtype, head_dtype):
+        model = builtin_config("gpt2-tiny", dtype=dtype)
+        grads = [jax.jit(O.make_grad_fn(model, mode=mode, rho=1e-4, chunk_size=8,
+                                        head_dtype=head_dtype))(params, batch, ref_params)[2]
+                 for mode in ("logits-sam", "plain")]
+        return np.concatenate([np.ravel(a - b) for a, b in zip(*map(jax.tree_util.tree_leaves,
+                                                                    grads))])
+
+    def cosine(a, b):
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+    exact = correction("float32", None)
+    assert cosine(correction("bfloat16", "split"), exact) >= 0.99
+    assert cosine(correction("bfloat16", "float32"), exact) < 0.9

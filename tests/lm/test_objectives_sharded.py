@@ -12,6 +12,7 @@ SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_grads
 
 
 def test_logits_sam_gradients_are_the_same_sharded_over_8_devices():
+    """Plain and split-head logits-SAM alike."""
     proc = subprocess.run([sys.executable, SCRIPT], env=env(8), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -20,3 +21,4 @@ def test_logits_sam_gradients_are_the_same_sharded_over_8_devices():
     assert result["sharded"] < 1e-5
     # A shard-local norm would be visibly different, so the check above can fail.
     assert result["per_shard_norm"] > 100 * max(result["sharded"], 1e-7)
+    assert result["split_sharded"] < 1e-5 and result["split_vs_plain"] < 1e-5
