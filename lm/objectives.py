@@ -9,10 +9,11 @@ perturbation e = ρ g/‖g‖ (``dynamics.sam``) is applied:
   sam            ∇θ L(θ + e),        g = ∇θ L(θ)                 Foret et al.; two passes
 
 Logits-SAM costs one trunk forward and one trunk backward: only the output layer sees
-the perturbation. (``head_dtype="split"``, exact under bf16 compute, runs the trunk's
-backward on two cotangents: see :func:`make_model_grad_fn`.) For tied models (GPT-2) the perturbed W is the head *use* of the
-embedding matrix; the input embedding lookup keeps the unperturbed matrix, and the
-gradient of both uses lands on the one shared parameter.
+the perturbation (``head_dtype="split"``, exact under bf16 compute, runs the trunk's
+backward on two cotangents: see :func:`make_model_grad_fn`). For tied models (GPT-2)
+the perturbed W is the head *use* of the embedding matrix; the input embedding lookup
+keeps the unperturbed matrix, and the gradient of both uses lands on the one shared
+parameter.
 
 ρ > 0 with the usual positive learning rate is the practical rule (paper Table 4). The
 paper's Table 6 radii: DPO 1e-4 (Pythia-2.8B) / 1e-5 (Mistral-7B); SLiC-HF 1e-3 / 1e-4;
