@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int_at_least(1), default=4, help="pairs to diagnose")
     p.add_argument("--beta", type=positive_float, default=0.1)
     p.add_argument("--probes", type=int_at_least(2), default=16, help="Hutchinson probes")
+    p.add_argument("--step-effects", action=argparse.BooleanOptionalAction, default=True,
+                   help="the one-step effect of logits-SAM by term (holds every token's V logits at once)")
     p.add_argument("--hessians", default=",".join(HESSIANS),
                    help=f"comma-separated subset of {','.join(HESSIANS)} ('' for none)")
     p.add_argument("--seed", type=int_at_least(0), default=0)
@@ -80,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg, p, b, jax.random.PRNGKey(args.seed), ref_params=r,
             loss_kwargs={"beta": args.beta}, num_probes=args.probes, which=args.hessians))(
             params, batch, ref_params)
-    effects = jax.jit(lambda p, b, r: diagnostics.sam_step_effects(
-        cfg, p, b, ref_params=r, loss_kwargs={"beta": args.beta}))(params, batch, ref_params)
+    effects = {}
+    if args.step_effects:
+        effects = jax.jit(lambda p, b, r: diagnostics.sam_step_effects(
+            cfg, p, b, ref_params=r, loss_kwargs={"beta": args.beta}))(params, batch, ref_params)
     products, traces, effects = jax.device_get((products, traces, effects))
     result = {
         "pairs": [pairs.source[i] for i in range(args.batch_size)],

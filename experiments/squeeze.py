@@ -1,6 +1,6 @@
 """Figure 1(c) analogue: the squeezing effect in DPO, with plain gradients, logits-SAM and SAM.
 
-    python -m experiments.squeeze                      # synthetic task, CPU, ~1.5 minutes
+    python -m experiments.squeeze                      # synthetic task, CPU, ~2.5 minutes
     python -m experiments.squeeze --seeds 6            # the same, paired over six seeds
     python -m experiments.squeeze --sweep-rho          # + Table 3 analogue over ±ρ
     python -m experiments.squeeze --model DIR --data webgpt.jsonl --max-len 512   # the paper's setting
@@ -22,7 +22,8 @@ mean ± standard error over seeds.
 
 Every ``--probe-every`` steps the baseline run is probed with
 :func:`lm.diagnostics.sam_step_effects`: the first-order change of the chosen log-prob
-that logits-SAM at ρ > 0 would add to that step, split into Theorem 3.2's curvature
+that logits-SAM at ρ > 0 would add to a plain gradient step from there (not an AdamW
+step: Adam rescales each coordinate, so the probe explains mechanisms, not the runs' signs), split into Theorem 3.2's curvature
 term (and its per-token self part, Cor 3.6's mechanism) and the DPO pair-weight term
 σ(−βΔ) evaluated at the perturbed point, which the theory's fixed ±η has no analogue of
 (the plot's right panel).
@@ -400,16 +401,19 @@ def verdict(name: str, s: dict[str, Any], base: dict[str, Any], tol: float = 0.1
     """One plain sentence: does ``name`` lose less chosen log-prob than the baseline at the
     matched margin (the like-for-like comparison)? End-of-run numbers and the final margin
     follow, since a run that learns more slowly also squeezes later. One seed: a claim
-    needs several (``--seed``)."""
+    needs several (``--seeds``)."""
     end = s["heldout_logps_chosen_change"] - base["heldout_logps_chosen_change"]
     margin_ratio = s["heldout_margin"] / base["heldout_margin"] if base["heldout_margin"] > 0 else float("nan")
     tail = (f"held-out Δchosen {end:+.2f} nats vs baseline at a final margin {margin_ratio:.2f}x the "
             f"baseline's (this seed only)")
-    at = s["matched_margin_chosen_change"]
+    at, base_at = s["matched_margin_chosen_change"], base["matched_margin_chosen_change"]
+    if base_at is None:
+        return (f"{name}: the baseline's smoothed margin never reached {s['matched_margin']:.3f}, so no "
+                f"like-for-like comparison; {tail}")
     if at is None:
         return (f"{name}: never reached the matched margin {s['matched_margin']:.3f} (it learned the "
                 f"preference more slowly), so no like-for-like comparison; {tail}")
-    rel = at - base["matched_margin_chosen_change"]
+    rel = at - base_at
     word = ("MITIGATES the squeeze" if rel > tol else "WORSENS the squeeze" if rel < -tol
             else "does not change the squeeze")
     return f"{name} {word} at equal margin ({rel:+.2f} nats of chosen log-prob vs baseline); {tail}"
@@ -581,7 +585,7 @@ def across_seeds(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for r in results:
             s, b = r["summary"][name], r["summary"]["baseline"]
             diffs["end"].append(s["heldout_logps_chosen_change"] - b["heldout_logps_chosen_change"])
-            if s["matched_margin_chosen_change"] is not None:
+            if None not in (s["matched_margin_chosen_change"], b["matched_margin_chosen_change"]):
                 diffs["matched_margin"].append(s["matched_margin_chosen_change"] - b["matched_margin_chosen_change"])
         out[name] = {"rho": results[0]["summary"][name]["rho"]}
         for key, values in diffs.items():

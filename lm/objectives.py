@@ -162,7 +162,8 @@ def make_model_grad_fn(
         dtype, and logits-sam differentiates W + e with the SAM correction carried apart
         from the plain gradient (:func:`lm.losses.split_token_logps`) and run through the
         trunk's backward pass separately, so the correction of every gradient is exact to
-        its own bf16 precision; other modes are unaffected.
+        its own bf16 precision (with float32 parameters: bf16 gradients cannot hold it);
+        other modes are unaffected.
 
     Returns:
       ``grad_fn``; ``loss`` and ``metrics`` (see :meth:`lm.losses.Loss.metrics`) are of

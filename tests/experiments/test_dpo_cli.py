@@ -125,6 +125,8 @@ def test_precomputed_reference_trains_like_the_frozen_one(tmp_path, prefs):
 
 @pytest.mark.parametrize("head_dtype", ["float32", "split"])
 def test_bfloat16_compute_with_an_exact_head(tmp_path, prefs, head_dtype):
+    """The flag reaches the run and the run folder; the heads' numerics are tested in
+    tests/lm/test_objectives.py."""
     out = tmp_path / "bf16"
     argv = ["--model", "gpt2-tiny", "--data", str(prefs), "--dtype", "bfloat16", "--head-dtype", head_dtype,
             "--batch-size", "4", "--steps", "1", "--max-len", "16", "--max-prompt-len", "8", "--held-out", "0",

@@ -145,6 +145,14 @@ def test_seeds_are_paired_with_their_own_baseline(tmp_path, capsys):
     assert "over 2 seeds" in capsys.readouterr().out
 
 
+def test_a_baseline_that_never_reaches_the_matched_margin_gives_no_comparison():
+    base = _summary(None, -1.0, 1.0)
+    assert "no like-for-like comparison" in squeeze.verdict("x", _summary(0.5, -1.0, 1.0), base)
+    results = [{"summary": {"baseline": base, "x": {**_summary(0.5, -0.5, 1.0), "rho": 0.1}}}]
+    agg = squeeze.across_seeds(results)["x"]
+    assert agg["matched_margin"]["values"] == [] and agg["end"]["values"] == [0.5]
+
+
 def test_probe_summary_counts_signs_and_the_weight_to_curvature_ratio():
     records = [{"sam/chosen": 1.0, "params/sam/chosen": -1.0, "sam/chosen/curvature": 0.5,
                 "sam/chosen/self": 0.1, "sam/chosen/weight": 0.5},
