@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -271,9 +272,28 @@ def make_tx(name: str, lr: float, steps: int):
     return optim.make_optimizer(lr, total_steps=max(steps, 1), schedule="constant")
 
 
-def run_loop(grad_fn, params, loader, steps: int, tx, *, ref_params=None, seed: int = 0,
+@functools.lru_cache(maxsize=None)
+def train_step(cfg, mode: str, rho: float, beta: float | None, optimizer: str, lr: float, steps: int):
+    """The jitted train step and its optimizer for one setting (``mode="sft"``: the SFT
+    loss, :func:`sft_grad_fn`; else a DPO gradient mode of :func:`lm.objectives.make_grad_fn`).
+
+    Cached, so every seed (and a sweep's repeated radius) reuses one compilation.
+    """
+    import jax
+
+    from lm import objectives
+    from lm.train import make_train_step
+
+    grad_fn = (sft_grad_fn(cfg) if mode == "sft" else
+               objectives.make_grad_fn(cfg, loss="dpo", loss_kwargs={"beta": beta}, mode=mode, rho=rho))
+    tx = make_tx(optimizer, lr, steps)
+    return jax.jit(make_train_step(grad_fn, tx)), tx
+
+
+def run_loop(step, tx, params, loader, steps: int, *, ref_params=None, seed: int = 0,
              probe=None, probe_every: int = 0):
-    """``steps`` jitted steps of optimizer ``tx``; returns params and per-step metrics.
+    """``steps`` calls of the jitted ``step`` (optimizer ``tx``); returns params and
+    per-step metrics, fetched from the device once, after the last step.
 
     With ``probe`` (``probe(params, batch, ref_params) -> dict of scalars``) and
     ``probe_every`` > 0, the probe runs on the model and batch of steps 0, k, 2k, …
@@ -281,24 +301,27 @@ def run_loop(grad_fn, params, loader, steps: int, tx, *, ref_params=None, seed: 
     """
     import jax
 
-    from lm.train import create_train_state, make_train_step
+    from lm.train import create_train_state
 
-    step = jax.jit(make_train_step(grad_fn, tx))
     state = create_train_state(params, tx, seed)
-    history: dict[str, list] = {}
+    metrics, probed = [], []
     for k in range(steps):
         batch = {key: v for key, v in loader.batch(k).items() if key != "index"}
         if probe is not None and probe_every and k % probe_every == 0:
-            values = jax.device_get(probe(state.params, batch, ref_params))
-            history.setdefault("probe", []).append({"step": k, **{n: float(v) for n, v in values.items()}})
-        state, metrics = step(state, batch, ref_params)
-        for name, value in jax.device_get(metrics).items():
-            history.setdefault(name, []).append(float(value))
-    if int(state.halted_at) >= 0:
-        fail(f"non-finite loss or gradient at step {int(state.halted_at)}; lower --lr or --rho")
+            probed.append((k, probe(state.params, batch, ref_params)))
+        state, step_metrics = step(state, batch, ref_params)
+        metrics.append(step_metrics)
+    metrics, probe_values, halted_at = jax.device_get((metrics, [v for _, v in probed], state.halted_at))
+    if int(halted_at) >= 0:
+        fail(f"non-finite loss or gradient at step {int(halted_at)}; lower --lr or --rho")
+    history: dict[str, list] = {name: [float(m[name]) for m in metrics] for name in (metrics or [{}])[0]}
+    if probed:
+        history["probe"] = [{"step": k, **{n: float(v) for n, v in values.items()}}
+                            for (k, _), values in zip(probed, probe_values)]
     return state.params, history
 
 
+@functools.lru_cache(maxsize=None)
 def make_eval_fn(cfg, beta: float):
     """Jitted ``(params, batch, ref_params) -> (loss, metrics)`` of plain DPO: the metrics of
     the model itself, whatever mode trained it, compiled once for every run."""
@@ -322,6 +345,7 @@ def evaluate(fn, params, ref_params, loader) -> dict[str, float]:
     return {name: float(np.mean([r[name] for r in rows])) for name in rows[0]}
 
 
+@functools.lru_cache(maxsize=None)
 def make_probe(cfg, beta: float):
     """Jitted :func:`lm.diagnostics.sam_step_effects` of plain DPO (the one-step probe)."""
     import jax
@@ -333,15 +357,10 @@ def make_probe(cfg, beta: float):
 
 
 def dpo_run(setup: Setup, sft_params, args, mode: str, rho: float, eval_fn, probe=None) -> dict[str, Any]:
-    from lm import objectives
-
-    grad_fn = objectives.make_grad_fn(setup.cfg, loss="dpo", loss_kwargs={"beta": args.beta},
-                                      mode=mode, rho=rho)
+    step, tx = train_step(setup.cfg, mode, rho, args.beta, args.optimizer, args.lr, args.steps)
     t0 = time.time()
-    params, history = run_loop(grad_fn, sft_params, setup.train, args.steps,
-                               make_tx(args.optimizer, args.lr, args.steps),
-                               ref_params=sft_params, seed=args.seed, probe=probe,
-                               probe_every=args.probe_every)
+    params, history = run_loop(step, tx, sft_params, setup.train, args.steps, ref_params=sft_params,
+                               seed=args.seed, probe=probe, probe_every=args.probe_every)
     heldout = evaluate(eval_fn, params, sft_params, setup.heldout)
     return {"mode": mode, "rho": rho, "seconds": round(time.time() - t0, 1),
             "history": history, "heldout": heldout}
@@ -534,8 +553,8 @@ def run_seed(args) -> dict[str, Any]:
     """SFT, then every DPO run of one seed (``args.seed``); returns the result dict."""
     setup = file_setup(args) if args.data else synthetic_setup(args)
     t0 = time.time()
-    sft_params, sft_history = run_loop(sft_grad_fn(setup.cfg), setup.params, setup.train, args.sft_steps,
-                                       make_tx("adamw", args.sft_lr, args.sft_steps), seed=args.seed)
+    step, tx = train_step(setup.cfg, "sft", 0.0, None, "adamw", args.sft_lr, args.sft_steps)
+    sft_params, sft_history = run_loop(step, tx, setup.params, setup.train, args.sft_steps, seed=args.seed)
     print(f"seed {args.seed}: SFT {args.sft_steps} steps, {time.time() - t0:.0f}s, final NLL/token "
           f"{sft_history['loss'][-1] if args.sft_steps else float('nan'):.3f}", file=sys.stderr)
     eval_fn = make_eval_fn(setup.cfg, args.beta)

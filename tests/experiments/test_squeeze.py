@@ -179,7 +179,7 @@ def test_sgd_is_plain_gradient_descent():
 def test_no_sft_steps_is_a_no_op():
     """--sft-steps 0 starts DPO from the checkpoint itself: no step, so no batch or gradient is needed."""
     params = {"w": np.ones(2, np.float32)}
-    out, history = squeeze.run_loop(None, params, None, 0, squeeze.make_tx("adamw", 1e-3, 0))
+    out, history = squeeze.run_loop(None, squeeze.make_tx("adamw", 1e-3, 0), params, None, 0)
     assert history == {} and out["w"].tolist() == [1.0, 1.0]
 
 
