@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lm.models import logits_from_hidden
+from lm.models import logits_from_hidden, matmul_precision
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -136,23 +136,19 @@ def split_token_logps(
     to bf16 relative to itself: the correction (first order in ρ, ~1e-4 of the gradient at
     ρ = 1e-4 on GPT-2) is never rounded against the much larger g0 W or g0ᵀ h. g0 W is
     formed as autodiff forms the plain gradient's (float32 g0 against the compute-dtype W),
-    so it matches the plain share up to float32 rounding. ``hidden`` and ``hidden_corr`` are the same features passed twice so
-    that the two shares reach the trunk as separate cotangents; ``e`` and the
-    unperturbed cotangent get zero cotangents. Shapes and chunking as in
-    :func:`token_logps`.
+    so it matches the plain share up to float32 rounding. ``hidden`` and ``hidden_corr``
+    are the same features passed twice so that the two shares reach the trunk as separate
+    cotangents; ``e`` and the unperturbed cotangent get zero cotangents. Shapes and
+    chunking as in :func:`token_logps`.
     """
     cot = jnp.pad(_masked(unperturbed_cotangent.astype(jnp.float32), loss_mask), ((0, 0), (1, 0)))
     return _chunked(lambda h, hc, tg, c: _split_target_logps(h, hc, head, e, c, tg),
                     (hidden, hidden_corr), (cot,), input_ids, loss_mask, chunk_size)
 
 
-def _precision(x: jax.Array):
-    return jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-
-
 def _dot(a: jax.Array, b: jax.Array, spec: str) -> jax.Array:
     """einsum in float32 result, operands as given (cast by the caller)."""
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=_precision(b))
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=matmul_precision(b))
 
 
 @jax.custom_vjp

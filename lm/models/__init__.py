@@ -10,12 +10,12 @@
 from lm.models.config import (BUILTIN_NAMES, ConfigError, ModelConfig, builtin_config,
                               config_from_hf, config_to_hf)
 from lm.models.decoder import (Decoder, abstract_params, forward_cached, forward_hidden,
-                               init_cache, init_params, logits, logits_from_hidden,
+                               init_cache, init_params, logits, logits_from_hidden, matmul_precision,
                                output_head, position_ids)
 
 __all__ = [
     "BUILTIN_NAMES", "ConfigError", "Decoder", "ModelConfig", "abstract_params",
     "builtin_config", "config_from_hf", "config_to_hf", "forward_cached", "forward_hidden",
     "init_cache",
-    "init_params", "logits", "logits_from_hidden", "output_head", "position_ids",
+    "init_params", "logits", "logits_from_hidden", "matmul_precision", "output_head", "position_ids",
 ]

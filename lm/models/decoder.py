@@ -108,12 +108,16 @@ def output_head(cfg: ModelConfig, params: Params) -> jax.Array:
     return params["lm_head"]
 
 
+def matmul_precision(x: jax.Array):
+    """Full float32 precision for float32 operands (no TF32 on GPU), the default else."""
+    return jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+
+
 def logits_from_hidden(hidden: jax.Array, head: jax.Array) -> jax.Array:
     """``hidden @ head.T`` [..., V] in ``hidden``'s dtype with float32 accumulation and
-    output; float32 operands get full float32 precision (no TF32 on GPU)."""
-    precision = jax.lax.Precision.HIGHEST if hidden.dtype == jnp.float32 else None
+    output (:func:`matmul_precision`)."""
     return jnp.einsum("...d,vd->...v", hidden, head.astype(hidden.dtype),
-                      preferred_element_type=jnp.float32, precision=precision)
+                      preferred_element_type=jnp.float32, precision=matmul_precision(hidden))
 
 
 def logits(cfg: ModelConfig, params: Params, input_ids: jax.Array,
