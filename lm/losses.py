@@ -135,8 +135,8 @@ def split_token_logps(
     whose sums are g' (W + e) and g'ᵀ h, the gradients of z' = h (W + e)ᵀ, each share rounded
     to bf16 relative to itself: the correction (first order in ρ, ~1e-4 of the gradient at
     ρ = 1e-4 on GPT-2) is never rounded against the much larger g0 W or g0ᵀ h. g0 W is
-    formed as autodiff forms the plain gradient's (float32 g0 against the compute-dtype W),
-    so it matches the plain share up to float32 rounding. ``hidden`` and ``hidden_corr``
+    the plain gradient's own (the transpose of :func:`lm.models.logits_from_hidden`), so
+    logits-SAM minus plain descent is the correction alone. ``hidden`` and ``hidden_corr``
     are the same features passed twice so that the two shares reach the trunk as separate
     cotangents; ``e`` and the unperturbed cotangent get zero cotangents. Shapes and
     chunking as in :func:`token_logps`.
@@ -172,10 +172,9 @@ def _split_bwd(res, ct):
     g_new = c1 * (onehot - p - dp)
     dg = (c1 - c0) * (onehot - p - dp) - c0 * dp
     w = head.astype(h.dtype)
-    # g0 enters in float32, as in autodiff's transpose of the plain logits matmul: a bf16 g0
-    # would round this share differently from plain descent's, and logits-SAM minus plain
-    # would carry that rounding (≫ the correction) besides the correction.
-    d_h = _dot(g0, w, "...v,vd->...d").astype(h.dtype)
+    # The plain share exactly as the plain gradient forms it: rounded any other way,
+    # logits-SAM minus plain would carry that rounding (≫ the correction) besides the correction.
+    d_h = jax.vjp(lambda x: logits_from_hidden(x, head), h)[1](g0)[0]
     d_corr = (_dot(dg.astype(h.dtype), w, "...v,vd->...d")
               + _dot(g_new.astype(h.dtype), e.astype(h.dtype), "...v,vd->...d")).astype(h.dtype)
     d_head = _dot(dg.astype(h.dtype), h, "...v,...d->vd").astype(head.dtype)

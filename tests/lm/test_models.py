@@ -138,6 +138,48 @@ def test_bfloat16_compute_and_params():
     assert {x.dtype for x in jax.tree_util.tree_leaves(p16)} == {jnp.dtype(jnp.bfloat16)}
 
 
+def _dot_operand_dtypes(fn, *args):
+    """Operand dtypes of every matmul in ``fn``'s jaxpr (sub-jaxprs included)."""
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield tuple(str(v.aval.dtype) for v in eqn.invars)
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                yield from walk(sub)
+    return set(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
+def test_bfloat16_head_backward_runs_bfloat16_matmuls():
+    """Under bf16 features the head's backward takes the logit cotangent in bf16 (not W
+    upcast to float32, as JAX's transpose of a float32-result matmul would), and its
+    gradients match a float64 computation to bf16 accuracy, forward mode too."""
+    kh, kw, kt, kd = jax.random.split(jax.random.key(0), 4)
+    h = jax.random.normal(kh, (2, 6, 16)).astype(jnp.bfloat16)
+    w = jax.random.normal(kw, (40, 16)) * 0.3
+    targets = jax.random.randint(kt, (2, 6), 0, 40)
+
+    def loss(h, w):
+        logp = jax.nn.log_softmax(logits_from_hidden(h, w))
+        return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], -1))
+
+    grad = jax.grad(loss, argnums=(0, 1))
+    assert _dot_operand_dtypes(grad, h, w) == {("bfloat16", "bfloat16")}
+    assert _dot_operand_dtypes(grad, h.astype(jnp.float32), w) == {("float32", "float32")}
+
+    with jax.enable_x64():
+        want = jax.grad(loss, argnums=(0, 1))(h.astype(jnp.float64), w.astype(jnp.float64))
+        direction = jax.random.normal(kd, w.shape, jnp.float64)
+        want_jvp = jax.jvp(lambda w_: loss(h.astype(jnp.float64), w_), (w.astype(jnp.float64),),
+                           (direction,))[1]
+    got = grad(h, w)
+    assert (got[0].dtype, got[1].dtype) == (jnp.bfloat16, jnp.float32)
+    for g, ref in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g, np.float64), ref, rtol=0.02,
+                                   atol=0.02 * float(np.abs(ref).max()))
+    got_jvp = jax.jvp(lambda w_: loss(h, w_), (w,), (direction.astype(jnp.float32),))[1]
+    np.testing.assert_allclose(float(got_jvp), float(want_jvp), rtol=0.02)
+
+
 def test_llama3_rope_frequencies_match_transformers():
     # transformers 5.24 ROPE_INIT_FUNCTIONS["llama3"] for head_dim 16, theta 1e4,
     # factor 8, low 1, high 4, original context 64.
