@@ -97,7 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="built-in model's output layer: GPT-2's tie to the embedding (default, the paper's "
                         "model) or its own matrix (logits-SAM then perturbs a matrix used nowhere else)")
     g.add_argument("--pairs", type=_positive_int, default=512, help="synthetic training pairs")
-    g.add_argument("--held-out", type=_positive_int, default=128, help="held-out pairs for reward accuracy")
+    g.add_argument("--held-out", type=_positive_int, default=128, help="held-out pairs for reward accuracy (with --data: whole questions, "
+                        "at least this many pairs)")
     g.add_argument("--max-len", type=_positive_int, default=32,
                    help="tokens per sequence (with a checkpoint: at most its context)")
     g.add_argument("--max-prompt-len", type=_positive_int,
@@ -221,7 +222,8 @@ def file_setup(args) -> Setup:
              f"({report.summary()}; --max-len {args.max_len}, --max-prompt-len {args.max_prompt_len})")
     if report.num_dropped or report.truncated:
         print(f"--data {args.data}: {report.summary()}", file=sys.stderr)
-    train_idx, held_idx = data.split_indices(len(pairs), args.held_out, args.seed)
+    train_idx, held_idx = data.split_indices(len(pairs), args.held_out, args.seed,
+                                               groups=pairs.prompt_keys)
     train, held = _loaders(args, pairs.take(train_idx), pairs.take(held_idx), tcfg.pad)
     info = {"file": args.data, "records": report.summary(), "eos_id": eos,
             "tokenizer": "bytes" if isinstance(tok, dpo.ByteTokenizer)

@@ -20,7 +20,7 @@ many pairs each epoch skips.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 
 import numpy as np
 
@@ -114,13 +114,31 @@ class PairLoader:
             step += 1
 
 
-def split_indices(n: int, held_out: float | int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(
+    n: int, held_out: float | int, seed: int, groups: Sequence[Hashable] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Seeded train / held-out split of ``range(n)``: two sorted, disjoint index arrays.
 
     ``held_out`` is a fraction in (0, 1) or a count; both parts must be non-empty.
+    ``groups`` (one hashable key per item, e.g. its prompt) keeps each group on one side, so
+    no held-out prompt is seen in training: the held-out part is then the first whole
+    groups of a seeded permutation that reach the count (exceeding it by less than one group).
     """
     count = round(n * held_out) if isinstance(held_out, float) else int(held_out)
     if not 0 < count < n:
         raise ValueError(f"held_out={held_out!r} of {n} items leaves an empty split")
-    perm = np.random.default_rng([seed, n]).permutation(n)
-    return np.sort(perm[count:]), np.sort(perm[:count])
+    rng = np.random.default_rng([seed, n])
+    if groups is None:
+        perm = rng.permutation(n)
+        return np.sort(perm[count:]), np.sort(perm[:count])
+    if len(groups) != n:
+        raise ValueError(f"groups: {len(groups)} keys for {n} items")
+    ids: dict[Hashable, int] = {}
+    group_of = np.array([ids.setdefault(g, len(ids)) for g in groups], dtype=np.int64)
+    order = rng.permutation(len(ids))
+    taken = int(np.searchsorted(np.cumsum(np.bincount(group_of)[order]), count)) + 1
+    held = np.isin(group_of, order[:taken])
+    if held.all():
+        raise ValueError(f"held_out={held_out!r} of {n} items in {len(ids)} groups (prompts) "
+                         "leaves an empty split")
+    return np.flatnonzero(~held), np.flatnonzero(held)

@@ -92,6 +92,12 @@ class TokenizedPairs:
             dtype=np.int64,
         )
 
+    @property
+    def prompt_keys(self) -> list[bytes]:
+        """[N] hashable keys, equal for pairs whose prompts have the same tokens (to split
+        train from held-out by prompt, :func:`lm.data.split_indices`)."""
+        return [p.tobytes() for p in self.prompt]
+
     def take(self, indices: Sequence[int] | np.ndarray) -> TokenizedPairs:
         """The pairs at ``indices``, in that order."""
         idx = [int(i) for i in indices]

@@ -67,15 +67,17 @@ def _checkpoint(tmp_path):
     return ckpt
 
 
-def _webgpt(path, n, ties_every=5):
+def _webgpt(path, n, ties_every=5, per_question=1):
     """``n`` rows as openai/webgpt_comparisons has them (dict or plain-string question,
-    scores summing to 0); every ``ties_every``-th is a tie, which must be dropped."""
+    scores summing to 0); every ``ties_every``-th is a tie, which must be dropped; each
+    question is compared ``per_question`` times in a row."""
     rng = np.random.default_rng(0)
     words = lambda k: " ".join(rng.choice(WORDS, k))
     with open(path, "w") as f:
         for i in range(n):
             score = 0.0 if i % ties_every == 0 else float(rng.choice([-1.0, -0.5, 0.5, 1.0]))
-            question = words(4) + "?"
+            if i % per_question == 0:
+                question = words(4) + "?"
             row = {"question": {"dataset": "eli5", "id": f"q{i}", "full_text": question} if i % 2 else question,
                    "quotes_0": {"title": [], "extract": []}, "answer_0": words(4), "tokens_0": [],
                    "score_0": score, "quotes_1": {"title": [], "extract": []}, "answer_1": words(5),
@@ -109,18 +111,21 @@ def test_checkpoint_and_webgpt_file_end_to_end(tmp_path, capsys):
     assert "dropped 6 (tie=6)" in capsys.readouterr().err
 
 
-def test_checkpoint_setup_tokenizes_with_its_tokenizer_and_holds_out_unseen_pairs(tmp_path):
+def test_checkpoint_setup_tokenizes_with_its_tokenizer_and_holds_out_unseen_questions(tmp_path):
     from tokenizers import Tokenizer
 
     from lm import data
 
-    ckpt, path = _checkpoint(tmp_path), _webgpt(tmp_path / "webgpt.jsonl", 30)
+    ckpt, path = _checkpoint(tmp_path), _webgpt(tmp_path / "webgpt.jsonl", 30, per_question=3)
     setup = squeeze.file_setup(squeeze.parse_args(["--model", str(ckpt), "--data", str(path), *CHECKPOINT_TINY]))
     assert setup.cfg.tie_word_embeddings and setup.cfg.max_position_embeddings == 32
     train, held = setup.train.pairs, setup.heldout.pairs
     assert not set(train.source) & set(held.source)
     content = lambda p: {(tuple(a), tuple(b), tuple(c)) for a, b, c in zip(p.prompt, p.chosen, p.rejected)}
     assert not content(train) & content(held)
+    prompts = lambda p: {tuple(x) for x in p.prompt}
+    assert not prompts(train) & prompts(held)  # split by question, not by comparison
+    assert len(held) >= 4 and len(prompts(train)) + len(prompts(held)) == 10
     tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
     records = {r.source: r for r in data.read_records(str(path), on_error="skip")[0]}
     for pairs in (train, held):

@@ -155,6 +155,24 @@ def test_split_indices():
         split_indices(5, 0.01, seed=0)
 
 
+def test_split_indices_keeps_each_group_on_one_side():
+    groups = [i // 3 for i in range(30)]  # ten prompts, three pairs each
+    train, held = split_indices(30, 7, seed=4, groups=groups)
+    assert np.array_equal(np.sort(np.concatenate([train, held])), np.arange(30))
+    held_groups, train_groups = {groups[i] for i in held}, {groups[i] for i in train}
+    assert not held_groups & train_groups
+    assert len(held) == 9  # whole groups reaching 7: three of three
+    assert np.array_equal(held, split_indices(30, 7, seed=4, groups=groups)[1])
+    assert any(not np.array_equal(held, split_indices(30, 7, seed=s, groups=groups)[1])
+               for s in range(5, 9))
+    assert np.array_equal(split_indices(30, 7, seed=4, groups=range(30))[1],
+                          split_indices(30, 7, seed=4, groups=list(range(30)))[1])
+    with pytest.raises(ValueError, match=r"in 1 groups \(prompts\) leaves an empty split"):
+        split_indices(4, 1, seed=0, groups=["same"] * 4)
+    with pytest.raises(ValueError, match="3 keys for 4 items"):
+        split_indices(4, 1, seed=0, groups=[1, 2, 3])
+
+
 def test_split_then_load(data):
     _, pairs, config = data
     train, held = split_indices(len(pairs), 9, seed=0)
