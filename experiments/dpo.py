@@ -103,6 +103,8 @@ def parse_args(argv: list[str] | None = None):
                         "(default: detected on SLURM / Open MPI / TPU pods, or $JAX_COORDINATOR_ADDRESS)")
     g.add_argument("--num-processes", type=positive_int, help="processes in the job (default: detected)")
     g.add_argument("--process-id", type=nonnegative_int, help="this process, 0 to N-1 (default: detected)")
+    g.add_argument("--init-timeout", type=positive_int, default=300, metavar="SECONDS",
+                   help="how long every process waits for the others at the coordinator")
     g.add_argument("--log-every", type=positive_int, default=10)
     g.add_argument("--eval-every", type=nonnegative_int, default=0, help="0: eval only at the end")
     g.add_argument("--eval-batches", type=positive_int, default=8, help="at most this many held-out batches")
@@ -277,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         maybe_initialize_distributed(args.distributed, coordinator=args.coordinator,
-                                     num_processes=args.num_processes, process_id=args.process_id)
+                                     num_processes=args.num_processes, process_id=args.process_id,
+                                     timeout_s=args.init_timeout)
+    except ConnectionError as err:
+        fail(f"--coordinator {args.coordinator}: {err}")
     except (ValueError, RuntimeError) as err:
         fail(f"--distributed: {str(err).splitlines()[0]} (outside SLURM / Open MPI / TPU pods pass "
              f"--coordinator, --num-processes and --process-id)")

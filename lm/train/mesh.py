@@ -11,6 +11,8 @@ so the sharded step computes the same function as the single-device one.
 from __future__ import annotations
 
 import os
+import socket
+import time
 from typing import Any, Mapping
 
 import jax
@@ -144,6 +146,7 @@ def maybe_initialize_distributed(
     coordinator: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    timeout_s: int = 300,
 ) -> bool:
     """Join a multi-process job when asked: ``flag``, ``SQUEEZE_DISTRIBUTED=1``, or any
     explicit setting.
@@ -151,15 +154,36 @@ def maybe_initialize_distributed(
     What is left ``None`` ``jax.distributed.initialize()`` detects from the cluster
     (SLURM, Open MPI, TPU pods; the coordinator also from ``JAX_COORDINATOR_ADDRESS``).
     Elsewhere, e.g. on hosts started by hand, all three must be given. Must run before
-    any JAX computation; on a single host it is never called.
+    any JAX computation; on a single host it is never called. ``timeout_s``: how long to
+    wait for every process to reach the coordinator before failing.
     """
     explicit = (coordinator, num_processes, process_id)
     if flag or any(v is not None for v in explicit) or os.environ.get(DISTRIBUTED_ENV, "") not in ("", "0"):
+        if coordinator is not None and process_id:
+            wait_for_coordinator(coordinator, timeout_s)
         jax.distributed.initialize(
-            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+            initialization_timeout=timeout_s,
         )
         return True
     return False
+
+
+def wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Return once something listens at ``address`` (HOST:PORT), else raise ConnectionError
+    after ``timeout_s``: XLA's own client aborts the whole process when the coordinator
+    never answers, with a stack trace that names neither the address nor the cause."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise ConnectionError(f"nothing listens at {address} after {timeout_s:g} s ({err}); "
+                                      "is process 0 running there?") from None
+            time.sleep(0.2)
 
 
 def to_host(tree: Any) -> Any:

@@ -1,6 +1,8 @@
 """``python -m experiments.dpo``: one-line errors for bad input, and a tiny end-to-end run."""
 
 import json
+import socket
+import time
 
 import jax
 import numpy as np
@@ -49,6 +51,21 @@ def test_bad_input_is_one_line(capsys, tmp_path, prefs, flags, message):
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith("python -m experiments.dpo: error: ")
     assert message in lines[0]
+
+
+def test_unreachable_coordinator_is_one_line(capsys, tmp_path, prefs):
+    """A worker whose coordinator never answers fails in --init-timeout seconds naming it
+    (XLA's client would abort the process after 300 s with a C++ stack trace)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"  # free, and nobody listens once closed
+    argv = ["--model", "gpt2-tiny", "--data", str(prefs), "--out", str(tmp_path / "run"), "--steps", "1",
+            "--coordinator", address, "--num-processes", "2", "--process-id", "1", "--init-timeout", "1"]
+    start = time.monotonic()
+    code, lines = errors(capsys, argv)
+    assert code == 2 and len(lines) == 1, lines
+    assert f"--coordinator {address}: nothing listens at {address} after 1 s" in lines[0]
+    assert time.monotonic() - start < 30
 
 
 @pytest.mark.parametrize("flag", ["--out", "--export-hf"])
