@@ -12,6 +12,7 @@ from lm.models import (BUILTIN_NAMES, ConfigError, builtin_config, config_from_h
                        config_to_hf, forward_hidden, init_params, logits, logits_from_hidden,
                        output_head)
 from lm.models.layers import rope_frequencies
+from matmuls import matmul_input_dtypes
 
 TINY = ["gpt2-tiny", "pythia-tiny", "llama-tiny"]
 IDS = jnp.array([[5, 6, 7, 8, 9, 0, 0], [0, 0, 5, 6, 7, 8, 9]], jnp.int32)
@@ -138,17 +139,6 @@ def test_bfloat16_compute_and_params():
     assert {x.dtype for x in jax.tree_util.tree_leaves(p16)} == {jnp.dtype(jnp.bfloat16)}
 
 
-def _dot_operand_dtypes(fn, *args):
-    """Operand dtypes of every matmul in ``fn``'s jaxpr (sub-jaxprs included)."""
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                yield tuple(str(v.aval.dtype) for v in eqn.invars)
-            for sub in jax.core.jaxprs_in_params(eqn.params):
-                yield from walk(sub)
-    return set(walk(jax.make_jaxpr(fn)(*args).jaxpr))
-
-
 def test_bfloat16_head_backward_runs_bfloat16_matmuls():
     """Under bf16 features the head's backward takes the logit cotangent in bf16 (not W
     upcast to float32, as JAX's transpose of a float32-result matmul would), and its
@@ -163,8 +153,8 @@ def test_bfloat16_head_backward_runs_bfloat16_matmuls():
         return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], -1))
 
     grad = jax.grad(loss, argnums=(0, 1))
-    assert _dot_operand_dtypes(grad, h, w) == {("bfloat16", "bfloat16")}
-    assert _dot_operand_dtypes(grad, h.astype(jnp.float32), w) == {("float32", "float32")}
+    assert matmul_input_dtypes(grad, h, w) == {"bfloat16"}
+    assert matmul_input_dtypes(grad, h.astype(jnp.float32), w) == {"float32"}
 
     with jax.enable_x64():
         want = jax.grad(loss, argnums=(0, 1))(h.astype(jnp.float64), w.astype(jnp.float64))

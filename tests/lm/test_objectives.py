@@ -18,6 +18,7 @@ import pytest
 from lm import losses
 from lm import objectives as O
 from lm.models import builtin_config, forward_hidden, init_params, logits, output_head
+from matmuls import matmul_input_dtypes
 
 B, T, V, D = 2, 8, 32, 8
 TM = jax.tree_util.tree_map
@@ -401,3 +402,22 @@ def test_split_head_on_a_bfloat16_gpt2_matches_the_float32_correction():
     exact = correction("float32", None)
     assert cosine(correction("bfloat16", "split"), exact) >= 0.99
     assert cosine(correction("bfloat16", "float32"), exact) < 0.9
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
+def test_bfloat16_compute_multiplies_in_bfloat16(name):
+    """Every matmul of every mode's gradient (forward, backward, the reference, logits-SAM's
+    inner gradient, the split head's shares) takes bf16 inputs under bf16 compute: a float32
+    matmul would run at a fraction of the GPU's bf16 throughput. Only the float32 head asks
+    for float32 matmuls, and only those of the head."""
+    cfg = builtin_config(name, dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(0))
+    batch = _batch(vocab=cfg.vocab_size)
+    for mode in O.MODES:
+        for chunk_size in (None, 4):
+            grad_fn = O.make_grad_fn(cfg, mode=mode, chunk_size=chunk_size, remat=True)
+            assert matmul_input_dtypes(grad_fn, params, batch, params) == {"bfloat16"}, (mode, chunk_size)
+    split = O.make_grad_fn(cfg, mode="logits-sam", head_dtype="split")
+    assert matmul_input_dtypes(split, params, batch, params) == {"bfloat16"}
+    float32_head = O.make_grad_fn(cfg, mode="logits-sam", head_dtype="float32")
+    assert matmul_input_dtypes(float32_head, params, batch, params) == {"bfloat16", "float32"}
