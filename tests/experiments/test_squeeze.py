@@ -263,3 +263,32 @@ def test_rho_is_signed():
     """Both sign conventions are first-class: a negative radius parses (only 0 is refused)."""
     assert squeeze.parse_args(["--rho", "-0.1"]).rho == -0.1
     assert squeeze.parse_args(["--rho", "-1e-2"]).rho == -0.01  # exponent: not read as a flag
+
+
+def test_chunked_logits_train_and_evaluate_like_full_ones(tmp_path, monkeypatch):
+    """--chunk-size bounds the vocabulary logits held at once; the runs are the same."""
+    from lm import losses
+
+    chunk_sizes = set()
+    token_logps = losses.token_logps
+
+    def recording(*args, chunk_size=None, **kwargs):
+        chunk_sizes.add(chunk_size)
+        return token_logps(*args, chunk_size=chunk_size, **kwargs)
+
+    monkeypatch.setattr(losses, "token_logps", recording)
+    argv = [*TINY, "--no-sam", "--no-opposite", "--probe-every", "0"]
+    results = []
+    for extra in ([], ["--chunk-size", "5"]):
+        out = tmp_path / f"run{len(extra)}"
+        assert squeeze.main([*argv, *extra, "--out", str(out)]) == 0
+        results.append(json.loads((out / "metrics.json").read_text()))
+    full, chunked = results
+    assert 5 in chunk_sizes  # SFT, DPO and eval steps were traced chunked
+    for name in ("baseline", "logits-sam"):
+        for key in ("logps/chosen", "rewards/margins", "loss"):
+            np.testing.assert_allclose(chunked["runs"][name]["history"][key],
+                                       full["runs"][name]["history"][key], rtol=1e-4, atol=1e-5)
+        for key, value in full["runs"][name]["heldout"].items():
+            assert chunked["runs"][name]["heldout"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    np.testing.assert_allclose(chunked["sft"]["history"]["loss"], full["sft"]["history"]["loss"], rtol=1e-5)
