@@ -120,7 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--batch-size", type=_positive_int, default=16)
     g.add_argument("--chunk-size", type=_positive_int,
                    help="target positions per chunk of the vocabulary logits in training and "
-                        "evaluation (default: all at once; GPT-2 at --max-len 512 wants e.g. 128)")
+                        "evaluation (default: all at once)")
+    g.add_argument("--remat", action="store_true",
+                   help="recompute each transformer block in the backward pass (less memory, ~1/3 more compute)")
     g.add_argument("--seed", type=_nonnegative_int, default=0, help="first seed (data, init, batch order)")
     g.add_argument("--seeds", type=_positive_int, default=1,
                    help="run seeds --seed .. --seed+N-1 and report each method's mean ± s.e. vs baseline")
@@ -238,7 +240,7 @@ def file_setup(args) -> Setup:
 # ------------------------------------------------------------------------------ training
 
 
-def sft_grad_fn(cfg, chunk_size: int | None = None):
+def sft_grad_fn(cfg, chunk_size: int | None = None, remat: bool = False):
     """``grad_fn`` of the mean response-token NLL of the chosen sequences ([:, 0])."""
     import jax
     import jax.numpy as jnp
@@ -248,7 +250,7 @@ def sft_grad_fn(cfg, chunk_size: int | None = None):
 
     def loss_fn(params, batch):
         ids, attn, mask = (batch[k][:, 0] for k in ("input_ids", "attention_mask", "loss_mask"))
-        logps, counts = losses.sequence_logps(forward_hidden(cfg, params, ids, attn),
+        logps, counts = losses.sequence_logps(forward_hidden(cfg, params, ids, attn, remat=remat),
                                               output_head(cfg, params), ids, mask,
                                               chunk_size=chunk_size)
         loss = -jnp.sum(logps) / jnp.maximum(jnp.sum(counts), 1.0)
@@ -280,7 +282,7 @@ def make_tx(name: str, lr: float, steps: int):
 
 @functools.lru_cache(maxsize=None)
 def train_step(cfg, mode: str, rho: float, beta: float | None, optimizer: str, lr: float, steps: int,
-               chunk_size: int | None = None):
+               chunk_size: int | None = None, remat: bool = False):
     """The jitted train step and its optimizer for one setting (``mode="sft"``: the SFT
     loss, :func:`sft_grad_fn`; else a DPO gradient mode of :func:`lm.objectives.make_grad_fn`).
 
@@ -291,9 +293,9 @@ def train_step(cfg, mode: str, rho: float, beta: float | None, optimizer: str, l
     from lm import objectives
     from lm.train import make_train_step
 
-    grad_fn = (sft_grad_fn(cfg, chunk_size) if mode == "sft" else
+    grad_fn = (sft_grad_fn(cfg, chunk_size, remat) if mode == "sft" else
                objectives.make_grad_fn(cfg, loss="dpo", loss_kwargs={"beta": beta}, mode=mode, rho=rho,
-                                       chunk_size=chunk_size))
+                                       chunk_size=chunk_size, remat=remat))
     tx = make_tx(optimizer, lr, steps)
     return jax.jit(make_train_step(grad_fn, tx)), tx
 
@@ -366,7 +368,7 @@ def make_probe(cfg, beta: float):
 
 def dpo_run(setup: Setup, sft_params, args, mode: str, rho: float, eval_fn, probe=None) -> dict[str, Any]:
     step, tx = train_step(setup.cfg, mode, rho, args.beta, args.optimizer, args.lr, args.steps,
-                          args.chunk_size)
+                          args.chunk_size, args.remat)
     t0 = time.time()
     params, history = run_loop(step, tx, sft_params, setup.train, args.steps, ref_params=sft_params,
                                seed=args.seed, probe=probe, probe_every=args.probe_every)
@@ -562,7 +564,8 @@ def run_seed(args) -> dict[str, Any]:
     """SFT, then every DPO run of one seed (``args.seed``); returns the result dict."""
     setup = file_setup(args) if args.data else synthetic_setup(args)
     t0 = time.time()
-    step, tx = train_step(setup.cfg, "sft", 0.0, None, "adamw", args.sft_lr, args.sft_steps, args.chunk_size)
+    step, tx = train_step(setup.cfg, "sft", 0.0, None, "adamw", args.sft_lr, args.sft_steps,
+                          args.chunk_size, args.remat)
     sft_params, sft_history = run_loop(step, tx, setup.params, setup.train, args.sft_steps, seed=args.seed)
     print(f"seed {args.seed}: SFT {args.sft_steps} steps, {time.time() - t0:.0f}s, final NLL/token "
           f"{sft_history['loss'][-1] if args.sft_steps else float('nan'):.3f}", file=sys.stderr)

@@ -265,26 +265,32 @@ def test_rho_is_signed():
     assert squeeze.parse_args(["--rho", "-1e-2"]).rho == -0.01  # exponent: not read as a flag
 
 
-def test_chunked_logits_train_and_evaluate_like_full_ones(tmp_path, monkeypatch):
-    """--chunk-size bounds the vocabulary logits held at once; the runs are the same."""
-    from lm import losses
+def test_chunked_logits_and_remat_train_and_evaluate_like_the_plain_step(tmp_path, monkeypatch):
+    """--chunk-size bounds the vocabulary logits held at once and --remat the activations;
+    the runs are the same."""
+    from lm import losses, objectives
 
-    chunk_sizes = set()
-    token_logps = losses.token_logps
+    seen = set()
+    token_logps, decoder_hidden = losses.token_logps, objectives._decoder_hidden
 
-    def recording(*args, chunk_size=None, **kwargs):
-        chunk_sizes.add(chunk_size)
+    def recording_logps(*args, chunk_size=None, **kwargs):
+        seen.add(("chunk_size", chunk_size))
         return token_logps(*args, chunk_size=chunk_size, **kwargs)
 
-    monkeypatch.setattr(losses, "token_logps", recording)
+    def recording_hidden(cfg, remat, *args):
+        seen.add(("remat", remat))
+        return decoder_hidden(cfg, remat, *args)
+
+    monkeypatch.setattr(losses, "token_logps", recording_logps)
+    monkeypatch.setattr(objectives, "_decoder_hidden", recording_hidden)
     argv = [*TINY, "--no-sam", "--no-opposite", "--probe-every", "0"]
     results = []
-    for extra in ([], ["--chunk-size", "5"]):
+    for extra in ([], ["--chunk-size", "5", "--remat"]):
         out = tmp_path / f"run{len(extra)}"
         assert squeeze.main([*argv, *extra, "--out", str(out)]) == 0
         results.append(json.loads((out / "metrics.json").read_text()))
     full, chunked = results
-    assert 5 in chunk_sizes  # SFT, DPO and eval steps were traced chunked
+    assert {("chunk_size", 5), ("remat", True)} <= seen  # the DPO and eval steps were traced so
     for name in ("baseline", "logits-sam"):
         for key in ("logps/chosen", "rewards/margins", "loss"):
             np.testing.assert_allclose(chunked["runs"][name]["history"][key],
