@@ -48,7 +48,10 @@ def _read_json(path: Path) -> dict:
 
 
 def _weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint, refusing pickled ones."""
+    """The safetensors files of a checkpoint, refusing pickled ones: ``model.safetensors``
+    where there is one (as transformers decides), else the shards of the index."""
+    if (directory / SINGLE_FILE).exists():
+        return [directory / SINGLE_FILE]
     if (directory / INDEX_FILE).exists():
         index = _read_json(directory / INDEX_FILE)
         if not isinstance(index.get("weight_map"), dict):
@@ -59,8 +62,6 @@ def _weight_files(directory: Path) -> list[Path]:
             raise CheckpointError(f"{directory / missing[0]}: shard listed in {INDEX_FILE} "
                                   "is missing")
         return [directory / f for f in files]
-    if (directory / SINGLE_FILE).exists():
-        return [directory / SINGLE_FILE]
     pickled = sorted(p.name for p in directory.glob("*.bin")) + sorted(
         p.name for p in directory.glob("*.pt*"))
     if pickled:
@@ -169,12 +170,16 @@ def _gpt2_in(cfg: ModelConfig, t: _Tensors) -> dict:
         }
     if cfg.tie_word_embeddings:
         t.unused.discard("lm_head.weight")
+    else:
+        params["lm_head"] = t.get("lm_head.weight", (cfg.vocab_size, d))
     return params
 
 
 def _gpt2_out(cfg: ModelConfig, params: dict) -> dict:
     out = {"transformer.wte.weight": params["embed"]["embedding"],
            "transformer.wpe.weight": params["pos_embed"]["embedding"]}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = params["lm_head"]
     _norm_out(out, "transformer.ln_f", params["final_norm"])
     for i in range(cfg.num_layers):
         h, p = f"transformer.h.{i}", params[f"layers_{i}"]
@@ -195,7 +200,9 @@ def _neox_in(cfg: ModelConfig, t: _Tensors) -> dict:
     bias = cfg.attention_bias
     params = {"embed": {"embedding": t.get(f"{pre}embed_in.weight", (cfg.vocab_size, d))},
               "final_norm": _norm_in(t, f"{pre}final_layer_norm", d, True)}
-    if not cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings:
+        t.unused.discard("embed_out.weight")
+    else:
         params["lm_head"] = t.get("embed_out.weight", (cfg.vocab_size, d))
     for i in range(cfg.num_layers):
         lay = f"{pre}layers.{i}"
@@ -335,11 +342,38 @@ def hf_state_dict(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
 def save_pretrained(cfg: ModelConfig, params: dict, directory: str | os.PathLike) -> None:
     """Write ``config.json`` and ``model.safetensors`` in the HF layout.
 
-    A tied head is written once (as the embedding), as transformers expects.
+    A tied head is written once (as the embedding), as transformers expects. Each file is
+    written beside its final name and renamed over it, so an interrupted save leaves the
+    previous file whole (and a model loaded from this folder, still being read, intact);
+    a sharded checkpoint the folder held before (index and shards) is removed afterwards,
+    since loaders would otherwise have two sets of weights to choose from.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    hf_config = config_to_hf(cfg)
     tensors = hf_state_dict(cfg, params)
-    (directory / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
-    safetensors.numpy.save_file(tensors, str(directory / SINGLE_FILE),
-                                metadata={"format": "pt"})
+    weights, config = directory / SINGLE_FILE, directory / "config.json"
+    safetensors.numpy.save_file(tensors, str(_partial(weights)), metadata={"format": "pt"})
+    _partial(config).write_text(json.dumps(hf_config, indent=2) + "\n")
+    os.replace(_partial(weights), weights)
+    os.replace(_partial(config), config)
+    _remove_shards(directory)
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def _remove_shards(directory: Path) -> None:
+    """Delete a sharded checkpoint's index and the shards it lists."""
+    index = directory / INDEX_FILE
+    if not index.exists():
+        return
+    try:
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+    except (ValueError, AttributeError):
+        shards = set()
+    index.unlink()
+    for shard in shards - {SINGLE_FILE}:
+        if isinstance(shard, str) and Path(shard).name == shard:  # in this folder only
+            (directory / shard).unlink(missing_ok=True)

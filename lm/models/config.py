@@ -16,12 +16,19 @@ llama      llama, mistral  RMSNorm    RoPE         SwiGLU     GQA, sliding windo
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 
 FAMILIES = {"gpt2": "gpt2", "gpt_neox": "gpt_neox", "llama": "llama", "mistral": "llama"}
 ROPE_TYPES = ("default", "linear", "llama3")
+#: The rope_scaling keys each type reads (lm.models.layers.rope_frequencies).
+ROPE_KEYS = {"default": (), "linear": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                        "original_max_position_embeddings")}
+#: Fields that are numerics or implementation choices, not architecture: no config.json holds them.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat_policy")
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "silu", "relu")
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 
@@ -101,6 +108,9 @@ class ModelConfig:
         if self.rope_type not in ROPE_TYPES:
             raise ConfigError(f"unsupported rope_scaling type {self.rope_type!r} "
                               f"(supported: {ROPE_TYPES})")
+        missing = [k for k in ROPE_KEYS[self.rope_type] if k not in dict(self.rope_scaling or ())]
+        if missing:
+            raise ConfigError(f"rope_scaling of type {self.rope_type!r} lacks {missing[0]!r}")
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
 
@@ -183,7 +193,7 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> ModelConfig:
         head_dim = d // heads
         theta, scaling = _rope(hf, "rotary_emb_base", 10000.0)
         params = hf.get("rope_parameters") or {}
-        pct = hf.get("rotary_pct", params.get("partial_rotary_factor", 1.0))
+        pct = hf.get("rotary_pct", params.get("partial_rotary_factor", 0.25))  # transformers' default
         cfg = ModelConfig(
             model_type="gpt_neox", vocab_size=hf["vocab_size"], hidden_size=d,
             num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=heads,
@@ -208,7 +218,7 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> ModelConfig:
             rotary_dim=head_dim, rope_theta=theta, rope_scaling=scaling,
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             attention_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
-            sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+            sliding_window=hf.get("sliding_window", 4096) if model_type == "mistral" else None,
             **tokens)
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
@@ -225,7 +235,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
                    vocab_size=cfg.vocab_size, n_embd=cfg.hidden_size, n_layer=cfg.num_layers,
                    n_head=cfg.num_heads, n_inner=cfg.intermediate_size,
                    n_positions=cfg.max_position_embeddings, layer_norm_epsilon=cfg.norm_eps,
-                   activation_function=cfg.activation, tie_word_embeddings=True,
+                   activation_function=cfg.activation, tie_word_embeddings=cfg.tie_word_embeddings,
                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     elif cfg.family == "gpt_neox":
         out = dict(architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox",
@@ -234,7 +244,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
                    intermediate_size=cfg.intermediate_size,
                    max_position_embeddings=cfg.max_position_embeddings,
                    layer_norm_eps=cfg.norm_eps, hidden_act=cfg.activation,
-                   rotary_pct=cfg.rotary_dim / cfg.head_dim, rotary_emb_base=cfg.rope_theta,
+                   rotary_pct=_rotary_pct(cfg.rotary_dim, cfg.head_dim), rotary_emb_base=cfg.rope_theta,
                    rope_theta=cfg.rope_theta, use_parallel_residual=cfg.parallel_residual,
                    tie_word_embeddings=cfg.tie_word_embeddings,
                    attention_bias=cfg.attention_bias, hidden_dropout=0.0,
@@ -258,7 +268,22 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         out["rope_scaling"] = {k: list(v) if isinstance(v, tuple) else v
                                for k, v in cfg.rope_scaling}
     out.update(tokens, torch_dtype=torch_dtype)
+    back = config_from_hf(out)
+    lost = [f.name for f in dataclasses.fields(cfg) if f.name not in RUNTIME_FIELDS
+            and getattr(back, f.name) != getattr(cfg, f.name)]
+    if lost:
+        raise ConfigError(f"a {cfg.model_type} config.json cannot express "
+                          + ", ".join(f"{k}={getattr(cfg, k)!r}" for k in lost))
     return out
+
+
+def _rotary_pct(rotary_dim: int, head_dim: int) -> float:
+    """rotary_dim / head_dim, nudged up until ``int(head_dim * pct)`` (how transformers
+    and :func:`config_from_hf` read it back) gives rotary_dim again."""
+    pct = rotary_dim / head_dim
+    while int(head_dim * pct) < rotary_dim:
+        pct = math.nextafter(pct, math.inf)
+    return pct
 
 
 def _gpt2(layers, d, heads, vocab=50257, ctx=1024):

@@ -1,5 +1,6 @@
 """lm.hf: logit parity with transformers (committed fixtures), export, sharding, errors."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -148,6 +149,8 @@ def test_missing_config_and_missing_shard(tmp_path):
     d = _copy("gpt2", tmp_path)
     (d / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"transformer.wte.weight": "model-00001-of-00002.safetensors"}}))
+    load_pretrained(d)  # model.safetensors wins over an index, as in transformers
+    (d / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model-00001-of-00002.safetensors: shard listed"):
         load_pretrained(d)
 
@@ -157,3 +160,51 @@ def test_error_messages_are_one_line(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_pretrained(d)
     assert "\n" not in str(info.value) and hf.SINGLE_FILE in str(info.value)
+
+
+def test_untied_gpt2_round_trips(tmp_path):
+    cfg, params = load_pretrained(FIXTURES / "gpt2")
+    untied = dataclasses.replace(cfg, tie_word_embeddings=False)
+    params = {**params, "lm_head": params["embed"]["embedding"][::-1].copy()}
+    save_pretrained(untied, params, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    cfg2, params2 = load_pretrained(tmp_path / "out")
+    assert cfg2 == untied
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
+
+
+def test_tied_neox_ignores_a_stored_copy_of_the_head(tmp_path):
+    d = _copy("neox_parallel", tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    tensors = _tensors(d)
+    tensors["embed_out.weight"] = tensors["gpt_neox.embed_in.weight"]
+    safetensors.numpy.save_file(tensors, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    cfg, params = load_pretrained(d)
+    assert cfg.tie_word_embeddings and "lm_head" not in params
+
+
+def test_saving_over_a_sharded_checkpoint_replaces_it(tmp_path):
+    """A folder that held a sharded checkpoint loads what was saved into it last, and no
+    stale shard or temporary file is left behind."""
+    d = _copy("llama_gqa", tmp_path)
+    tensors = _tensors(d)
+    (d / "model.safetensors").unlink()
+    shard = "model-00001-of-00001.safetensors"
+    safetensors.numpy.save_file(tensors, str(d / shard))
+    (d / hf.INDEX_FILE).write_text(json.dumps({"weight_map": {k: shard for k in tensors}}))
+    cfg, params = load_pretrained(d)
+    ones = jax.tree_util.tree_map(np.ones_like, params)
+    save_pretrained(cfg, ones, d)
+    assert sorted(p.name for p in d.iterdir() if "safetensors" in p.name) == ["model.safetensors"]
+    _, reloaded = load_pretrained(d)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, reloaded, ones)
+
+
+def test_settings_a_config_json_cannot_hold_are_refused_on_save(tmp_path):
+    from lm.models import ConfigError, builtin_config, init_params
+
+    cfg = builtin_config("llama-tiny", sliding_window=4)
+    with pytest.raises(ConfigError, match="a llama config.json cannot express sliding_window=4"):
+        save_pretrained(cfg, init_params(cfg, jax.random.key(0)), tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

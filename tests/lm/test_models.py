@@ -54,6 +54,35 @@ def test_config_survives_hf_round_trip(name):
     assert config_from_hf(config_to_hf(cfg)) == cfg
 
 
+@pytest.mark.parametrize("head_dim,rotary_dim", [(44, 30), (88, 30), (100, 58), (64, 16)])
+def test_neox_rotary_pct_round_trips_exactly(head_dim, rotary_dim):
+    cfg = builtin_config("pythia-tiny", hidden_size=4 * head_dim, head_dim=head_dim,
+                         rotary_dim=rotary_dim)
+    assert config_from_hf(config_to_hf(cfg)) == cfg
+
+
+def test_missing_keys_take_transformers_defaults_and_incomplete_rope_is_refused():
+    neox = {k: v for k, v in config_to_hf(builtin_config("pythia-tiny")).items() if k != "rotary_pct"}
+    assert config_from_hf(neox).rotary_dim == 16 // 4  # GPTNeoXConfig's rotary_pct = 0.25
+    mistral = {k: v for k, v in config_to_hf(builtin_config("mistral-7b")).items()
+               if k != "sliding_window"}
+    assert config_from_hf(mistral).sliding_window == 4096
+    assert config_from_hf({**mistral, "sliding_window": None}).sliding_window is None
+    llama = config_to_hf(builtin_config("llama-tiny"))
+    with pytest.raises(ConfigError, match="rope_scaling of type 'llama3' lacks 'low_freq_factor'"):
+        config_from_hf({**llama, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+
+
+@pytest.mark.parametrize("name,change", [("llama-tiny", {"sliding_window": 4}),
+                                         ("llama-tiny", {"parallel_residual": True}),
+                                         ("gpt2-tiny", {"mlp_bias": False})])
+def test_config_to_hf_refuses_what_config_json_cannot_hold(name, change):
+    cfg = builtin_config(name, **change)
+    key, value = next(iter(change.items()))
+    with pytest.raises(ConfigError, match=f"config.json cannot express {key}={value!r}"):
+        config_to_hf(cfg)
+
+
 def test_unsupported_model_type_names_it():
     with pytest.raises(ConfigError, match="unsupported model_type 'bert'"):
         config_from_hf({"model_type": "bert"})
