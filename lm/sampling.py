@@ -23,13 +23,14 @@ from lm.models import (ModelConfig, forward_cached, init_cache, logits_from_hidd
 def top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
     """Set to -inf every logit outside the smallest set of top tokens with mass >= top_p.
 
-    The most likely token is always kept, so ``top_p -> 0`` is greedy.
+    The most likely token is always kept, so ``top_p -> 0`` is greedy; ``top_p >= 1``
+    keeps every token (the float32 running mass reaches 1 before the last tokens).
     """
     order = jnp.argsort(-logits, axis=-1)
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = mass_before < top_p
+    keep_sorted = (mass_before < top_p) | (top_p >= 1.0)
     keep_sorted = keep_sorted.at[..., 0].set(True)
     keep = jnp.zeros_like(keep_sorted).at[
         jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
@@ -71,11 +72,16 @@ def generate(cfg: ModelConfig, params, prompt_ids: jax.Array, prompt_mask: jax.A
     # (no error, just garbage tokens), and rotary models were never trained on such
     # positions; either way the prompt plus its continuation must be a sequence the
     # model can score again, as DPO does with sampled responses.
-    longest = int(np.asarray(prompt_mask).sum(axis=-1).max(initial=0))
+    host_mask = np.asarray(prompt_mask).astype(np.int64)
+    right_padded = np.flatnonzero(np.any(np.diff(host_mask, axis=-1) < 0, axis=-1))
+    if right_padded.size:
+        raise ValueError(f"prompt_mask row {right_padded[0]}: padding after a real token; prompts "
+                         "must be left-padded (generation continues from the last position)")
+    longest = int(host_mask.sum(axis=-1).max(initial=0))
     if longest + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"prompt length {longest} + {max_new_tokens} new tokens exceeds the "
                          f"model's context of {cfg.max_position_embeddings} positions")
-    eos = () if eos_id is None else ((eos_id,) if isinstance(eos_id, int) else tuple(eos_id))
+    eos = () if eos_id is None else tuple(np.atleast_1d(eos_id).tolist())
     # Every argument positional and every number an array: one compilation per shape,
     # whichever keywords the caller spelled out.
     return _generate(cfg, params, prompt_ids, prompt_mask, rng,

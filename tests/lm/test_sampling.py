@@ -123,3 +123,25 @@ def test_left_padding_does_not_count_against_the_context():
     np.testing.assert_array_equal(wide, narrow)
     with pytest.raises(ValueError, match="prompt length 6 \\+ 27 new tokens"):
         generate(cfg, params, ids, mask, max_new_tokens=27, rng=jax.random.key(0))
+
+
+def test_right_padded_prompts_and_numpy_eos_ids():
+    cfg = builtin_config("gpt2-tiny")
+    right = PROMPT_MASK[:, ::-1]  # rows 0 and 2 padded on the right
+    with pytest.raises(ValueError, match=r"^prompt_mask row 0: padding after a real token; "
+                                         r"prompts must be left-padded"):
+        generate(cfg, {}, PROMPTS, right, max_new_tokens=2, rng=jax.random.key(0))
+    cfg, params = load_pretrained(FIXTURES / "llama_gqa")
+    free, _ = generate(cfg, params, PROMPTS, PROMPT_MASK, max_new_tokens=4, rng=jax.random.key(0))
+    eos = np.asarray(free)[0, 1]
+    by_int = generate(cfg, params, PROMPTS, PROMPT_MASK, max_new_tokens=4, rng=jax.random.key(0),
+                      eos_id=int(eos))
+    by_numpy = generate(cfg, params, PROMPTS, PROMPT_MASK, max_new_tokens=4, rng=jax.random.key(0),
+                        eos_id=np.int64(eos))
+    np.testing.assert_array_equal(by_int[1], by_numpy[1])
+    assert np.asarray(by_int[1])[0].sum() == 2
+
+
+def test_top_p_one_keeps_every_token():
+    z = 3 * jax.random.normal(jax.random.key(0), (4, 50257))
+    assert bool(jnp.all(jnp.isfinite(top_p_filter(z, jnp.float32(1.0)))))
