@@ -5,9 +5,10 @@
 and are ignored), ``.parquet`` is read with pyarrow. Locations in messages are
 ``file:line N`` (JSONL, 1-based) and ``file:row N`` (Parquet, 0-based row index).
 
-A file-level problem (missing file, unknown extension, a JSON array instead of JSON
-lines, a format that cannot be recognised) always raises :class:`DataError`; record-level
-problems follow ``on_error`` (see :mod:`lm.data.records`).
+A UTF-8 byte order mark at the start of a JSON lines file (as some Windows editors write)
+is not part of line 1. A file-level problem (missing file, unknown extension, a JSON array
+instead of JSON lines, a format that cannot be recognised) always raises
+:class:`DataError`; record-level problems follow ``on_error`` (see :mod:`lm.data.records`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ PathLike = str | os.PathLike
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
+BOM = "\ufeff"
 
 # A row is either a parsed object or the DataError that parsing it raised.
 RawRow = tuple[str, "dict[str, Any] | DataError"]
@@ -40,6 +42,8 @@ def _jsonl_rows(path: str) -> Iterator[RawRow]:
                     source, None, "invalid_utf8", f"invalid UTF-8 at byte offset {e.start}"
                 )
                 continue
+            if number == 1:
+                text = text.removeprefix(BOM)
             if not text.strip():
                 continue
             if number == 1 and text.lstrip().startswith("["):

@@ -178,3 +178,15 @@ def test_empty_prompt_needs_bos(tmp_path, tokenizer, special_ids):
     with_bos = TokenizeConfig(32, 16, eos_id=special_ids["eos"], bos_id=special_ids["bos"])
     pairs, _ = tokenize_records(records, tokenizer, with_bos)
     assert pairs.prompt[0].tolist() == [special_ids["bos"]]
+
+
+def test_a_byte_order_mark_is_not_part_of_line_1(tmp_path):
+    """Some Windows editors start a UTF-8 file with a BOM: line 1 is still a record, and a
+    JSON array after it is still refused."""
+    path = _write(tmp_path, b"\xef\xbb\xbf" + GOOD, GOOD)
+    records, report = read_records(path)
+    assert len(records) == report.kept == 2 and records[0].prompt == "P"
+    array = tmp_path / "a.json"
+    array.write_bytes(b"\xef\xbb\xbf[" + GOOD + b"]\n")
+    with pytest.raises(DataError, match=r"a\.json:line 1: a JSON array; expected JSON lines"):
+        read_records(array, on_error="skip")
