@@ -19,9 +19,11 @@ Formats (``format=`` name, the fields that identify it, how it maps):
   rendered as one user turn with the :class:`ChatTemplate`; chosen is the answer with the
   higher score. Ties are dropped and counted as ``"tie"``.
 
-``detect_format`` picks the format from the first record's fields; every later record
-must then match it. Each adapter checks the fields it reads and raises :class:`DataError`
-naming the field of the *file* (e.g. ``answer_1``), so a message points at what to fix.
+``detect_format`` picks the format from a record's fields; ``read_records`` asks it about a
+file's first record (under ``on_error="skip"``, its first recognisable one), and every
+later record must then match that format. Each adapter checks the fields it reads and
+raises :class:`DataError` naming the field of the *file* (e.g. ``answer_1``), so a message
+points at what to fix.
 """
 
 from __future__ import annotations

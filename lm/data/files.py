@@ -7,7 +7,7 @@ and are ignored), ``.parquet`` is read with pyarrow. Locations in messages are
 
 A UTF-8 byte order mark at the start of a JSON lines file (as some Windows editors write)
 is not part of line 1. A file-level problem (missing file, unknown extension, a JSON array
-instead of JSON lines, a format that cannot be recognised) always raises
+instead of JSON lines, no record of a recognisable format) always raises
 :class:`DataError`; record-level problems follow ``on_error`` (see :mod:`lm.data.records`).
 """
 
@@ -106,8 +106,9 @@ def read_records(
 
     Args:
       paths: a file or a list of files (each detected separately when ``format="auto"``).
-      format: ``"auto"`` (from the first record's fields) or one of
-        :data:`lm.data.adapters.FORMATS`.
+      format: ``"auto"`` (from the fields of each file's first record; under ``"skip"``,
+        of its first recognisable one, the records before it dropped as ``unknown_format``)
+        or one of :data:`lm.data.adapters.FORMATS`.
       on_error: ``"fail"`` or ``"skip"`` (see :mod:`lm.data.records`).
       template: chat template name or :class:`~lm.data.adapters.ChatTemplate` for the
         message-list formats (ultrafeedback, webgpt).
@@ -126,22 +127,33 @@ def read_records(
     records = []
     for path in paths:
         fmt = None if format == "auto" else format
+        unrecognised = None  # the first record dropped before the format was known
         for source, row in iter_rows(path):
             try:
                 if isinstance(row, DataError):
                     raise row
-                if fmt is None:
-                    fmt = adapters.detect_format(row)
-                    if fmt is None:
-                        raise DataError(
-                            source, None, "unknown_format",
-                            f"cannot recognise the format from fields {sorted(row)}; "
-                            f"pass format= (one of {adapters.FORMATS})",
-                        )
+                fmt = fmt or _detect(row, source)
                 records.append(adapters.ADAPTERS[fmt](row, source, chat))
                 report.kept += 1
             except DataError as err:
-                if err.reason == "unknown_format":
-                    raise
                 report.drop(err, policy)
+                if err.reason == "unknown_format" and unrecognised is None:
+                    unrecognised = err
+        if fmt is None and unrecognised is not None:
+            raise DataError(
+                os.fspath(path), None, "unknown_format",
+                f"no record has a recognisable format (first: {unrecognised})",
+            )
     return records, report
+
+
+def _detect(row: dict[str, Any], source: str) -> str:
+    """:func:`lm.data.adapters.detect_format`, or a ``DataError`` (reason ``unknown_format``)."""
+    fmt = adapters.detect_format(row)
+    if fmt is None:
+        raise DataError(
+            source, None, "unknown_format",
+            f"cannot recognise the format from fields {sorted(row)}; "
+            f"pass format= (one of {adapters.FORMATS})",
+        )
+    return fmt

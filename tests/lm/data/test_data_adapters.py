@@ -92,9 +92,22 @@ def test_detect_format():
 
 def test_unrecognised_format_is_a_file_error_even_when_skipping(tmp_path):
     path = tmp_path / "odd.jsonl"
-    path.write_text('{"text": "hello"}\n')
-    with pytest.raises(DataError, match=r"odd\.jsonl:line 1: cannot recognise the format"):
+    path.write_text('{"text": "hello"}\n{"text": "again"}\n')
+    with pytest.raises(DataError, match=r"^\S*odd\.jsonl: no record has a recognisable format "
+                                        r"\(first: \S*odd\.jsonl:line 1: cannot recognise"):
         read_records(path, on_error="skip")
+
+
+def test_skip_detects_the_format_from_the_first_recognisable_record(tmp_path):
+    """One bad first record (here without "rejected") is dropped, not the whole file."""
+    path = tmp_path / "d.jsonl"
+    good = json.dumps({"prompt": "P", "chosen": "a", "rejected": "b"})
+    path.write_text(json.dumps({"prompt": "P", "chosen": "a"}) + "\n" + good + "\n" + good + "\n")
+    records, report = read_records(path, on_error="skip")
+    assert len(records) == report.kept == 2 and dict(report.dropped) == {"unknown_format": 1}
+    assert report.first["unknown_format"].startswith(f"{path}:line 1: cannot recognise the format")
+    with pytest.raises(DataError, match=r"d\.jsonl:line 1: cannot recognise the format"):
+        read_records(path)  # under "fail" the first record is the error
 
 
 def test_several_files_in_order(fixtures_dir):
