@@ -21,6 +21,9 @@ included):
   right, and its EOS is dropped with the cut: the model is not taught to stop where the
   text merely ran out of room. Truncated responses are counted in ``Report.truncated``.
 - ``max_prompt_len < max_len``, so every response keeps at least one token.
+- A pair whose chosen and rejected token ids are equal holds no preference for DPO: it is
+  reported under ``on_error`` as ``"identical_after_truncation"`` when they differed only
+  past the cut, else as ``"identical_responses"``.
 - An empty prompt needs ``bos_id``: the first response token must have a context token to
   be predicted from (reason ``"empty_prompt"``).
 """
@@ -130,7 +133,8 @@ def tokenize_records(
       tokenizer: ``encode(text, add_special_tokens=False).ids`` (``encode_batch`` is used
         when present).
       config: lengths and special ids.
-      on_error: ``"fail"`` or ``"skip"``; applies to too-long and empty prompts.
+      on_error: ``"fail"`` or ``"skip"``; applies to too-long and empty prompts and to
+        pairs whose two responses have the same ids (after truncation).
       report: the report from reading, to continue (its ``kept`` is decreased by the
         records dropped here); else a new one with ``kept = len(records)``.
     """
@@ -144,32 +148,46 @@ def tokenize_records(
     out = TokenizedPairs([], [], [], [])
     for record, p, c, r in zip(records, prompts, chosen, rejected):
         prompt_ids = bos + p
+        room = config.max_len - len(prompt_ids)
+        responses = [(ids + [config.eos_id])[:room] for ids in (c, r)]
+        cut = sum(len(ids) + 1 > room for ids in (c, r))
         try:
-            if not prompt_ids:
-                raise DataError(
-                    record.source, "prompt", "empty_prompt",
-                    "empty prompt and no bos_id: the first response token has no context",
-                )
-            if len(prompt_ids) > config.max_prompt_len:
-                raise DataError(
-                    record.source, "prompt", "prompt_too_long",
-                    f"prompt is {len(prompt_ids)} tokens, "
-                    f"over max_prompt_len={config.max_prompt_len}",
-                )
+            _check_pair(record.source, prompt_ids, responses, cut, config)
         except DataError as err:
             report.drop(err, policy)
             report.kept -= 1
             continue
-        room = config.max_len - len(prompt_ids)
-        responses = []
-        for ids in (c, r):
-            ids = ids + [config.eos_id]
-            if len(ids) > room:
-                ids = ids[:room]
-                report.truncated += 1
-            responses.append(np.asarray(ids, dtype=np.int32))
+        report.truncated += cut
         out.prompt.append(np.asarray(prompt_ids, dtype=np.int32))
-        out.chosen.append(responses[0])
-        out.rejected.append(responses[1])
+        out.chosen.append(np.asarray(responses[0], dtype=np.int32))
+        out.rejected.append(np.asarray(responses[1], dtype=np.int32))
         out.source.append(record.source)
     return out, report
+
+
+def _check_pair(
+    source: str, prompt_ids: list[int], responses: list[list[int]], cut: int,
+    config: TokenizeConfig,
+) -> None:
+    """Raise the :class:`DataError` of the first length-policy problem of one pair, if any
+    (``responses`` as cut to fit, ``cut`` of them truncated)."""
+    if not prompt_ids:
+        raise DataError(
+            source, "prompt", "empty_prompt",
+            "empty prompt and no bos_id: the first response token has no context",
+        )
+    if len(prompt_ids) > config.max_prompt_len:
+        raise DataError(
+            source, "prompt", "prompt_too_long",
+            f"prompt is {len(prompt_ids)} tokens, over max_prompt_len={config.max_prompt_len}",
+        )
+    if responses[0] == responses[1]:
+        if cut:
+            raise DataError(
+                source, "rejected", "identical_after_truncation",
+                f"identical to the chosen response once both are cut to max_len={config.max_len} "
+                "tokens (they differ only past it)",
+            )
+        raise DataError(
+            source, "rejected", "identical_responses", "the same tokens as the chosen response"
+        )

@@ -75,3 +75,23 @@ def test_config_rejects_impossible_lengths(max_len, max_prompt_len):
 def test_pad_defaults_to_eos():
     assert TokenizeConfig(16, 8, eos_id=3).pad == 3
     assert TokenizeConfig(16, 8, eos_id=3, pad_id=0).pad == 0
+
+
+def test_responses_equal_after_truncation_are_dropped(tokenizer, special_ids):
+    """Responses that differ only past the cut give DPO no preference: fail, or skip and
+    count (the dropped pair's cut responses are not counted as truncated)."""
+    from lm.data import DataError
+
+    eos = special_ids["eos"]
+    same_start = PreferenceRecord("Q: a\nA:", " one two three four", " one two three five", "mem:1")
+    fits = PreferenceRecord("Q: a\nA:", " yes", " no", "mem:2")
+    n_prompt = len(_ids(tokenizer, same_start.prompt))
+    config = TokenizeConfig(n_prompt + 2, n_prompt, eos_id=eos)
+    assert _ids(tokenizer, same_start.chosen)[:2] == _ids(tokenizer, same_start.rejected)[:2]
+    with pytest.raises(DataError, match=r"^mem:1: field 'rejected': identical to the chosen response "
+                                        r"once both are cut to max_len="):
+        tokenize_records([same_start, fits], tokenizer, config)
+    pairs, report = tokenize_records([same_start, fits], tokenizer, config, on_error="skip")
+    assert pairs.source == ["mem:2"] and report.kept == 1
+    assert dict(report.dropped) == {"identical_after_truncation": 1}
+    assert report.truncated == sum(len(_ids(tokenizer, t)) + 1 > 2 for t in (fits.chosen, fits.rejected))
