@@ -30,15 +30,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="chat template for message-list formats (ultrafeedback, webgpt)")
     parser.add_argument("--tokenizer", help="a tokenizer.json; enables the length report")
     parser.add_argument("--max-len", type=int, default=512)
-    parser.add_argument("--max-prompt-len", type=int, default=256)
+    parser.add_argument("--max-prompt-len", type=int, help="default: half of --max-len")
     parser.add_argument("--eos-id", type=int, help="default: the tokenizer's id of --eos-token")
     parser.add_argument("--eos-token", default="<|endoftext|>")
     parser.add_argument("--bos-id", type=int)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.max_prompt_len is None:
+        args.max_prompt_len = args.max_len // 2
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not 0 < args.max_prompt_len < args.max_len:
+        print(f"error: --max-prompt-len {args.max_prompt_len}: must be at least 1 and below "
+              f"--max-len {args.max_len}", file=sys.stderr)
+        return 2
     try:
         records, report = read_records(
             args.files, format=args.format, on_error=args.on_error, template=args.template

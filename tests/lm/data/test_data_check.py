@@ -40,3 +40,16 @@ def test_bad_tokenizer_and_unknown_eos(fixtures_dir, tokenizer, tmp_path, capsys
     tokenizer.save(str(good))
     assert check.main([str(fixtures_dir / "hh.jsonl"), "--tokenizer", str(good)]) == 2
     assert "--eos-token '<|endoftext|>' is not in" in capsys.readouterr().err
+
+
+def test_max_prompt_len_defaults_to_half_of_max_len(fixtures_dir, tokenizer, tmp_path, capsys):
+    """--max-len 128 alone works (the prompt budget was a fixed 256); a bad pair of lengths is
+    one line naming the flags."""
+    path = tmp_path / "tokenizer.json"
+    tokenizer.save(str(path))
+    argv = [str(fixtures_dir / "webgpt.jsonl"), "--tokenizer", str(path), "--eos-token", "<eos>"]
+    assert check.main([*argv, "--max-len", "128"]) == 0
+    assert check.parse_args([*argv, "--max-len", "128"]).max_prompt_len == 64
+    capsys.readouterr()
+    assert check.main([*argv, "--max-len", "64", "--max-prompt-len", "64"]) == 2
+    assert capsys.readouterr().err == "error: --max-prompt-len 64: must be at least 1 and below --max-len 64\n"
