@@ -307,6 +307,8 @@ def _positive_int(text: str) -> int:
 
 
 def _shapes(text: str) -> tuple[tuple[int, int], ...]:
+    """Distinct ``(V, d)`` pairs from ``"VxD,VxD,..."``; a repeat is refused, since the
+    checks key their instances by shape and would run it once but list it twice."""
     shapes = []
     for item in text.split(","):
         V, sep, d = item.strip().lower().partition("x")
@@ -314,6 +316,8 @@ def _shapes(text: str) -> tuple[tuple[int, int], ...]:
             raise argparse.ArgumentTypeError(
                 f"expected comma-separated VxD with V ≥ 2 and D ≥ 1 (e.g. 3x16), got {item!r}"
             )
+        if (int(V), int(d)) in shapes:
+            raise argparse.ArgumentTypeError(f"{item.strip()!r} is given twice")
         shapes.append((int(V), int(d)))
     return tuple(shapes)
 

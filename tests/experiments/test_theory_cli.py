@@ -42,6 +42,7 @@ def test_json_end_to_end_passes_every_check():
     (["--seed", "x"], "--seed"),
     (["--shapes", "1x4"], "--shapes"),
     (["--shapes", "3by4"], "--shapes"),
+    (["--shapes", "2x3,2x3"], "argument --shapes: '2x3' is given twice"),
     (["--bogus"], "--bogus"),
 ])
 def test_bad_flags_exit_nonzero_with_one_line(flags, culprit):
