@@ -2,12 +2,14 @@
 
     python -m experiments.diagnose --model DIR --data prefs.jsonl [--ref DIR] --out diag.json
 
-For the first ``--batch-size`` pairs: the output-layer gradient inner product and cosine
-of log π(y_w) and log π(y_l) per pair (margin-pitfalls condition (7)), and Hutchinson
-estimates of the traces of the DPO loss Hessian w.r.t. the output layer, all parameters
-and the logits (logits-SAM paper §4.3), and the first-order effect of logits-SAM on the
-chosen and rejected log-probs after one step, by term (``lm.diagnostics.sam_step_effects``).
-The reference is ``--ref`` (default: the model).
+For the first ``--batch-size`` usable pairs: the output-layer gradient inner product and
+cosine of log π(y_w) and log π(y_l) per pair (margin-pitfalls condition (7)), and
+Hutchinson estimates of the traces of the DPO loss Hessian w.r.t. the output layer, all
+parameters and the logits (logits-SAM paper §4.3), and the first-order effect of
+logits-SAM on the chosen and rejected log-probs after one step, by term
+(``lm.diagnostics.sam_step_effects``). The reference is ``--ref`` (default: the model).
+Records that cannot be used (a tie, a prompt over ``--max-prompt-len``, ...) are skipped
+and counted, on stderr and under ``data`` in the JSON.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ref", help="reference model directory (default: --model)")
     p.add_argument("--data", required=True, help="preference file (JSONL or Parquet)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the model's)")
-    p.add_argument("--max-len", type=int_at_least(2), default=64)
+    p.add_argument("--max-len", type=int_at_least(2), default=64,
+                   help="tokens per sequence (at most the model's context)")
+    p.add_argument("--max-prompt-len", type=int_at_least(1),
+                   help="prompt tokens (default: half of --max-len); pairs with longer prompts are skipped")
     p.add_argument("--batch-size", type=int_at_least(1), default=4, help="pairs to diagnose")
     p.add_argument("--beta", type=positive_float, default=0.1)
     p.add_argument("--probes", type=int_at_least(2), default=16, help="Hutchinson probes")
@@ -44,7 +49,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [h for h in args.hessians if h not in HESSIANS]
     if unknown:
         p.error(f"argument --hessians: unknown {unknown[0]!r}; choose from {', '.join(HESSIANS)}")
+    if args.max_prompt_len is None:
+        args.max_prompt_len = args.max_len // 2
+    if args.max_prompt_len >= args.max_len:
+        p.error(f"argument --max-prompt-len: must be below --max-len {args.max_len}, got {args.max_prompt_len}")
     return args
+
+
+def usable_pairs(args, tok, tcfg):
+    """``(pairs, report)`` of ``--data`` under ``tcfg``: bad records (a tie, a prompt over
+    ``--max-prompt-len``, ...) are skipped and counted, since only the first
+    ``--batch-size`` usable pairs are diagnosed; fewer than that is one error line."""
+    from lm import data
+
+    try:
+        records, report = data.read_records(args.data, on_error="skip")
+        pairs, report = data.tokenize_records(records, tok, tcfg, on_error="skip", report=report)
+    except (data.DataError, ValueError) as err:
+        fail(f"--data {args.data}: {err}")
+    if len(pairs) < args.batch_size:
+        fail(f"--data {args.data}: {len(pairs)} usable pairs, fewer than --batch-size {args.batch_size} "
+             f"({report.summary()}; --max-len {args.max_len}, --max-prompt-len {args.max_prompt_len})")
+    return pairs, report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,8 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     from lm import data, diagnostics
 
     cfg, model_dir = dpo.resolve_model(args.model)
+    if args.max_len > cfg.max_position_embeddings:
+        fail(f"--max-len {args.max_len}: over the model's {cfg.max_position_embeddings} positions")
     ns = argparse.Namespace(tokenizer=args.tokenizer, eos_token=None, model=args.model)
     tok, eos = dpo.load_tokenizer(ns, cfg, model_dir)
+    tcfg = data.TokenizeConfig(args.max_len, args.max_prompt_len, eos_id=eos)
+    pairs, report = usable_pairs(args, tok, tcfg)
+    if report.num_dropped or report.truncated:
+        print(f"--data {args.data}: {report.summary()}", file=sys.stderr)
     params = dpo.load_params(cfg, model_dir, args.seed)
     ref_params = params
     if args.ref:
@@ -64,15 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if ref_cfg != cfg:
             fail(f"--ref {args.ref}: architecture differs from --model {args.model}")
         ref_params = dpo.load_params(ref_cfg, ref_dir, args.seed)
-    try:
-        records, _ = data.read_records(args.data)
-        tcfg = data.TokenizeConfig(args.max_len, args.max_len // 2, eos_id=eos)
-        pairs, _ = data.tokenize_records(records, tok, tcfg)
-        if len(pairs) < args.batch_size:
-            raise ValueError(f"{len(pairs)} pairs, fewer than --batch-size {args.batch_size}")
-        batch = data.collate(pairs, np.arange(args.batch_size), (args.max_len,), tcfg.pad)
-    except (data.DataError, ValueError) as err:
-        fail(f"--data {args.data}: {err}")
+    batch = data.collate(pairs, np.arange(args.batch_size), (args.max_len,), tcfg.pad)
     batch = {k: v for k, v in batch.items() if k != "index"}
 
     products = jax.jit(diagnostics.gradient_products, static_argnums=0)(cfg, params, batch)
@@ -88,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg, p, b, ref_params=r, loss_kwargs={"beta": args.beta}))(params, batch, ref_params)
     products, traces, effects = jax.device_get((products, traces, effects))
     result = {
+        "data": {"file": args.data, "records": report.summary()},
         "pairs": [pairs.source[i] for i in range(args.batch_size)],
         "gradient_products": {k: np.asarray(products[k]).tolist()
                               for k in ("inner", "norm_chosen", "norm_rejected", "cosine")},

@@ -39,11 +39,34 @@ def test_writes_products_and_traces(tmp_path, prefs, capsys):
     assert "gradient_products" in capsys.readouterr().out
 
 
+def test_unusable_records_are_skipped_and_counted(tmp_path, capsys):
+    """Only the first --batch-size usable pairs are diagnosed, so one over-long prompt (or
+    a tie) elsewhere in the file is skipped and counted, not fatal."""
+    path = tmp_path / "prefs.jsonl"
+    prompts = ["q0:", "question1:", "q2:"]  # bytes: 10 > --max-prompt-len 8 (half of 16)
+    path.write_text("".join(json.dumps({"prompt": q, "chosen": " yes", "rejected": " no"}) + "\n"
+                            for q in prompts))
+    out = tmp_path / "diag.json"
+    argv = ["--model", "gpt2-tiny", "--data", str(path), "--batch-size", "2", "--max-len", "16",
+            "--hessians", "", "--no-step-effects", "--out", str(out)]
+    assert diagnose.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["pairs"] == [f"{path}:line 1", f"{path}:line 3"]
+    assert result["data"] == {"file": str(path), "records": "kept 2 records; dropped 1 (prompt_too_long=1)"}
+    assert f"--data {path}: kept 2 records; dropped 1 (prompt_too_long=1)" in capsys.readouterr().err
+    assert diagnose.main([*argv, "--max-prompt-len", "10"]) == 0
+    result = json.loads(out.read_text())
+    assert result["pairs"] == [f"{path}:line 1", f"{path}:line 2"] and result["data"]["records"] == "kept 3 records"
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
         (["--hessians", "head,nope"], "argument --hessians: unknown 'nope'"),
-        (["--batch-size", "9"], "fewer than --batch-size 9"),
+        (["--batch-size", "9"], "3 usable pairs, fewer than --batch-size 9 (kept 3 records; --max-len 64, "
+                                "--max-prompt-len 32)"),
+        (["--max-len", "256"], "--max-len 256: over the model's 128 positions"),
+        (["--max-len", "16", "--max-prompt-len", "16"], "argument --max-prompt-len: must be below --max-len 16"),
         (["--model", "no-such-model"], "--model 'no-such-model': not a directory nor a built-in model"),
     ],
 )
