@@ -433,7 +433,8 @@ def get_loss(name: str, **hparams: Any) -> Loss:
 
     Raises:
       ValueError: one line naming the flag: unknown loss, a hyper-parameter the loss does
-        not take, or a value out of range (β ≤ 0, λ < 0, ε outside [0, 0.5], non-finite).
+        not take, or a value out of range (β ≤ 0, λ < 0, ε outside [0, 0.5] for cdpo or
+        [0, 0.5) for robust, non-finite).
     """
     spec = LOSSES.get(name)
     if spec is None:

@@ -261,6 +261,9 @@ def make_model_grad_fn(
                 )
             ref = batch["ref_logps"]
         else:
+            if ref_params is None:
+                raise ValueError(f"--reference frozen: loss {loss!r} needs the reference model's "
+                                 "weights (ref_params); pass them, or use --reference precomputed")
             ref = _sequence_logps(hidden_fn, head_fn, ref_params, batch, chunk_size)
         return jax.lax.stop_gradient(ref.astype(jnp.float32).reshape(n))
 

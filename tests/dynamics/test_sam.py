@@ -70,6 +70,15 @@ def test_perturbation_of_zero_gradient_is_zero_not_nan():
         assert np.all(np.asarray(leaf) == 0.0)
 
 
+@pytest.mark.parametrize("scale", [1e-25, 1e25])
+def test_perturbation_has_length_rho_at_any_gradient_scale_in_float32(scale):
+    """Squares of 1e-25 flush to zero and of 1e25 overflow in float32; e must not."""
+    grads = {"w": jnp.full((4, 4), scale, jnp.float32), "b": jnp.full(3, -scale, jnp.float32)}
+    e = sam.sam_perturbation(grads, 1e-4)
+    assert np.isclose(float(sam.global_norm(e)), 1e-4, rtol=1e-6)
+    assert np.isclose(float(sam.global_norm(grads)), scale * np.sqrt(19.0), rtol=1e-6)
+
+
 def test_perturbation_keeps_leaf_dtype():
     grads = {"w": jnp.ones((2, 2), jnp.bfloat16), "b": jnp.ones(2, jnp.float32)}
     e = sam.sam_perturbation(grads, 0.5)

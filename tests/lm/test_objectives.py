@@ -186,6 +186,14 @@ def test_chunked_equals_unchunked_and_precomputed_equals_frozen():
         _assert_trees_close(a[2], b[2], rtol=1e-5)
 
 
+def test_missing_reference_weights_is_one_clear_error():
+    params, batch = _toy_params(0, tied=False), _batch()
+    grad_fn = O.make_model_grad_fn(_toy_hidden, _toy_head, loss="dpo")
+    with pytest.raises(ValueError, match=r"^--reference frozen: loss 'dpo' needs the reference "
+                                         r"model's weights \(ref_params\)"):
+        grad_fn(params, batch)
+
+
 def test_reference_free_loss_never_reads_the_reference():
     batch, params = _batch(7), _toy_params(7, False)
     none = O.make_model_grad_fn(_toy_hidden, _toy_head, loss="cpo", reference="none")
