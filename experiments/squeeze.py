@@ -164,8 +164,9 @@ def _loaders(args, pairs, heldout_pairs, pad_id):
     buckets = data.bucket_lengths(args.max_len, smallest=min(16, args.max_len))
     try:
         train = data.PairLoader(pairs, args.batch_size, buckets=buckets, pad_id=pad_id, seed=args.seed)
-        held = data.PairLoader(heldout_pairs, min(args.batch_size, len(heldout_pairs)), buckets=buckets,
-                               pad_id=pad_id, shuffle=False)
+        # Every held-out pair is evaluated: the last batch may be smaller (one more compilation).
+        held = data.PairLoader(heldout_pairs, args.batch_size, buckets=buckets, pad_id=pad_id,
+                               shuffle=False, drop_last=False)
     except ValueError as err:
         fail(f"--data: {err} (--batch-size {args.batch_size}, --held-out {args.held_out})")
     return train, held
@@ -345,14 +346,16 @@ def make_eval_fn(cfg, beta: float, chunk_size: int | None = None):
 
 
 def evaluate(fn, params, ref_params, loader) -> dict[str, float]:
-    """Mean metrics over every held-out batch."""
+    """Metrics over every pair of ``loader``: each batch's (per-pair mean) metrics weighted
+    by its number of pairs, so a smaller last batch counts for what it holds."""
     import jax
 
-    rows = []
+    rows, sizes = [], []
     for k in range(len(loader)):
         batch = {key: v for key, v in loader.batch(k).items() if key != "index"}
         rows.append(jax.device_get(fn(params, batch, ref_params)[1]))
-    return {name: float(np.mean([r[name] for r in rows])) for name in rows[0]}
+        sizes.append(len(batch["input_ids"]))
+    return {name: float(np.average([r[name] for r in rows], weights=sizes)) for name in rows[0]}
 
 
 @functools.lru_cache(maxsize=None)

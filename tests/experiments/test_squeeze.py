@@ -158,6 +158,27 @@ def test_a_baseline_that_never_reaches_the_matched_margin_gives_no_comparison():
     assert agg["matched_margin"]["values"] == [] and agg["end"]["values"] == [0.5]
 
 
+def test_every_heldout_pair_is_evaluated_and_weighted_by_pair():
+    """10 held-out pairs in batches of 4: the last batch (2 pairs) is evaluated, and the
+    metrics are means over pairs, not over batches."""
+    import argparse
+
+    from lm.data import TokenizedPairs
+
+    n = 10
+    arange = lambda k: np.arange(k, dtype=np.int32) + 3
+    pairs = TokenizedPairs([arange(1 + i % 3) for i in range(n)], [arange(1 + i % 5) for i in range(n)],
+                           [arange(2) for _ in range(n)], [f"mem:{i}" for i in range(n)])
+    args = argparse.Namespace(max_len=16, batch_size=4, seed=0, held_out=n)
+    _, held = squeeze._loaders(args, pairs, pairs, pad_id=0)
+    tokens = lambda batch: batch["attention_mask"][:, 0].sum(-1)  # prompt + chosen, per pair
+    seen = [held.batch(k) for k in range(len(held))]
+    assert [len(b["index"]) for b in seen] == [4, 4, 2]
+    fake_eval = lambda params, batch, ref: (None, {"tokens": tokens(batch).mean()})
+    got = squeeze.evaluate(fake_eval, None, None, held)["tokens"]
+    assert got == pytest.approx(np.mean([len(p) + len(c) for p, c in zip(pairs.prompt, pairs.chosen)]))
+
+
 def test_probe_summary_counts_signs_and_the_weight_to_curvature_ratio():
     records = [{"sam/chosen": 1.0, "params/sam/chosen": -1.0, "sam/chosen/curvature": 0.5,
                 "sam/chosen/self": 0.1, "sam/chosen/weight": 0.5},
