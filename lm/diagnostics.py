@@ -203,15 +203,17 @@ def gradient_products(cfg, params: PyTree, batch: Mapping[str, jax.Array]) -> di
     )
 
 
-def _pair_objective(cfg, params, batch, ref_params, loss, loss_kwargs):
+def _pair_objective(cfg, params, batch, ref_params, loss, loss_kwargs, head_dtype=None):
     """``loss_of_logps(logps (2B,)) -> mean pair loss`` of ``batch``, with the reference
-    log-probs (from ``ref_params``, or ``params`` when None) and lengths held constant."""
+    log-probs (from ``ref_params``, or ``params`` when None, through a head of
+    ``head_dtype`` as the caller's policy log-probs) and lengths held constant."""
     objective = losses.get_loss(loss, **dict(loss_kwargs or {}))
     counts = losses.response_lengths(flatten_pairs(batch)[2])
     if objective.reference_free:
         ref = jnp.zeros(counts.shape, jnp.float32)
     else:
-        ref = reference_logps(cfg, params if ref_params is None else ref_params, batch)
+        ref = reference_logps(cfg, params if ref_params is None else ref_params, batch,
+                              head_dtype=head_dtype)
     ref = jax.lax.stop_gradient(ref)
 
     def loss_of_logps(logps):
@@ -300,7 +302,10 @@ def sam_step_effects(
     ``self`` term holds every token's probabilities at once: (2B·T, V) floats.
     """
     ids, attn, mask = flatten_pairs(batch)
-    loss_of_logps = _pair_objective(cfg, params, batch, ref_params, loss, loss_kwargs)
+    # The policy's log-probs below go through a float32 head; so do the reference's, or
+    # under bf16 compute the margin would not be 0 at ref_params = params.
+    loss_of_logps = _pair_objective(cfg, params, batch, ref_params, loss, loss_kwargs,
+                                    head_dtype="float32")
 
     def logps_of(hidden, head):
         return losses.sequence_logps(hidden, head, ids, mask)[0]

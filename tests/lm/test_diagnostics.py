@@ -113,6 +113,7 @@ def test_hutchinson_rejects_one_probe():
 
 from lm import losses  # noqa: E402
 from lm.models import builtin_config, forward_hidden, init_params, output_head  # noqa: E402
+from lm.objectives import flatten_pairs  # noqa: E402
 
 
 @functools.cache
@@ -346,3 +347,21 @@ def test_head_sam_effect_matches_a_signed_head_step():
     grad_f = jax.grad(lambda w: jnp.mean(
         losses.sequence_logps(hidden, w, ids, mask)[0].reshape(2, 2)[:, 0]))(head)
     np.testing.assert_allclose(effects["sam/chosen"], -jnp.vdot(grad_f, d_rho), rtol=1e-2)
+
+
+def test_step_probe_reference_matches_its_float32_policy_under_bfloat16():
+    """sam_step_effects scores the policy through a float32 head; with ref_params=None its
+    reference must come out identical, so DPO's margin is exactly 0 (loss log 2)."""
+    cfg = builtin_config("gpt2-tiny", dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    mask = np.zeros((2, 2, 16), np.int32)
+    mask[..., 6:] = 1
+    batch = {"input_ids": rng.integers(0, cfg.vocab_size, (2, 2, 16)).astype(np.int32),
+             "attention_mask": np.ones((2, 2, 16), np.int32), "loss_mask": mask}
+    ids, attn, m = flatten_pairs(batch)
+    hidden = forward_hidden(cfg, params, ids, attn).astype(jnp.float32)
+    logps = losses.sequence_logps(hidden, output_head(cfg, params).astype(jnp.float32), ids, m)[0]
+    loss_of_logps = diagnostics._pair_objective(cfg, params, batch, None, "dpo", {"beta": 0.1},
+                                                head_dtype="float32")
+    assert float(loss_of_logps(logps)) == pytest.approx(np.log(2), abs=1e-7)
