@@ -391,12 +391,16 @@ def smoothed(values: list[float], window: int = MARGIN_WINDOW) -> np.ndarray:
 
 def chosen_change_at_margin(run: dict[str, Any], target: float) -> tuple[int | None, float | None]:
     """``(step, Δ chosen log-prob)`` at the first step whose smoothed train margin reaches
-    ``target``; ``(None, None)`` if it never does.
+    ``target``; ``(None, None)`` if it never does, or if ``target <= 0``.
 
     A run that learns the preference more slowly also moves the chosen log-prob later, so
     the end-of-run numbers alone would credit slow learning as mitigation. Compared at an
-    equal margin, they cannot.
+    equal margin, they cannot. A target <= 0 (a baseline whose final margin is not
+    positive) gives no comparison: every run starts at margin 0 and would "reach" it at
+    step 0 with no change.
     """
+    if target <= 0:
+        return None, None
     h = run["history"]
     margin, chosen = smoothed(h["rewards/margins"]), smoothed(h["logps/chosen"])
     hits = np.flatnonzero(margin >= target)
@@ -441,8 +445,9 @@ def verdict(name: str, s: dict[str, Any], base: dict[str, Any], tol: float = 0.1
             f"baseline's (this seed only)")
     at, base_at = s["matched_margin_chosen_change"], base["matched_margin_chosen_change"]
     if base_at is None:
-        return (f"{name}: the baseline's smoothed margin never reached {s['matched_margin']:.3f}, so no "
-                f"like-for-like comparison; {tail}")
+        why = ("the baseline's final margin is not positive" if s["matched_margin"] <= 0 else
+               f"the baseline's smoothed margin never reached {s['matched_margin']:.3f}")
+        return f"{name}: {why}, so no like-for-like comparison; {tail}"
     if at is None:
         return (f"{name}: never reached the matched margin {s['matched_margin']:.3f} (it learned the "
                 f"preference more slowly), so no like-for-like comparison; {tail}")
@@ -548,7 +553,8 @@ def report(result: dict[str, Any]) -> list[str]:
             f"{name:>10} (rho={s['rho']:g}): chosen {s['train_logps_chosen_start']:7.2f} -> "
             f"{s['train_logps_chosen_end']:7.2f}, rejected {s['train_logps_rejected_start']:7.2f} -> "
             f"{s['train_logps_rejected_end']:7.2f} (train); Δchosen at margin {s['matched_margin']:.3f}: "
-            + (f"{at:+.2f} (step {s['matched_margin_step']})" if at is not None else "never reached")
+            + (f"{at:+.2f} (step {s['matched_margin_step']})" if at is not None else
+               "never reached" if s["matched_margin"] > 0 else "none (the baseline's margin is not positive)")
             + f"; held-out Δchosen {s['heldout_logps_chosen_change']:+.2f}, "
             f"Δrejected {s['heldout_logps_rejected_change']:+.2f}, margin {s['heldout_margin']:.3f}, "
             f"accuracy {s['heldout_accuracy']:.3f}")
@@ -610,7 +616,8 @@ def across_seeds(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per method, the paired differences from the same seed's baseline: held-out chosen
     change at the end and train chosen change at the matched margin, each as
     ``{"values", "mean", "stderr", "mitigates"}`` (stderr None for one seed; mitigates =
-    seeds with a positive difference)."""
+    seeds with a positive difference). A seed where either run has no matched-margin
+    change (never reached, or a baseline margin <= 0) is left out of the latter."""
     out = {}
     for name in results[0]["summary"]:
         if name == "baseline":
@@ -636,7 +643,7 @@ def across_seeds(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def across_seeds_lines(agg: dict[str, dict[str, Any]], seeds: int) -> list[str]:
     def cell(d):
         if d["mean"] is None:
-            return "never reached"
+            return "no seed to compare"
         err = f" ± {d['stderr']:.2f}" if d["stderr"] is not None else ""
         return f"{d['mean']:+.2f}{err} (higher in {d['mitigates']}/{len(d['values'])})"
     return [f"over {seeds} seeds, chosen log-prob vs the same seed's baseline (mean ± s.e.):"] + [

@@ -158,6 +158,28 @@ def test_a_baseline_that_never_reaches_the_matched_margin_gives_no_comparison():
     assert agg["matched_margin"]["values"] == [] and agg["end"]["values"] == [0.5]
 
 
+def test_a_baseline_margin_that_is_not_positive_gives_no_comparison():
+    """Half a final margin <= 0 is "reached" by every run at step 0 with no change: no
+    like-for-like comparison, and the seed is left out of the matched-margin statistics."""
+    def run(chosen):
+        return {"mode": "plain", "rho": 0.0,
+                "history": {"rewards/margins": [0.0, -0.1, -0.2], "logps/chosen": chosen,
+                            "logps/rejected": [-2.0, -2.0, -2.0]},
+                "heldout": {"logps/chosen": -1.5, "logps/rejected": -2.5, "rewards/margins": -0.1,
+                            "rewards/accuracies": 0.4}}
+
+    sft = {"logps/chosen": -1.0, "logps/rejected": -2.0}
+    base = squeeze.summary(run([-1.0, -2.0, -3.0]), sft, target_margin=-0.05)
+    x = {**squeeze.summary(run([-1.0, -1.5, -2.0]), sft, target_margin=-0.05), "rho": 0.1}
+    assert base["matched_margin_chosen_change"] is x["matched_margin_chosen_change"] is None
+    assert "the baseline's final margin is not positive, so no like-for-like comparison" in squeeze.verdict(
+        "x", x, base)
+    assert "none (the baseline's margin is not positive)" in squeeze.report({"summary": {"baseline": base, "x": x}})[1]
+    agg = squeeze.across_seeds([{"summary": {"baseline": base, "x": x}}])
+    assert agg["x"]["matched_margin"]["values"] == [] and agg["x"]["end"]["values"] == [0.0]
+    assert "train at equal margin no seed to compare" in squeeze.across_seeds_lines(agg, 1)[1]
+
+
 def test_every_heldout_pair_is_evaluated_and_weighted_by_pair():
     """10 held-out pairs in batches of 4: the last batch (2 pairs) is evaluated, and the
     metrics are means over pairs, not over batches."""
