@@ -158,7 +158,9 @@ class Setup:
     data: dict[str, Any]  # what the pairs came from, for metrics.json
 
 
-def _loaders(args, pairs, heldout_pairs, pad_id):
+def _loaders(args, pairs, heldout_pairs, pad_id, culprit: str):
+    """The shuffled train loader and the held-out loader (every pair, in order); a train
+    set too small for one batch is an error line naming ``culprit`` (the flag it came from)."""
     from lm import data
 
     buckets = data.bucket_lengths(args.max_len, smallest=min(16, args.max_len))
@@ -168,7 +170,7 @@ def _loaders(args, pairs, heldout_pairs, pad_id):
         held = data.PairLoader(heldout_pairs, args.batch_size, buckets=buckets, pad_id=pad_id,
                                shuffle=False, drop_last=False)
     except ValueError as err:
-        fail(f"--data: {err} (--batch-size {args.batch_size}, --held-out {args.held_out})")
+        fail(f"{culprit}: {err} (--batch-size {args.batch_size})")
     return train, held
 
 
@@ -189,17 +191,28 @@ def synthetic_setup(args) -> Setup:
                                 max_position_embeddings=args.max_len, bos_token_id=eos,
                                 eos_token_id=eos, pad_token_id=pad)
     tcfg = data.TokenizeConfig(args.max_len, args.max_prompt_len, eos_id=eos, pad_id=pad)
+    report = data.Report()
 
-    def tokenized(n, seed):
-        records = [data.PreferenceRecord(r["prompt"], r["chosen"], r["rejected"], f"synthetic:{i}")
+    def tokenized(n, seed, part):
+        records = [data.PreferenceRecord(r["prompt"], r["chosen"], r["rejected"], f"synthetic {part}:{i}")
                    for i, r in enumerate(synthetic.sentiment_records(n, style=args.style, seed=seed))]
-        return data.tokenize_records(records, tok, tcfg)[0]
+        report.kept += len(records)
+        # Every synthetic record is well formed, so one the length policy drops means the
+        # lengths are too small for the task: an error, not a silently smaller data set.
+        try:
+            return data.tokenize_records(records, tok, tcfg, report=report)[0]
+        except data.DataError as err:
+            fail(f"--max-len {args.max_len}, --max-prompt-len {args.max_prompt_len}: too small for the "
+                 f"synthetic task ({err})")
 
-    train, held = _loaders(args, tokenized(args.pairs, args.seed),
-                           tokenized(args.held_out, args.seed + 10_000), pad)
+    train, held = _loaders(args, tokenized(args.pairs, args.seed, "train"),
+                           tokenized(args.held_out, args.seed + 10_000, "held-out"), pad,
+                           f"--pairs {args.pairs}")
+    if report.truncated:
+        print(f"synthetic {args.style} task: {report.summary()} (--max-len {args.max_len})", file=sys.stderr)
     params = jax.jit(models.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(args.seed))
-    info = {"file": None, "style": args.style, "tokenizer": "synthetic word-level", "eos_id": eos,
-            "train_pairs": len(train.pairs), "heldout_pairs": len(held.pairs)}
+    info = {"file": None, "style": args.style, "records": report.summary(), "tokenizer": "synthetic word-level",
+            "eos_id": eos, "train_pairs": len(train.pairs), "heldout_pairs": len(held.pairs)}
     return Setup(cfg, params, train, held, info)
 
 
@@ -228,9 +241,13 @@ def file_setup(args) -> Setup:
              f"({report.summary()}; --max-len {args.max_len}, --max-prompt-len {args.max_prompt_len})")
     if report.num_dropped or report.truncated:
         print(f"--data {args.data}: {report.summary()}", file=sys.stderr)
-    train_idx, held_idx = data.split_indices(len(pairs), args.held_out, args.seed,
-                                               groups=pairs.prompt_keys)
-    train, held = _loaders(args, pairs.take(train_idx), pairs.take(held_idx), tcfg.pad)
+    try:
+        train_idx, held_idx = data.split_indices(len(pairs), args.held_out, args.seed,
+                                                   groups=pairs.prompt_keys)
+    except ValueError as err:  # too few distinct prompts to hold --held-out pairs out
+        fail(f"--held-out {args.held_out}: {err} (--data {args.data})")
+    train, held = _loaders(args, pairs.take(train_idx), pairs.take(held_idx), tcfg.pad,
+                           f"--data {args.data} less --held-out {args.held_out}")
     info = {"file": args.data, "records": report.summary(), "eos_id": eos,
             "tokenizer": "bytes" if isinstance(tok, dpo.ByteTokenizer)
             else args.tokenizer or os.path.join(model_dir, "tokenizer.json"),
@@ -445,7 +462,7 @@ def verdict(name: str, s: dict[str, Any], base: dict[str, Any], tol: float = 0.1
             f"baseline's (this seed only)")
     at, base_at = s["matched_margin_chosen_change"], base["matched_margin_chosen_change"]
     if base_at is None:
-        why = ("the baseline's final margin is not positive" if s["matched_margin"] <= 0 else
+        why = ("the baseline's final train margin is not positive" if s["matched_margin"] <= 0 else
                f"the baseline's smoothed margin never reached {s['matched_margin']:.3f}")
         return f"{name}: {why}, so no like-for-like comparison; {tail}"
     if at is None:
@@ -554,7 +571,7 @@ def report(result: dict[str, Any]) -> list[str]:
             f"{s['train_logps_chosen_end']:7.2f}, rejected {s['train_logps_rejected_start']:7.2f} -> "
             f"{s['train_logps_rejected_end']:7.2f} (train); Δchosen at margin {s['matched_margin']:.3f}: "
             + (f"{at:+.2f} (step {s['matched_margin_step']})" if at is not None else
-               "never reached" if s["matched_margin"] > 0 else "none (the baseline's margin is not positive)")
+               "never reached" if s["matched_margin"] > 0 else "none (the baseline's train margin is not positive)")
             + f"; held-out Δchosen {s['heldout_logps_chosen_change']:+.2f}, "
             f"Δrejected {s['heldout_logps_rejected_change']:+.2f}, margin {s['heldout_margin']:.3f}, "
             f"accuracy {s['heldout_accuracy']:.3f}")

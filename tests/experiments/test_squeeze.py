@@ -134,6 +134,25 @@ def test_checkpoint_setup_tokenizes_with_its_tokenizer_and_holds_out_unseen_ques
         assert list(pairs.chosen[0]) == tok.encode(r.chosen).ids + [2]  # + EOS
 
 
+def test_too_few_questions_for_held_out_is_one_line(tmp_path, capsys):
+    """Three questions cannot give 20 held-out pairs and leave any for training."""
+    path = _webgpt(tmp_path / "webgpt.jsonl", 30, per_question=10)
+    argv = ["--model", str(_checkpoint(tmp_path)), "--data", str(path), *CHECKPOINT_TINY, "--held-out", "20"]
+    with pytest.raises(SystemExit):
+        squeeze.file_setup(squeeze.parse_args(argv))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == (f"python -m experiments.squeeze: error: --held-out 20: held_out=20 of 24 items in 3 "
+                         f"groups (prompts) leaves an empty split (--data {path})")
+
+
+def test_synthetic_truncation_is_reported(capsys):
+    """Responses cut at a small --max-len are counted on stderr and in metrics.json's data."""
+    setup = squeeze.synthetic_setup(squeeze.parse_args(TINY))
+    records = setup.data["records"]
+    assert records.startswith("kept 24 records; truncated ") and records.endswith(" responses")
+    assert f"synthetic long task: {records} (--max-len 16)" in capsys.readouterr().err
+
+
 def test_seeds_are_paired_with_their_own_baseline(tmp_path, capsys):
     out = tmp_path / "seeds"
     argv = [*TINY, "--no-sam", "--no-opposite", "--probe-every", "0", "--seed", "3", "--seeds", "2"]
@@ -172,9 +191,9 @@ def test_a_baseline_margin_that_is_not_positive_gives_no_comparison():
     base = squeeze.summary(run([-1.0, -2.0, -3.0]), sft, target_margin=-0.05)
     x = {**squeeze.summary(run([-1.0, -1.5, -2.0]), sft, target_margin=-0.05), "rho": 0.1}
     assert base["matched_margin_chosen_change"] is x["matched_margin_chosen_change"] is None
-    assert "the baseline's final margin is not positive, so no like-for-like comparison" in squeeze.verdict(
+    assert "the baseline's final train margin is not positive, so no like-for-like comparison" in squeeze.verdict(
         "x", x, base)
-    assert "none (the baseline's margin is not positive)" in squeeze.report({"summary": {"baseline": base, "x": x}})[1]
+    assert "none (the baseline's train margin is not positive)" in squeeze.report({"summary": {"baseline": base, "x": x}})[1]
     agg = squeeze.across_seeds([{"summary": {"baseline": base, "x": x}}])
     assert agg["x"]["matched_margin"]["values"] == [] and agg["x"]["end"]["values"] == [0.0]
     assert "train at equal margin no seed to compare" in squeeze.across_seeds_lines(agg, 1)[1]
@@ -286,6 +305,9 @@ def test_verdict_compares_at_equal_margin(at, word):
         (["--data", "/nonexistent/prefs.jsonl", "--model", "gpt2-tiny"], "--data"),
         (["--head", "tied", "--model", GPT2], "--head: only for a built-in --model"),
         (["--max-len", "16", "--max-prompt-len", "16"], "--max-prompt-len"),
+        (["--max-len", "12"], "--max-len 12, --max-prompt-len 6: too small for the synthetic task "
+                              "(synthetic train:0: field 'prompt': prompt is 7 tokens, over max_prompt_len=6)"),
+        (["--pairs", "4"], "--pairs 4: 4 pairs cannot fill one batch of 16 (--batch-size 16)"),
         (["--model", GPT2, "--data", WEBGPT, "--max-len", "64"], "--max-len 64: over the model's 32 positions"),
         (["--model", GPT2, "--data", WEBGPT], "has no tokenizer.json; pass --tokenizer"),
         (["--model", GPT2, "--tokenizer", TOKENIZER, "--data", WEBGPT, "--held-out", "1"],
