@@ -211,7 +211,7 @@ def test_every_heldout_pair_is_evaluated_and_weighted_by_pair():
     pairs = TokenizedPairs([arange(1 + i % 3) for i in range(n)], [arange(1 + i % 5) for i in range(n)],
                            [arange(2) for _ in range(n)], [f"mem:{i}" for i in range(n)])
     args = argparse.Namespace(max_len=16, batch_size=4, seed=0, held_out=n)
-    _, held = squeeze._loaders(args, pairs, pairs, pad_id=0)
+    _, held = squeeze._loaders(args, pairs, pairs, 0, "--pairs 10")
     tokens = lambda batch: batch["attention_mask"][:, 0].sum(-1)  # prompt + chosen, per pair
     seen = [held.batch(k) for k in range(len(held))]
     assert [len(b["index"]) for b in seen] == [4, 4, 2]
