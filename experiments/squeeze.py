@@ -174,8 +174,28 @@ def _loaders(args, pairs, heldout_pairs, pad_id, culprit: str):
     return train, held
 
 
+def unseen_records(n: int, style: str, seed: int, seen: set[str], draws: int = 16) -> list[dict]:
+    """``n`` synthetic records whose prompts are not in ``seen`` (the training prompts), so
+    that held-out prompts are unseen in training, as with ``--data``.
+
+    They are ``lm.synthetic.sentiment_records(n, seed)`` less those prompts, topped up in
+    order from further draws of ``n``, the k-th seeded by ``SeedSequence([seed, k])``: a
+    pure function of the arguments. Fewer than ``n`` only if ``draws`` draws run out.
+    """
+    from lm import synthetic
+
+    kept = []
+    for k in range(draws):
+        draw_seed = seed if k == 0 else int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+        kept += [r for r in synthetic.sentiment_records(n, style=style, seed=draw_seed) if r["prompt"] not in seen]
+        if len(kept) >= n:
+            return kept[:n]
+    return kept
+
+
 def synthetic_setup(args) -> Setup:
-    """The sentiment-with-suffix task on a from-scratch model sized to its vocabulary."""
+    """The sentiment-with-suffix task on a from-scratch model sized to its vocabulary;
+    held-out prompts are unseen in training (:func:`unseen_records`)."""
     import jax
 
     from lm import data, models, synthetic
@@ -193,9 +213,9 @@ def synthetic_setup(args) -> Setup:
     tcfg = data.TokenizeConfig(args.max_len, args.max_prompt_len, eos_id=eos, pad_id=pad)
     report = data.Report()
 
-    def tokenized(n, seed, part):
+    def tokenized(rows, part):
         records = [data.PreferenceRecord(r["prompt"], r["chosen"], r["rejected"], f"synthetic {part}:{i}")
-                   for i, r in enumerate(synthetic.sentiment_records(n, style=args.style, seed=seed))]
+                   for i, r in enumerate(rows)]
         report.kept += len(records)
         # Every synthetic record is well formed, so one the length policy drops means the
         # lengths are too small for the task: an error, not a silently smaller data set.
@@ -205,8 +225,12 @@ def synthetic_setup(args) -> Setup:
             fail(f"--max-len {args.max_len}, --max-prompt-len {args.max_prompt_len}: too small for the "
                  f"synthetic task ({err})")
 
-    train, held = _loaders(args, tokenized(args.pairs, args.seed, "train"),
-                           tokenized(args.held_out, args.seed + 10_000, "held-out"), pad,
+    train_rows = synthetic.sentiment_records(args.pairs, style=args.style, seed=args.seed)
+    held_rows = unseen_records(args.held_out, args.style, args.seed + 10_000, {r["prompt"] for r in train_rows})
+    if len(held_rows) < args.held_out:
+        fail(f"--held-out {args.held_out}: only {len(held_rows)} synthetic prompts found that are not "
+             f"among the --pairs {args.pairs} training prompts")
+    train, held = _loaders(args, tokenized(train_rows, "train"), tokenized(held_rows, "held-out"), pad,
                            f"--pairs {args.pairs}")
     if report.truncated:
         print(f"synthetic {args.style} task: {report.summary()} (--max-len {args.max_len})", file=sys.stderr)

@@ -145,6 +145,22 @@ def test_too_few_questions_for_held_out_is_one_line(tmp_path, capsys):
                          f"groups (prompts) leaves an empty split (--data {path})")
 
 
+def test_synthetic_heldout_prompts_are_unseen_in_training():
+    """At the defaults (512 train, 128 held-out pairs) seed 0's held-out draw repeats 9
+    training prompts; they are replaced, deterministically."""
+    args = squeeze.parse_args(["--seed", "0"])
+    prompts = lambda pairs: {tuple(p) for p in pairs.prompt}
+    setup = squeeze.synthetic_setup(args)
+    train, held = setup.train.pairs, setup.heldout.pairs
+    assert (len(train), len(held)) == (512, 128) and not prompts(train) & prompts(held)
+    again = squeeze.synthetic_setup(args).heldout.pairs
+    assert [p.tolist() for p in again.prompt] == [p.tolist() for p in held.prompt]
+    from lm import synthetic
+
+    every = {r["prompt"] for r in synthetic.sentiment_records(4, seed=1)}
+    assert squeeze.unseen_records(4, "long", 1, every, draws=1) == []  # the draws ran out
+
+
 def test_synthetic_truncation_is_reported(capsys):
     """Responses cut at a small --max-len are counted on stderr and in metrics.json's data."""
     setup = squeeze.synthetic_setup(squeeze.parse_args(TINY))
