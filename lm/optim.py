@@ -50,10 +50,10 @@ def make_schedule(
     if not (math.isfinite(learning_rate) and learning_rate > 0):
         raise ValueError(f"--lr must be a positive number, got {learning_rate}")
     if not (isinstance(total_steps, numbers.Integral) and total_steps >= 1):
-        raise ValueError(f"--total-steps must be a positive integer, got {total_steps!r}")
+        raise ValueError(f"--steps must be a positive integer, got {total_steps!r}")
     if not (isinstance(warmup_steps, numbers.Integral) and 0 <= warmup_steps <= total_steps):
-        raise ValueError(f"--warmup-steps must be an integer in [0, --total-steps = "
-                         f"{total_steps}], got {warmup_steps!r}")
+        raise ValueError(f"--warmup-steps must be an integer in [0, --steps = {total_steps}], "
+                         f"got {warmup_steps!r}")
     if not 0.0 <= final_lr_ratio <= 1.0:
         raise ValueError(f"--final-lr-ratio must be in [0, 1], got {final_lr_ratio}")
     decay_steps = max(total_steps - warmup_steps, 1)

@@ -114,8 +114,8 @@ def test_accumulation_keeps_bfloat16_grads_in_their_dtype():
     [
         ({"schedule": "exp"}, "--schedule"),
         ({"learning_rate": -1.0}, "--lr"),
-        ({"total_steps": 0}, "--total-steps"),
-        ({"warmup_steps": 20}, "--warmup-steps"),
+        ({"total_steps": 0}, "^--steps must be a positive integer"),
+        ({"warmup_steps": 20}, r"^--warmup-steps must be an integer in \[0, --steps = 10\], got 20$"),
         ({"final_lr_ratio": 2.0}, "--final-lr-ratio"),
         ({"weight_decay": -0.1}, "--weight-decay"),
         ({"clip_norm": 0.0}, "--clip-norm"),
