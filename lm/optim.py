@@ -9,8 +9,9 @@ Weight decay (decoupled, AdamW) applies to matrices only: every leaf with ``ndim
 (kernels, embeddings, the output layer) decays; biases and norm scales (``ndim ≤ 1``) do
 not, the Hugging Face Trainer convention. The default ``weight_decay`` is 0 (TRL's).
 
-Gradient accumulation (:func:`accumulate_gradients`) splits a batch of pairs into k equal
-micro-batches and averages their (loss, metrics, grads) with ``lax.scan``. The SAM and
+Gradient accumulation (:func:`accumulate_gradients`) splits a batch of pairs into k equal,
+strided micro-batches (pairs j, j + k, …: each stays spread over a data-parallel mesh's
+devices) and averages their (loss, metrics, grads) with ``lax.scan``. The SAM and
 logits-SAM perturbations are therefore computed *per micro-batch*: ‖g‖ is the norm of
 one micro-batch's gradient, as in the paper's per-device PyTorch implementation, not of
 the accumulated gradient.
@@ -25,6 +26,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -109,8 +111,18 @@ def make_optimizer(
     return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
 
 
-def split_micro_batches(batch: Any, num_micro_batches: int) -> Any:
-    """Reshape every leaf [B, ...] → [k, B/k, ...] (consecutive pairs per micro-batch)."""
+def split_micro_batches(batch: Any, num_micro_batches: int, batch_sharding: Any = None) -> Any:
+    """Every leaf [B, ...] → [k, B/k, ...], strided: micro-batch j holds pairs j, j + k,
+    j + 2k, …
+
+    A batch sharded along B gives each device a block of consecutive pairs; micro-batch j
+    takes every k-th pair of each block, so it stays spread over all the devices (when
+    its B/k pairs divide over them, as ``lm.train.mesh.check_batch_size`` requires) and
+    no pair moves. Consecutive micro-batches would each sit on 1/k of the devices, and
+    XLA would all-gather the whole batch so that every device computes every micro-batch.
+    ``batch_sharding`` (the batch's ``NamedSharding``) pins the spread layout on the
+    micro-batches rather than leaving it to XLA's sharding propagation.
+    """
     sizes = {x.shape[0] for x in jax.tree_util.tree_leaves(batch)}
     if len(sizes) != 1:
         raise ValueError(f"batch leaves disagree on the number of pairs: {sorted(sizes)}")
@@ -119,12 +131,22 @@ def split_micro_batches(batch: Any, num_micro_batches: int) -> Any:
     if not (isinstance(k, numbers.Integral) and k >= 1 and size % k == 0):
         raise ValueError(f"--grad-accum {k!r} must be a positive integer dividing the batch "
                          f"of {size} pairs")
-    return jax.tree_util.tree_map(lambda x: x.reshape(k, size // k, *x.shape[1:]), batch)
+
+    def split(x):
+        micro = x.reshape(size // k, k, *x.shape[1:]).swapaxes(0, 1)
+        if batch_sharding is None:
+            return micro
+        spec = NamedSharding(batch_sharding.mesh, P(None, *batch_sharding.spec))
+        return jax.lax.with_sharding_constraint(micro, spec)
+
+    return jax.tree_util.tree_map(split, batch)
 
 
-def accumulate_gradients(grad_fn: Callable, num_micro_batches: int) -> Callable:
+def accumulate_gradients(grad_fn: Callable, num_micro_batches: int, *,
+                         batch_sharding: Any = None) -> Callable:
     """``grad_fn(params, batch, ref_params)`` averaged over ``num_micro_batches`` equal
-    micro-batches with ``lax.scan`` (sums in float32; grads cast back to their dtype).
+    micro-batches (:func:`split_micro_batches`; ``batch_sharding`` as there) with
+    ``lax.scan`` (sums in float32; grads cast back to their dtype).
 
     Equal micro-batches make the average of the per-micro-batch means the full-batch
     mean, so for plain gradients the result equals ``grad_fn`` on the whole batch.
@@ -134,7 +156,7 @@ def accumulate_gradients(grad_fn: Callable, num_micro_batches: int) -> Callable:
         return grad_fn
 
     def accumulated(params, batch, ref_params=None):
-        micro = split_micro_batches(batch, num_micro_batches)
+        micro = split_micro_batches(batch, num_micro_batches, batch_sharding)
 
         def body(total, mb):
             out = grad_fn(params, mb, ref_params)

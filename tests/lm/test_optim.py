@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +14,7 @@ import numpy as np
 import pytest
 
 from lm import optim
+from train_helpers import env
 
 
 def test_cosine_schedule_with_warmup_by_hand():
@@ -94,12 +99,28 @@ def test_accumulation_equals_full_batch_for_means(k):
 
 
 def test_accumulation_averages_per_micro_batch_quantities():
-    """Non-mean quantities (a max, a SAM norm) are per micro-batch, then averaged."""
+    """Non-mean quantities (a max, a SAM norm) are per micro-batch, then averaged; micro-batch
+    j holds every k-th pair from pair j."""
     params, batch = _toy(1)
     _, metrics, _ = optim.accumulate_gradients(_toy_grad_fn, 2)(params, batch)
-    halves = [_toy_grad_fn(params, {k: v[i * 4:(i + 1) * 4] for k, v in batch.items()})[1]["max"]
+    halves = [_toy_grad_fn(params, {k: v[i::2] for k, v in batch.items()})[1]["max"]
               for i in range(2)]
     np.testing.assert_allclose(metrics["max"], np.mean(halves), rtol=1e-6)
+
+
+def test_accumulated_micro_batches_stay_on_their_devices():
+    """Over a batch sharded on 2 devices, no device gathers another's pairs (consecutive
+    micro-batches each sat on one device, and XLA all-gathered the whole batch), and the
+    gradient is the whole batch's."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_accumulation.py")
+    proc = subprocess.run([sys.executable, script], env=env(2), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 2
+    assert result["consecutive_all_gathers"]  # the check below can fail
+    for name in ("constrained", "unconstrained"):
+        assert not result[f"{name}_all_gathers"], name
+        assert result[f"{name}_vs_whole"] < 1e-6, name
 
 
 def test_accumulation_keeps_bfloat16_grads_in_their_dtype():
