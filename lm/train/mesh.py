@@ -79,17 +79,23 @@ def make_mesh(spec: str | None = None, devices: Any = None) -> Mesh:
     return Mesh(grid, AXES)
 
 
-def check_batch_size(batch_size: int, mesh_shape: Mapping[str, int]) -> None:
-    """The pair axis is split over every device: ``batch_size`` must divide evenly.
+def check_batch_size(batch_size: int, mesh_shape: Mapping[str, int], grad_accum: int = 1) -> None:
+    """The pair axis is split over every device: ``batch_size`` must divide evenly, and so
+    must each of its ``grad_accum`` micro-batches (each is spread over all devices).
 
     ``mesh_shape`` is ``Mesh.shape`` (or :func:`parse_mesh`'s dict).
     """
     shards = mesh_shape["data"] * mesh_shape["fsdp"]
-    if batch_size <= 0 or batch_size % shards:
+    mesh = f"the {shards} batch shards of the mesh (data={mesh_shape['data']} x fsdp={mesh_shape['fsdp']})"
+    if grad_accum > 1 and batch_size % grad_accum:
+        raise ConfigError(f"--batch-size {batch_size} is not divisible by --grad-accum {grad_accum}")
+    if grad_accum > 1 and (batch_size // grad_accum) % shards:
         raise ConfigError(
-            f"--batch-size {batch_size} is not divisible by the {shards} batch shards of the "
-            f"mesh (data={mesh_shape['data']} x fsdp={mesh_shape['fsdp']})"
+            f"--batch-size {batch_size} / --grad-accum {grad_accum} = {batch_size // grad_accum} pairs "
+            f"per micro-batch, not divisible by {mesh}"
         )
+    if batch_size <= 0 or batch_size % shards:
+        raise ConfigError(f"--batch-size {batch_size} is not divisible by {mesh}")
 
 
 def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:

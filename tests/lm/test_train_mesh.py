@@ -69,3 +69,15 @@ def test_batch_size_divisible_by_all_shards():
     assert str(err.value) == "--batch-size 6 is not divisible by the 8 batch shards of the mesh (data=2 x fsdp=4)"
     with pytest.raises(ConfigError):
         check_batch_size(0, {"data": 1, "fsdp": 1})
+
+
+def test_each_micro_batch_divisible_by_all_shards():
+    """With --grad-accum every micro-batch is spread over the devices: the message names
+    both flags and the micro-batch size (not "--batch-size 1" for a batch of 2 in 2)."""
+    check_batch_size(16, {"data": 2, "fsdp": 4}, grad_accum=2)
+    with pytest.raises(ConfigError) as err:
+        check_batch_size(8, {"data": 2, "fsdp": 2}, grad_accum=4)
+    assert str(err.value) == ("--batch-size 8 / --grad-accum 4 = 2 pairs per micro-batch, not divisible by "
+                              "the 4 batch shards of the mesh (data=2 x fsdp=2)")
+    with pytest.raises(ConfigError, match=r"^--batch-size 8 is not divisible by --grad-accum 3$"):
+        check_batch_size(8, {"data": 1, "fsdp": 1}, grad_accum=3)
