@@ -245,6 +245,7 @@ def train(
             )
 
     def evaluate(step: int) -> None:
+        check_halted()  # a halted run's params are frozen: its evals would repeat the last good one
         sums: dict[str, float] = {}
         count = 0
         for batch in eval_batches():

@@ -127,3 +127,15 @@ def test_bad_mesh_fails_before_tracing(tmp_path):
     with pytest.raises(ConfigError, match="data=3 x fsdp=1 = 3 devices"):
         train(untraceable, TX, init_params(0), make_batch_at(0, 8, set()), config, str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_no_eval_runs_after_a_halt(tmp_path):
+    """The halt at step 3 is found at the eval of step 4 (before the next metrics fetch):
+    the frozen params are not evaluated as if they were steps 4, 6, 8."""
+    held_out = make_batch_at(1, 8, set())
+    config = TrainConfig(steps=8, batch_size=8, log_every=8, eval_every=2, progress=False, plots=False)
+    with pytest.raises(NonFiniteError) as err:
+        train(grad_fn, TX, init_params(0), make_batch_at(0, 8, {3}), config, str(tmp_path),
+              eval_batches=lambda: [held_out(i) for i in range(2)])
+    assert err.value.step == 3
+    assert [(r["step"], r["split"]) for r in read_jsonl(str(tmp_path / "metrics.jsonl"))] == [(2, "eval")]
