@@ -3,7 +3,10 @@
 Orbax writes each step into a temporary folder and renames it when complete, so a
 folder named by a step is either whole or (if damaged afterwards) detected on restore;
 ``max_to_keep`` keeps the last k. The JSON item holds the data position (= step), the
-seed, and the run's config echo, so a resumed run reads the same batches.
+settings that decide the run's trajectory (seed, batch size, the caller's ``meta``), which a
+resume must repeat, and the logging window in progress, so a resumed run reads the same
+batches and logs the same rows. A restore first compares the saved arrays' shapes and dtypes
+with the target's, so another model's folder is reported as such, not as damaged.
 """
 
 from __future__ import annotations
@@ -54,16 +57,40 @@ class Checkpointer:
         )
         return step
 
+    def meta(self, step: int) -> dict[str, Any]:
+        """The JSON record saved with the checkpoint at ``step``.
+
+        Raises ``CheckpointError`` naming the folder when it cannot be read.
+        """
+        self._manager.wait_until_finished()
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            return dict(restored["meta"])
+        except Exception as err:  # Orbax raises many types for damaged folders.
+            raise _corrupt(self.step_dir(step), err) from err
+
     def restore(self, target: Any, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
         """Restore into ``target``: a pytree of ``jax.ShapeDtypeStruct`` with shardings.
 
-        Raises ``CheckpointError`` naming the folder when nothing restorable is there.
+        Raises ``CheckpointError`` naming the folder when nothing restorable is there, and
+        before reading any array, when the arrays saved there are not ``target``'s
+        (another model or optimizer: the folder is intact but belongs to another run).
         """
         self._manager.wait_until_finished()
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint found in {self.directory}")
         path = self.step_dir(step)
+        try:
+            saved = _leaf_specs(_saved_tree(path))
+        except Exception as err:  # Orbax raises many types for damaged folders.
+            raise _corrupt(path, err) from err
+        differences = _describe_differences(saved, _leaf_specs(target))
+        if differences:
+            raise CheckpointError(
+                f"checkpoint folder {path} holds a different model or optimizer state than this "
+                f"run ({differences}); it is intact: resume with the model and flags it was "
+                f"trained with, or train in a new folder")
         try:
             restored = self._manager.restore(
                 step,
@@ -73,11 +100,7 @@ class Checkpointer:
             )
             state, meta = restored["state"], restored["meta"]
         except Exception as err:  # Orbax raises many types for damaged folders.
-            raise CheckpointError(
-                f"checkpoint folder {path} is corrupt or incomplete "
-                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                f"remove it to resume from an earlier step"
-            ) from err
+            raise _corrupt(path, err) from err
         if int(meta.get("step", -1)) != step or int(jax.device_get(state.step)) != step:
             raise CheckpointError(f"checkpoint folder {path} does not hold step {step}")
         return state, meta
@@ -95,6 +118,48 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
     return jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
     )
+
+
+def _corrupt(path: str, err: Exception) -> CheckpointError:
+    first = str(err).splitlines()[0] if str(err) else ""
+    return CheckpointError(f"checkpoint folder {path} is corrupt or incomplete "
+                           f"({type(err).__name__}: {first}); remove it to resume from an earlier step")
+
+
+def _saved_tree(step_dir: str) -> Any:
+    """The tree of array metadata (shape, dtype) saved under ``step_dir/state``."""
+    saved = ocp.StandardCheckpointHandler().metadata(Path(step_dir) / "state")
+    return getattr(saved, "tree", saved)  # orbax >= 0.12 wraps the tree
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``"opt_state/0/mu/w1" -> (shape, dtype)`` for every array of ``tree``.
+
+    Orbax saves a state's dataclasses and tuples as dicts and lists, so the paths are
+    compared by their names alone.
+    """
+    return {
+        "/".join(_key_name(k) for k in path): (tuple(leaf.shape), str(jax.numpy.dtype(leaf.dtype)))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def _describe_differences(saved: dict, wanted: dict, *, shown: int = 3) -> str:
+    """The first ``shown`` arrays (in ``wanted``'s order: the parameters before their
+    optimizer state) that differ between two :func:`_leaf_specs`, in words ("" when none do)."""
+    spec = lambda s: f"{s[0]} {s[1]}" if s else "absent"
+    names = [*wanted, *(name for name in saved if name not in wanted)]
+    lines = [f"{name}: {spec(saved.get(name))} there, {spec(wanted.get(name))} here"
+             for name in names if saved.get(name) != wanted.get(name)]
+    more = f"; {len(lines) - shown} more differ" if len(lines) > shown else ""
+    return "; ".join(lines[:shown]) + more
 
 
 def restore_params(directory: str, step: int | None = None) -> tuple[Any, int]:
@@ -117,10 +182,9 @@ def restore_params(directory: str, step: int | None = None) -> tuple[Any, int]:
             host = jax.local_devices()[0]
         one_device = jax.sharding.SingleDeviceSharding(host)
         try:
-            saved = ocp.StandardCheckpointHandler().metadata(Path(checkpointer.step_dir(step)) / "state")
             target = jax.tree_util.tree_map(
                 lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=one_device),
-                getattr(saved, "tree", saved),  # orbax >= 0.12 wraps the tree
+                _saved_tree(checkpointer.step_dir(step)),
             )
             restored = checkpointer._manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))

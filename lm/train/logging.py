@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Any, Iterable, Mapping, TextIO
 
+from lm.train.mesh import ConfigError
+
 #: Plots drawn at the end when the metrics hold these keys: (file, title, keys).
 PLOTS = (
     ("loss.png", "loss", ("loss",)),
@@ -28,14 +30,25 @@ class MetricsLog:
 
     def __init__(self, path: str, *, keep_until: int | None = None):
         """Open ``path``; ``keep_until`` drops lines past that step (a resumed run
-        replays them, so they would otherwise appear twice)."""
+        replays them, so they would otherwise appear twice).
+
+        A last line that is not JSON (the run was killed while writing it) is dropped
+        with a warning on stderr; any other such line raises ``ConfigError`` naming the
+        file and line, since dropping it would lose a row. The kept lines are written to
+        a new file that replaces the old one, so a crash meanwhile loses nothing.
+        """
         self.path = path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        kept: list[dict[str, Any]] = []
         if keep_until is not None and os.path.exists(path):
-            kept = [r for r in read_jsonl(path) if r.get("step", 0) <= keep_until]
-            with open(path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
+            kept = [r for r in read_rows_for_resume(path) if r.get("step", 0) <= keep_until]
+            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._rows = {(r.get("step"), r.get("split")) for r in kept}
         self._file = open(path, "a")
+
+    def has(self, step: int, split: str) -> bool:
+        """Whether a ``split`` row at ``step`` was kept from an earlier run."""
+        return (step, split) in self._rows
 
     def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
         row = {"step": int(step), "split": split}
@@ -50,6 +63,39 @@ class MetricsLog:
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def read_rows_for_resume(path: str) -> list[dict[str, Any]]:
+    """The rows of a metrics file a killed run may have left: as :func:`read_jsonl`, but
+    an unparsable last line (half written) is dropped with a warning on stderr.
+
+    Raises:
+      ConfigError: a line before the last is not JSON (naming the file and line).
+    """
+    with open(path) as f:
+        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i < len(lines) - 1:
+                raise ConfigError(f"{path}:{number}: not a JSON line ({err.msg}); fix or remove "
+                                  "that line to resume") from None
+            print(f"warning: {path}:{number}: dropped an incomplete last line (the run was "
+                  f"stopped while writing it): {line.strip()[:80]!r}", file=sys.stderr)
+    return rows
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed over it: readers and
+    a crash see the old contents or the new, never a part."""
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
 
 
 class ProgressBar:

@@ -10,6 +10,7 @@ with the host: metrics stay on device and are fetched every ``log_every`` steps.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -22,7 +23,7 @@ import optax
 
 from lm.train import mesh as mesh_lib
 from lm.train.checkpoint import Checkpointer, abstract_like
-from lm.train.logging import MetricsLog, ProgressBar, plot_metrics, read_jsonl
+from lm.train.logging import MetricsLog, ProgressBar, plot_metrics, read_jsonl, write_text_atomic
 from lm.train.mesh import ConfigError
 from lm.train.state import TrainState, create_train_state
 
@@ -122,7 +123,9 @@ def window_means(window: list[Mapping[str, Any]], skipped_before: int) -> dict[s
     counts = np.array([skipped_before] + [int(m["skipped"]) for m in window])
     applied = [m for m, new_skips in zip(window, np.diff(counts)) if new_skips == 0]
     keys = [key for key in window[-1] if key != "skipped"] if applied else []
-    out = {key: float(np.mean([m[key] for m in applied])) for key in keys}
+    # float64 means: a window resumed from a checkpoint holds Python floats where an
+    # uninterrupted one holds float32 arrays, and both must log the same numbers.
+    out = {key: float(np.mean(np.asarray([m[key] for m in applied], np.float64))) for key in keys}
     out["skipped"] = float(counts[-1])
     return out
 
@@ -147,6 +150,71 @@ def _jit_with_ref(fn: Callable, ref_params: Any, in_shardings: tuple, **kwargs) 
     return jax.jit(fn, in_shardings=in_shardings, **kwargs)
 
 
+CHECKPOINTS = "checkpoints"  # the run folder's sub-folder of Orbax checkpoints
+
+
+def run_meta(config: TrainConfig, meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What every checkpoint records of the run that writes it: ``meta`` (as JSON reads it
+    back), with the seed and batch size, which fix the batches."""
+    return json.loads(json.dumps(dict(meta or {}, seed=config.seed, batch_size=config.batch_size)))
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return "unset" if value is None else str(value)
+
+
+def resume_conflicts(saved: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
+    """``--flag value (checkpoint: other)`` for each key of ``meta`` that the checkpoint's
+    record ``saved`` holds with another value. Keys it does not hold are not compared:
+    checkpoints written before a setting was recorded stay resumable."""
+    return [f"{_flag(key)} {_shown(value)} (checkpoint: {_shown(saved[key])})"
+            for key, value in meta.items() if key in saved and saved[key] != value]
+
+
+def resume_step(ckpt: Checkpointer, config: TrainConfig, *, resume: bool,
+                meta: Mapping[str, Any]) -> int | None:
+    """The step of the checkpoint to resume from, or None to start at step 0.
+
+    Refuses (``ConfigError``, one line naming the flags) what the checkpoints' records
+    alone show cannot continue: checkpoints without ``resume``, a checkpoint written with
+    other settings (``meta``, from :func:`run_meta`), or ``config.steps`` below its step.
+    """
+    latest = ckpt.latest_step()
+    if latest is None:
+        return None
+    if not resume:
+        raise ConfigError(f"{ckpt.directory} already holds checkpoints (step {latest}); pass --resume or a new --out")
+    conflicts = resume_conflicts(ckpt.meta(latest), meta)
+    if conflicts:
+        raise ConfigError(f"--resume: {ckpt.step_dir(latest)} was written with other settings: "
+                          f"{', '.join(conflicts)}; resume with the checkpoint's, or train in a new --out")
+    if config.steps < latest:
+        raise ConfigError(f"--steps {config.steps} is below step {latest} of the checkpoint in "
+                          f"{ckpt.directory}; resume with --steps {latest} or more")
+    return latest
+
+
+def check_run_folder(out_dir: str, config: TrainConfig, *, resume: bool,
+                     meta: Mapping[str, Any] | None = None) -> None:
+    """Refuse what :func:`train` would refuse from the run folder's checkpoint records, before
+    a caller loads a model and data for nothing (``ConfigError``; see :func:`resume_step`).
+    Creates nothing."""
+    directory = os.path.join(out_dir, CHECKPOINTS)
+    if not os.path.isdir(directory):
+        return
+    ckpt = Checkpointer(directory)
+    try:
+        resume_step(ckpt, config, resume=resume, meta=run_meta(config, meta))
+    finally:
+        ckpt.close()
+
+
 def train(
     grad_fn: GradFn,
     tx: optax.GradientTransformation,
@@ -160,9 +228,16 @@ def train(
     eval_fn: EvalFn | None = None,
     resume: bool = False,
     meta: Mapping[str, Any] | None = None,
+    files: Mapping[str, str] | None = None,
 ) -> TrainResult:
     """Train for ``config.steps`` steps from scratch or, with ``resume``, from the latest
     checkpoint in ``out_dir/checkpoints``.
+
+    A resumed run ends where an uninterrupted one would, metrics file included: steps
+    after the checkpoint are replayed and logged once; the first row after it averages
+    the whole logging window (its steps before the checkpoint are stored with it); an
+    eval due at the checkpoint's step whose row is missing (the run stopped during it)
+    runs again, and one that was logged is not repeated.
 
     Args:
       grad_fn: the objective, ``(params, batch, ref_params) -> (loss, metrics, grads)``.
@@ -177,33 +252,46 @@ def train(
       ref_params: frozen reference parameters (FSDP-sharded like ``params``) or None.
       eval_batches: ``() -> iterable of batches`` of a held-out split.
       eval_fn: ``(params, batch, ref_params) -> (loss, metrics)``; default: ``grad_fn``'s.
-      meta: JSON-able config echo stored with every checkpoint.
+      resume: continue from the latest checkpoint (from step 0 when there is none).
+      meta: JSON-able settings that decide the run's trajectory, keyed by flag name
+        (``"lr"`` for ``--lr``); every checkpoint stores them with the seed and batch
+        size, and a resume whose settings differ from the checkpoint's is refused.
+      files: ``name -> text`` written by process 0 into ``out_dir``, each atomically,
+        once every refusal has passed (so a refused call leaves the folder as it was).
 
     Raises:
-      ConfigError: before any compilation, for a mesh or batch size that cannot run.
+      ConfigError: before any compilation, for a mesh or batch size that cannot run, or a
+        run folder that cannot be continued with these settings (:func:`resume_step`).
       NonFiniteError: a non-finite loss/gradient (unless ``skip_nonfinite``).
-      CheckpointError: the checkpoint to resume from cannot be restored.
+      CheckpointError: the checkpoint to resume from cannot be restored into this run's
+        state (damaged, or another model's or optimizer's).
     """
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_batch_size(config.batch_size, mesh.shape)
     os.makedirs(out_dir, exist_ok=True)
-    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=config.keep_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is not None and not resume:
-        raise ConfigError(f"{ckpt.directory} already holds checkpoints (step {latest}); pass --resume or a new --out")
+    ckpt = Checkpointer(os.path.join(out_dir, CHECKPOINTS), keep=config.keep_checkpoints)
+    meta = run_meta(config, meta)
+    resume_from = resume_step(ckpt, config, resume=resume, meta=meta)
 
     init = lambda p: create_train_state(p, tx, config.seed)
     abstract = jax.eval_shape(init, params)
     shardings = mesh_lib.state_shardings(abstract, mesh)
-    if resume and latest is not None:
-        state, saved = ckpt.restore(abstract_like(abstract, shardings))
-        if saved.get("seed", config.seed) != config.seed:
-            raise ConfigError(f"--seed {config.seed} differs from the checkpoint's seed {saved['seed']} in {ckpt.directory}")
+    saved: dict[str, Any] = {}
+    if resume_from is not None:
+        state, saved = ckpt.restore(abstract_like(abstract, shardings), resume_from)
     else:
         if resume:
             print(f"--resume: no checkpoint in {ckpt.directory}; starting from step 0", file=sys.stderr)
         state = jax.jit(init, out_shardings=shardings)(params)
-    start, skipped = (int(x) for x in jax.device_get((state.step, state.skipped)))
+    start = int(jax.device_get(state.step))
+
+    # Every process trains; only process 0 writes the run folder's metrics and plots
+    # (the folder is shared in a multi-host job, and appends from each would repeat lines).
+    primary = jax.process_index() == 0
+    log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), keep_until=start) if primary else None
+    if primary:
+        for name, text in (files or {}).items():
+            write_text_atomic(os.path.join(out_dir, name), text)
 
     batch_sh = mesh_lib.batch_sharding(mesh)
     repl = mesh_lib.replicated(mesh)
@@ -224,14 +312,13 @@ def train(
         out_shardings=repl,
     )
 
-    # Every process trains; only process 0 writes the run folder's metrics and plots
-    # (the folder is shared in a multi-host job, and appends from each would repeat lines).
-    primary = jax.process_index() == 0
-    log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), keep_until=start) if primary else None
     bar = ProgressBar(config.steps) if config.progress and primary else None
-    meta = dict(meta or {}, seed=config.seed)
-    pending: list[dict[str, jax.Array]] = []
-    tokens, last, saved_step = 0, {}, (start if resume and latest is not None else None)
+    # The logging window in progress: the steps since the last train row, and the skip
+    # count before them (a checkpoint taken mid-window stores both).
+    window = saved.get("window") or {"metrics": [], "skipped_before": int(jax.device_get(state.skipped))}
+    pending: list[Mapping[str, Any]] = list(window["metrics"])
+    skipped = int(window["skipped_before"])
+    tokens, last = 0, {}
     tick = time.perf_counter()
 
     def check_halted() -> None:
@@ -243,6 +330,15 @@ def train(
             raise NonFiniteError(
                 halted, f"non-finite loss or gradients at step {halted}; the update was not applied ({where})"
             )
+
+    def save() -> None:
+        check_halted()
+        record = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
+        ckpt.save(state, dict(meta, window={"metrics": record, "skipped_before": skipped}))
+
+    def eval_due(step: int) -> bool:
+        periodic = config.eval_every > 0 and step % config.eval_every == 0
+        return eval_batches is not None and step > 0 and (periodic or step == config.steps)
 
     def evaluate(step: int) -> None:
         check_halted()  # a halted run's params are frozen: its evals would repeat the last good one
@@ -257,6 +353,11 @@ def train(
             log.write(step, "eval", {k: v / count for k, v in sums.items()})
 
     try:
+        # The eval that followed the checkpoint may not have finished; every process
+        # must take the same decision, since evaluating is a collective.
+        if resume_from is not None and eval_due(start):
+            if mesh_lib.from_primary(log is not None and not log.has(start, "eval")):
+                evaluate(start)
         for k in range(start, config.steps):
             batch = batch_at(k)
             tokens += tokens_in(batch)
@@ -274,17 +375,10 @@ def train(
                 if log:
                     log.write(done, "train", last)
                 pending, tokens, tick = [], 0, now
-            if config.checkpoint_every and done % config.checkpoint_every == 0:
-                check_halted()
-                saved_step = ckpt.save(state, meta)
-            if eval_batches is not None and config.eval_every and done % config.eval_every == 0:
+            if done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0):
+                save()
+            if eval_due(done):
                 evaluate(done)
-        check_halted()
-        end = int(jax.device_get(state.step))
-        if saved_step != end:
-            ckpt.save(state, meta)
-        if eval_batches is not None and not (config.eval_every and end % config.eval_every == 0):
-            evaluate(end)
     finally:
         if bar:
             bar.close()

@@ -196,3 +196,10 @@ def to_host(tree: Any) -> Any:
     """Host (numpy) copies of a pytree of arrays that may be sharded over several
     processes. Every process must call it (it gathers); every process gets the whole tree."""
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def from_primary(value: bool) -> bool:
+    """Process 0's ``value``, on every process (a collective: all must call it)."""
+    if jax.process_count() == 1:
+        return value
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(value)))

@@ -77,6 +77,19 @@ def test_two_process_checkpoint_restores_and_resumes_on_one_process(tmp_path, si
         np.testing.assert_allclose(params(tmp_path)[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_two_processes_agree_to_rerun_an_eval_cut_short(tmp_path):
+    """Only process 0 reads the metrics file; a resume that finds the eval after the last
+    checkpoint missing runs it on both processes (a collective: one alone would hang)."""
+    two_processes(tmp_path, "--steps", "4", "--mesh", "data=2,fsdp=2", "--eval-every", "2")
+    metrics = tmp_path / "metrics.jsonl"
+    whole = read_jsonl(metrics)
+    assert whole[-1]["step"] == 4 and whole[-1]["split"] == "eval"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in whole[:-1]))  # stopped during that eval
+    os.rename(tmp_path / "logs", tmp_path / "first-logs")
+    two_processes(tmp_path, "--steps", "4", "--mesh", "data=2,fsdp=2", "--eval-every", "2", "--resume")
+    assert read_jsonl(metrics) == whole
+
+
 DPO_FLAGS = [
     "--model", "gpt2-tiny", "--loss", "dpo", "--grad", "logits-sam", "--rho", "1e-2", "--lr", "1e-2",
     "--batch-size", "4", "--steps", "3", "--max-len", "16", "--max-prompt-len", "8", "--held-out", "0",
