@@ -118,6 +118,9 @@ def parse_args(argv: list[str] | None = None):
     args = p.parse_args(argv)
     if args.held_out < 0:
         p.error(f"--held-out must be >= 0, got {args.held_out}")
+    if args.held_out >= 1 and not args.held_out.is_integer():
+        p.error(f"--held-out {args.held_out}: a count of pairs (>= 1) must be a whole number "
+                "(a fraction of the pairs is below 1)")
     if args.num_processes is not None and args.process_id is not None and args.process_id >= args.num_processes:
         p.error(f"--process-id {args.process_id} is not below --num-processes {args.num_processes}")
     if args.coordinator is not None and not args.coordinator.rpartition(":")[2].isdigit():
