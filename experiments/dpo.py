@@ -296,10 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg, model_dir = resolve_model(args.model)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in (("dtype", args.dtype),
                                                         ("param_dtype", args.param_dtype)) if v})
-    if args.batch_size % args.grad_accum:
-        fail(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     try:
-        check_batch_size(args.batch_size // args.grad_accum, parse_mesh(args.mesh, jax.device_count()))
+        check_batch_size(args.batch_size, parse_mesh(args.mesh, jax.device_count()), args.grad_accum)
     except ConfigError as err:
         fail(str(err))
     out = writable_dir(args.out)

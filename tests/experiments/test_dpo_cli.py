@@ -1,8 +1,12 @@
 """``python -m experiments.dpo``: one-line errors for bad input, and a tiny end-to-end run."""
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -11,6 +15,8 @@ import pytest
 from experiments import diagnose, dpo
 from lm import hf, models
 from lm.train.logging import read_jsonl
+
+ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def errors(capsys, argv):
@@ -154,3 +160,17 @@ def test_bfloat16_compute_with_an_exact_head(tmp_path, prefs, head_dtype):
     assert config["model_config"]["dtype"] == "bfloat16" and config["head_dtype"] == head_dtype
     (row,) = read_jsonl(out / "metrics.jsonl")
     assert row["loss"] == pytest.approx(np.log(2), abs=1e-6)  # policy == reference exactly
+
+
+def test_micro_batches_that_cannot_split_over_the_mesh_name_both_flags(tmp_path, prefs):
+    """2 devices, 2 pairs in 2 micro-batches: each micro-batch has 1 pair for 2 devices."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    argv = ["--model", "gpt2-tiny", "--data", str(prefs), "--out", str(tmp_path / "run"),
+            "--batch-size", "2", "--grad-accum", "2"]
+    proc = subprocess.run([sys.executable, "-m", "experiments.dpo", *argv], env=env, capture_output=True,
+                          text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0] == ("python -m experiments.dpo: error: --batch-size 2 / --grad-accum 2 = 1 pairs per "
+                        "micro-batch, not divisible by the 2 batch shards of the mesh (data=2 x fsdp=1)")
