@@ -10,8 +10,13 @@
 built-in model without one uses bytes (ids 0-255, EOS 256). The reference policy is the
 initial model, frozen. The run folder gets ``config.json`` (this command's flags),
 ``metrics.jsonl``, ``checkpoints/`` (Orbax), PNG plots, and with ``--export-hf`` the final
-policy in Hugging Face format. ``--resume`` continues from the latest checkpoint and ends
-exactly where an uninterrupted run would.
+policy in Hugging Face format with its ``tokenizer.json`` (for a byte-trained model, one
+that encodes bytes the same way). ``--resume`` continues from the latest checkpoint and
+ends exactly where an uninterrupted run would; it refuses flags that change the run
+(:data:`TRAJECTORY_FLAGS`), and ``--steps`` may only grow with ``--schedule constant``
+(cosine and linear decay over ``--steps``; to train a finished run further with a new
+schedule, start a new run with ``--model`` set to its folder). A refused command writes
+nothing into ``--out``.
 """
 
 from __future__ import annotations
@@ -43,6 +48,27 @@ class ByteTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> _Encoding:
         return self._Encoding(list(text.encode("utf-8")))
+
+    def to_str(self, pretty: bool = False) -> str:
+        """A ``tokenizer.json`` that encodes every text as this class does (one token per
+        byte, ``<|endoftext|>`` = 256 never matched in text), so an export of a byte-trained
+        model loads with the same ids here and in ``transformers``."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        vocab = {char: byte for byte, char in _byte_chars().items()}
+        vocab["<|endoftext|>"] = self.eos_id  # a vocabulary entry, not an added token: text never yields it
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        return tok.to_str(pretty=pretty)
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's byte → character table, the one ``tokenizers``' ByteLevel pre-tokenizer uses:
+    printable bytes stand for themselves, the rest for characters from U+0100 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
 def parse_args(argv: list[str] | None = None):
@@ -214,13 +240,41 @@ def load_tokenizer(args, cfg, model_dir):
     return tok, int(eos)
 
 
-def save_run_model(out, cfg, tokenizer) -> None:
-    """Make the run folder a model for ``--model``: its architecture and its tokenizer."""
+def with_eos(cfg, eos_id: int):
+    """``cfg`` recording ``eos_id``, the EOS the run trained with (``--eos-token`` or the
+    byte tokenizer's may differ from the config's), so a model saved with it loads with it."""
+    return cfg if eos_id in cfg.eos_ids else dataclasses.replace(cfg, eos_token_id=eos_id)
+
+
+def run_files(cfg, tokenizer, eos_id: int, echo: dict) -> dict[str, str]:
+    """The run folder's files besides the training's own: ``config.json`` (the flags) and
+    what makes the folder a model for ``--model``: its architecture and its tokenizer
+    (none for bytes: a run folder without one trained on bytes)."""
     from lm.models import config_to_hf
 
-    (out / RUN_MODEL_CONFIG).write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
+    files = {RUN_MODEL_CONFIG: json.dumps(config_to_hf(with_eos(cfg, eos_id)), indent=2) + "\n",
+             "config.json": json.dumps(echo, indent=2, default=str) + "\n"}
     if not isinstance(tokenizer, ByteTokenizer):
-        tokenizer.save(str(out / "tokenizer.json"))
+        files["tokenizer.json"] = tokenizer.to_str(pretty=True)
+    return files
+
+
+# Flags that change what a run computes, recorded with each checkpoint: a resume must
+# repeat them. --steps joins them when the learning rate decays over it. Free to change:
+# --mesh, --chunk-size, --remat (layout and memory; the same math up to float rounding),
+# the cadence of logs, evals and checkpoints, --skip-nonfinite, and process flags.
+TRAJECTORY_FLAGS = (
+    "model", "data", "tokenizer", "eos_token", "format", "template", "on_error", "max_len",
+    "max_prompt_len", "held_out", "loss", "beta", "lam", "delta", "gamma", "label_smoothing", "grad",
+    "rho", "reference", "dtype", "param_dtype", "head_dtype", "grad_accum", "lr", "warmup_steps",
+    "schedule", "weight_decay", "clip_norm",
+)
+
+
+def trajectory(args) -> dict:
+    """The flags a resume must repeat (:data:`TRAJECTORY_FLAGS`), by name."""
+    flags = TRAJECTORY_FLAGS + (() if args.schedule == "constant" else ("steps",))
+    return {name: getattr(args, name) for name in flags}
 
 
 def load_data(args, tokenizer, eos_id):
@@ -277,8 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     from lm import data, losses, objectives, optim
     from lm.hf import save_pretrained
     from lm.train import CheckpointError, ConfigError, NonFiniteError, TrainConfig, train
-    from lm.train.loop import eval_from_grad_fn
-    from lm.train.mesh import check_batch_size, maybe_initialize_distributed, parse_mesh, to_host
+    from lm.train.logging import write_text_atomic
+    from lm.train.loop import check_run_folder, eval_from_grad_fn
+    from lm.train.mesh import (batch_sharding, check_batch_size, make_mesh, maybe_initialize_distributed,
+                               parse_mesh, to_host)
 
     try:
         maybe_initialize_distributed(args.distributed, coordinator=args.coordinator,
@@ -320,8 +376,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         fail(str(err))
     tokenizer, eos_id = load_tokenizer(args, cfg, model_dir)
-    if primary:
-        save_run_model(out, cfg, tokenizer)
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, seed=args.seed, mesh=args.mesh,
+        log_every=args.log_every, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints, skip_nonfinite=args.skip_nonfinite,
+        progress=not args.no_progress,
+    )
+    try:  # train() checks again; this refuses before the model and data are loaded
+        check_run_folder(str(out), config, resume=args.resume, meta=trajectory(args))
+    except ConfigError as err:
+        fail(str(err))
+    except CheckpointError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
     loader, heldout = load_data(args, tokenizer, eos_id)
     params = load_params(cfg, model_dir, args.seed)
     batch_at, eval_at = loader.batch, heldout and heldout.batch
@@ -337,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                       head_dtype=args.head_dtype)
         grad_fn = optim.accumulate_gradients(
             objectives.make_grad_fn(cfg, mode=args.grad, rho=args.rho, remat=args.remat, **common),
-            args.grad_accum,
+            args.grad_accum, batch_sharding=batch_sharding(make_mesh(args.mesh)),
         )
         eval_fn = eval_from_grad_fn(objectives.make_grad_fn(cfg, mode="plain", **common))
         tx = optim.make_optimizer(
@@ -349,14 +416,6 @@ def main(argv: list[str] | None = None) -> int:
 
     echo = dict(vars(args), model_config=dataclasses.asdict(cfg), eos_id=eos_id,
                 tokenizer=type(tokenizer).__name__, devices=jax.device_count())
-    if primary:
-        (out / "config.json").write_text(json.dumps(echo, indent=2, default=str) + "\n")
-    config = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, seed=args.seed, mesh=args.mesh,
-        log_every=args.log_every, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints, skip_nonfinite=args.skip_nonfinite,
-        progress=not args.no_progress,
-    )
     eval_batches = None
     if heldout is not None:
         eval_batches = lambda: (eval_at(i) for i in range(min(len(heldout), args.eval_batches)))
@@ -365,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             grad_fn, tx, params, batch_at, config, str(out),
             ref_params=None if reference != "frozen" else params,
             eval_batches=eval_batches, eval_fn=eval_fn, resume=args.resume,
-            meta={"data": args.data, "model": args.model, "loss": args.loss, "grad": args.grad},
+            meta=trajectory(args), files=run_files(cfg, tokenizer, eos_id, echo),
         )
     except ConfigError as err:
         fail(str(err))
@@ -375,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.export_hf:
         policy = to_host(result.state.params)  # a gather: every process takes part
         if primary:
-            save_pretrained(cfg, policy, args.export_hf)
+            save_pretrained(with_eos(cfg, eos_id), policy, args.export_hf)
+            write_text_atomic(Path(args.export_hf) / "tokenizer.json", tokenizer.to_str(pretty=True))
     summary = ", ".join(f"{k} {v:.4g}" for k, v in result.last_metrics.items() if k in ("loss", "rewards/accuracies", "rewards/margins"))
     print(f"done: step {int(result.state.step)} ({summary}); run folder {out}")
     return 0

@@ -1,5 +1,6 @@
 """``python -m experiments.dpo``: one-line errors for bad input, and a tiny end-to-end run."""
 
+import argparse
 import json
 import os
 import socket
@@ -15,7 +16,9 @@ import pytest
 from experiments import diagnose, dpo
 from lm import hf, models
 from lm.train.logging import read_jsonl
+from tokenizers import Tokenizer
 
+HF = Path(__file__).resolve().parents[1] / "fixtures" / "hf"
 ROOT = str(Path(__file__).resolve().parents[2])
 
 
@@ -109,6 +112,14 @@ def test_tiny_run_logs_checkpoints_and_exports(tmp_path, prefs, capsys):
         assert (out / png).stat().st_size > 0
     assert (out / "checkpoints" / "2").is_dir()
 
+    # The export is a model for --model: its tokenizer.json encodes bytes as the run did,
+    # with the run's EOS (256, not the built-in config's 511).
+    tokenizer, eos = dpo.load_tokenizer(argparse.Namespace(tokenizer=None, eos_token=None, model=str(export)),
+                                        *dpo.resolve_model(str(export)))
+    assert eos == dpo.ByteTokenizer.eos_id
+    for text in ("12+3= 15", "héllo ☃ 𝄞\n", "<|endoftext|>"):
+        assert tokenizer.encode(text).ids == dpo.ByteTokenizer().encode(text).ids
+
     cfg, exported = hf.load_pretrained(export)
     init = jax.jit(models.init_params, static_argnums=0)(models.builtin_config("gpt2-tiny"), jax.random.PRNGKey(0))
     moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), exported, jax.device_get(init))
@@ -160,6 +171,52 @@ def test_bfloat16_compute_with_an_exact_head(tmp_path, prefs, head_dtype):
     assert config["model_config"]["dtype"] == "bfloat16" and config["head_dtype"] == head_dtype
     (row,) = read_jsonl(out / "metrics.jsonl")
     assert row["loss"] == pytest.approx(np.log(2), abs=1e-6)  # policy == reference exactly
+
+
+def test_a_refused_command_leaves_the_run_folder_as_it_was(tmp_path, capsys):
+    """Another --model into a trained folder (with or without --resume), or other flags on
+    --resume, stop with one line naming what differs, and write nothing: the folder stays
+    a model, resumable with its own flags. The export carries the run's tokenizer."""
+    out, export, prefs = tmp_path / "run", tmp_path / "hf", tmp_path / "words.jsonl"
+    words = "the cat sat on mat a preferred answer beats rejected hello world".split()  # known to the tokenizer
+    prefs.write_text("".join(json.dumps({"prompt": " ".join(words[i:i + 3]), "chosen": f" {words[i + 3]}",
+                                         "rejected": f" {words[i + 4]}"}) + "\n" for i in range(8)))
+    flags = ["--data", str(prefs), "--grad", "adamw", "--lr", "1e-2", "--batch-size", "4", "--steps", "2",
+             "--max-len", "16", "--max-prompt-len", "8", "--held-out", "0", "--out", str(out), "--no-progress"]
+    model = ["--model", str(HF / "gpt2"), "--tokenizer", str(HF / "tokenizer")]
+    assert dpo.main(model + flags + ["--export-hf", str(export)]) == 0
+    capsys.readouterr()
+    folder = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+
+    for extra, message in [
+        (["--model", "gpt2-tiny"], f"{out / 'checkpoints'} already holds checkpoints (step 2); pass --resume"),
+        (["--model", "gpt2-tiny", "--resume"], f"--model gpt2-tiny (checkpoint: {HF / 'gpt2'})"),
+        (model + ["--resume", "--lr", "1e-3", "--seed", "3"], "--lr 0.001 (checkpoint: 0.01), --seed 3 (checkpoint: 0)"),
+        (model + ["--resume", "--steps", "3"], "--steps 3 (checkpoint: 2)"),  # cosine decays over --steps
+    ]:
+        code, lines = errors(capsys, flags + extra)
+        assert code == 2 and len(lines) == 1, lines
+        assert message in lines[0] and "corrupt" not in lines[0]
+        assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == folder
+
+    assert dpo.main(model + flags + ["--resume"]) == 0  # its own flags still resume it
+    assert "done: step 2" in capsys.readouterr().out
+    run_cfg, run_dir = dpo.resolve_model(str(out))
+    assert run_dir == str(out) and dpo.load_params(run_cfg, run_dir, seed=0)
+    fixture = Tokenizer.from_file(str(HF / "tokenizer" / "tokenizer.json"))
+    for saved in (out / "tokenizer.json", export / "tokenizer.json"):
+        assert Tokenizer.from_file(str(saved)).to_str() == fixture.to_str()
+
+
+def test_steps_may_grow_on_resume_where_the_schedule_ignores_them(tmp_path, prefs, capsys):
+    """A constant learning rate does not depend on --steps, so a finished run trains on."""
+    flags = ["--model", "gpt2-tiny", "--data", str(prefs), "--grad", "adamw", "--lr", "1e-2", "--batch-size", "4",
+             "--max-len", "16", "--max-prompt-len", "8", "--held-out", "0", "--log-every", "1",
+             "--schedule", "constant", "--out", str(tmp_path), "--no-progress"]
+    assert dpo.main(flags + ["--steps", "1"]) == 0
+    assert dpo.main(flags + ["--steps", "2", "--resume"]) == 0
+    assert "done: step 2" in capsys.readouterr().out
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
 def test_micro_batches_that_cannot_split_over_the_mesh_name_both_flags(tmp_path, prefs):
