@@ -32,7 +32,7 @@ What the defaults show (gpt2-tiny with GPT-2's tied head, long style, AdamW lr 1
 steps, ρ = ±0.03; seeds 0–7, mean ± s.e. of the difference from the same seed's
 baseline): the baseline squeezes (held-out chosen log-prob −1.8 to −6.0 nats while the
 held-out margin grows). Logits-SAM at ρ = +0.03, the paper's practical sign, MITIGATES it:
-+0.66 ± 0.17 nats at equal margin (higher on all 7 seeds that reached it), +0.49 ± 0.23
++0.66 ± 0.17 nats at equal margin (higher on all 7 seeds that reached it), +0.50 ± 0.23
 held-out at the end (6/8), at a final margin 0.86–1.00x the baseline's on six seeds (0.62x
 and 0.29x on two). At ρ = −0.03 it worsens it (−0.34 ± 0.13 at equal margin, 1/8 higher).
 ρ = 0.1 mostly slows learning (margin 0.07–0.2x on two of four seeds); ρ = 0.01 is within
