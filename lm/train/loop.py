@@ -288,10 +288,20 @@ def train(
     # Every process trains; only process 0 writes the run folder's metrics and plots
     # (the folder is shared in a multi-host job, and appends from each would repeat lines).
     primary = jax.process_index() == 0
-    log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), keep_until=start) if primary else None
+    log, refusal = None, None
     if primary:
-        for name, text in (files or {}).items():
-            write_text_atomic(os.path.join(out_dir, name), text)
+        try:
+            log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), keep_until=start)
+            for name, text in (files or {}).items():
+                write_text_atomic(os.path.join(out_dir, name), text)
+        except (ConfigError, OSError) as err:
+            refusal = err
+    # Every process must stop if process 0 cannot write the run folder; the others would
+    # otherwise wait in the first collective until it times out.
+    if not mesh_lib.from_primary(refusal is None):
+        if refusal is not None:
+            raise refusal
+        raise ConfigError(f"process 0 could not set up {out_dir} (see its error); stopping")
 
     batch_sh = mesh_lib.batch_sharding(mesh)
     repl = mesh_lib.replicated(mesh)

@@ -90,6 +90,21 @@ def test_two_processes_agree_to_rerun_an_eval_cut_short(tmp_path):
     assert read_jsonl(metrics) == whole
 
 
+def test_a_refusal_on_process_0_stops_every_process(tmp_path):
+    """Only process 0 reads the metrics file on resume; when it refuses it (a corrupt line),
+    the other process must stop too, not wait in the first collective until it times out."""
+    two_processes(tmp_path, "--steps", "2", "--mesh", "data=2,fsdp=2")
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("garbage" + metrics.read_text())
+    os.makedirs(tmp_path / "resume-logs")
+    done = run_processes(lambda job: command(tmp_path, *FLAGS, "--steps", "4", "--mesh", "data=2,fsdp=2",
+                                             "--resume", *job),
+                         tmp_path / "resume-logs", timeout=60, kill_on_failure=False)
+    assert [p.returncode for p in done] == [2, 2], [p.stderr for p in done]
+    assert "metrics.jsonl:1: not a JSON line" in done[0].stderr
+    assert "process 0 could not set up" in done[1].stderr
+
+
 DPO_FLAGS = [
     "--model", "gpt2-tiny", "--loss", "dpo", "--grad", "logits-sam", "--rho", "1e-2", "--lr", "1e-2",
     "--batch-size", "4", "--steps", "3", "--max-len", "16", "--max-prompt-len", "8", "--held-out", "0",

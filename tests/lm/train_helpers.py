@@ -51,13 +51,15 @@ def free_port() -> int:
 
 
 def run_processes(command: Callable[[list[str]], list[str]], log_dir, *, processes: int = 2,
-                  devices: int = 2, timeout: float = 120) -> list[Finished]:
+                  devices: int = 2, timeout: float = 120,
+                  kill_on_failure: bool = True) -> list[Finished]:
     """Run ``command(flags)`` once per process of a ``jax.distributed`` job with a
     coordinator on localhost (``flags``: ``--coordinator``, ``--num-processes``,
     ``--process-id``), each process with ``devices`` CPU devices.
 
     A process that dies leaves the others blocked in a collective until JAX's heartbeat
-    gives up (minutes), so the first failure, or ``timeout`` seconds, kills them all.
+    gives up (minutes), so the first failure (unless ``kill_on_failure`` is False: to
+    see whether the others stop by themselves), or ``timeout`` seconds, kills them all.
     Output goes to files in ``log_dir``: pipes nobody reads while polling could fill up.
     """
     coordinator = f"127.0.0.1:{free_port()}"
@@ -72,7 +74,7 @@ def run_processes(command: Callable[[list[str]], list[str]], log_dir, *, process
             procs.append(subprocess.Popen(command(flags), env=job_env, stdout=out, stderr=err, text=True))
         deadline = time.monotonic() + timeout
         while any(p.poll() is None for p in procs):
-            if time.monotonic() > deadline or any(p.poll() for p in procs):
+            if time.monotonic() > deadline or (kill_on_failure and any(p.poll() for p in procs)):
                 break
             time.sleep(0.1)
     finally:
