@@ -85,7 +85,8 @@ def parse_args(argv: list[str] | None = None):
     g.add_argument("--on-error", default="fail", choices=("fail", "skip"), help="bad records: stop or skip")
     g.add_argument("--max-len", type=positive_int, help="tokens per sequence (default: the model's, at most 512)")
     g.add_argument("--max-prompt-len", type=positive_int, help="prompt tokens (default: half of --max-len)")
-    g.add_argument("--held-out", type=finite_float, default=0.1, help="eval fraction (<1) or count (>=1) of pairs, split by prompt; 0: no eval")
+    g.add_argument("--held-out", type=finite_float, default=0.1,
+                   help="eval fraction (<1) or count (>=1) of pairs, split by prompt; 0: no eval")
     g = p.add_argument_group("objective")
     g.add_argument("--loss", default="dpo", choices=sorted(losses.LOSSES))
     g.add_argument("--beta", type=positive_float, help="loss temperature β (default: the loss's)")

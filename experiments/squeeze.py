@@ -97,8 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="built-in model's output layer: GPT-2's tie to the embedding (default, the paper's "
                         "model) or its own matrix (logits-SAM then perturbs a matrix used nowhere else)")
     g.add_argument("--pairs", type=_positive_int, default=512, help="synthetic training pairs")
-    g.add_argument("--held-out", type=_positive_int, default=128, help="held-out pairs for reward accuracy (with --data: whole questions, "
-                        "at least this many pairs)")
+    g.add_argument("--held-out", type=_positive_int, default=128,
+                   help="held-out pairs for reward accuracy (with --data: whole questions, at least this many pairs)")
     g.add_argument("--max-len", type=_positive_int, default=32,
                    help="tokens per sequence (with a checkpoint: at most its context)")
     g.add_argument("--max-prompt-len", type=_positive_int,
