@@ -292,8 +292,8 @@ def sft_grad_fn(cfg, chunk_size: int | None = None, remat: bool = False):
 
     def loss_fn(params, batch):
         ids, attn, mask = (batch[k][:, 0] for k in ("input_ids", "attention_mask", "loss_mask"))
-        logps, counts = losses.sequence_logps(forward_hidden(cfg, params, ids, attn, remat=remat),
-                                              output_head(cfg, params), ids, mask,
+        hidden = forward_hidden(cfg, params, ids, attn, remat=remat, right_padded=True)
+        logps, counts = losses.sequence_logps(hidden, output_head(cfg, params), ids, mask,
                                               chunk_size=chunk_size)
         loss = -jnp.sum(logps) / jnp.maximum(jnp.sum(counts), 1.0)
         return loss, {"loss": loss, "logps/chosen": jnp.mean(logps)}

@@ -1,7 +1,8 @@
 """Gradients of a preference loss under plain descent, logits-SAM or full SAM.
 
-A batch holds B preference pairs ([B, 2, T], chosen at [:, 0], rejected at [:, 1]); one
-trunk pass runs over the 2B sequences. The modes differ only in where the SAM
+A batch holds B preference pairs ([B, 2, T], chosen at [:, 0], rejected at [:, 1]),
+right-padded as :mod:`lm.data.batching` lays them out; one trunk pass runs over the 2B
+sequences. The modes differ only in where the SAM
 perturbation e = ρ g/‖g‖ (``dynamics.sam``) is applied:
 
   plain / adamw  ∇θ L(θ)                                       (the optimizer is separate)
@@ -57,7 +58,9 @@ def split_pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _decoder_hidden(cfg, remat, params, input_ids, attention_mask):
-    return forward_hidden(cfg, params, input_ids, attention_mask, remat=remat)
+    # Batches are right-padded (lm.data.batching), so attention takes sequence lengths.
+    return forward_hidden(cfg, params, input_ids, attention_mask, remat=remat,
+                          right_padded=True)
 
 
 def _head_in(dtype, hidden_fn, head_fn):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from lm.models.config import ModelConfig
-from lm.models.layers import Block, KVCache, Norm, _init, make_attention_mask
+from lm.models.layers import Block, KVCache, Norm, RightPadded, _init, make_attention_mask
 
 Params = dict[str, Any]
 
@@ -83,7 +83,7 @@ def abstract_params(cfg: ModelConfig) -> Params:
 
 def forward_hidden(cfg: ModelConfig, params: Params, input_ids: jax.Array,
                    attention_mask: jax.Array, *, positions: Optional[jax.Array] = None,
-                   remat: bool = False) -> jax.Array:
+                   remat: bool = False, right_padded: bool = False) -> jax.Array:
     """Final hidden states (after the final norm) [B, T, d] in ``cfg.dtype``.
 
     ``input_ids`` int [B, T]; ``attention_mask`` [B, T], 1 for real tokens and 0 for
@@ -91,12 +91,21 @@ def forward_hidden(cfg: ModelConfig, params: Params, input_ids: jax.Array,
     ``cfg.sliding_window`` is set, keys more than ``window - 1`` positions back.
     ``remat`` rematerialises each block in the backward pass (``cfg.remat_policy``).
     Hidden states at padding slots are finite but meaningless.
+
+    ``right_padded`` promises that every row's real tokens come first (``lm.data``'s batch
+    layout): attention then takes each row's length instead of a [B, 1, T, T] mask, which
+    lets cuDNN skip the masked blocks (:class:`lm.models.layers.RightPadded`). The real
+    tokens' hidden states are the same either way; under the promise, a left-padded row's
+    are wrong.
     """
     if positions is None:
         positions = position_ids(attention_mask)
-    index = jnp.arange(input_ids.shape[1])
-    mask = make_attention_mask(index[None], index, attention_mask, positions, positions,
-                               cfg.sliding_window)
+    if right_padded:
+        mask = RightPadded(jnp.sum(attention_mask, axis=-1, dtype=jnp.int32))
+    else:
+        index = jnp.arange(input_ids.shape[1])
+        mask = make_attention_mask(index[None], index, attention_mask, positions, positions,
+                                   cfg.sliding_window)
     hidden, _ = Decoder(cfg, remat=remat).apply({"params": params}, input_ids, positions, mask)
     return hidden
 

@@ -8,7 +8,7 @@ r rotary dims (r <= h), I MLP width. Linear kernels are stored [in, out] (flax).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -18,6 +18,19 @@ import numpy as np
 from lm.models.config import ModelConfig
 
 KVCache = tuple[jax.Array, jax.Array]  # keys, values: [B, S, K, h] each
+
+
+class RightPadded(NamedTuple):
+    """Causal attention over right-padded rows: row b's real tokens are slots
+    ``0 .. lengths[b] - 1`` (int32 [B]), its padding follows.
+
+    Passed where a boolean mask would be, it says the same as :func:`make_attention_mask` on
+    every real query, but as sequence lengths: cuDNN's flash attention then skips the masked
+    blocks, where a mask reaches it as a dense [B, 1, T, S] bias that it reads and whose
+    gradient it writes. Padding queries attend to nothing (their outputs are zero).
+    """
+
+    lengths: jax.Array
 
 _ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -119,7 +132,8 @@ class Attention(nn.Module):
 
     ``kv_cache`` (keys, values [B, S, K, h]) and ``cache_index`` (slot of the first new
     token) make this a cached step: the new keys/values are written at
-    ``cache_index``, queries attend over all S slots under ``mask`` [B, 1, T, S].
+    ``cache_index``, queries attend over all S slots under ``mask`` [B, 1, T, S]. Without a
+    cache ``mask`` may instead be :class:`RightPadded`.
     Returns the output [B, T, d] and the updated cache (None without one).
     """
 
@@ -141,9 +155,16 @@ class Attention(nn.Module):
             key = jax.lax.dynamic_update_slice(kv_cache[0], key.astype(kv_cache[0].dtype), start)
             val = jax.lax.dynamic_update_slice(kv_cache[1], val.astype(kv_cache[1].dtype), start)
             kv_cache = (key, val)
-        out = jax.nn.dot_product_attention(
-            q, key.astype(q.dtype), val.astype(q.dtype), mask=mask, scale=h ** -0.5,
-            implementation=cfg.attention_impl)
+        key, val = key.astype(q.dtype), val.astype(q.dtype)
+        common = dict(scale=h ** -0.5, implementation=cfg.attention_impl)
+        if isinstance(mask, RightPadded):
+            # jax's window keeps keys k >= q - left; ours keeps q - window < k.
+            window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
+            out = jax.nn.dot_product_attention(
+                q, key, val, is_causal=True, query_seq_lengths=mask.lengths,
+                key_value_seq_lengths=mask.lengths, local_window_size=window, **common)
+        else:
+            out = jax.nn.dot_product_attention(q, key, val, mask=mask, **common)
         out = _dense(cfg, cfg.hidden_size, cfg.attention_bias, "o")(out.reshape(b, t, n * h))
         return out, kv_cache
 

@@ -19,7 +19,7 @@ IDS = jnp.array([[5, 6, 7, 8, 9, 0, 0], [0, 0, 5, 6, 7, 8, 9]], jnp.int32)
 MASK = jnp.array([[1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1]], jnp.int32)
 
 
-fwd = jax.jit(forward_hidden, static_argnums=0, static_argnames="remat")
+fwd = jax.jit(forward_hidden, static_argnums=0, static_argnames=("remat", "right_padded"))
 fwd_logits = jax.jit(logits, static_argnums=0, static_argnames="remat")
 
 
@@ -98,6 +98,34 @@ def test_left_and_right_padding_agree_on_real_tokens(name):
     # Unpadded single sequence: the same again.
     alone = fwd(cfg, params, IDS[:1, :5], MASK[:1, :5])
     np.testing.assert_allclose(hidden[0, :5], alone[0], atol=2e-5)
+
+
+@pytest.mark.parametrize("name", TINY + ["mistral-tiny"])
+def test_right_padded_lengths_attend_as_the_mask_does(name):
+    """``right_padded=True`` (sequence lengths, no mask array) against the mask path: the
+    same hidden states on real tokens and the same gradient of a loss over real tokens,
+    with rows shorter than the sliding window, longer, full and empty."""
+    cfg = _cfg(name)
+    params = _params(cfg, 2)
+    lengths = np.array([9, 2, 5, 0])
+    mask = jnp.asarray(np.arange(9)[None] < lengths[:, None], jnp.int32)
+    ids = jax.random.randint(jax.random.key(3), mask.shape, 1, cfg.vocab_size) * mask
+    weights = jax.random.normal(jax.random.key(4), (*mask.shape, cfg.hidden_size)) * mask[..., None]
+
+    def loss(params, right_padded):
+        hidden = forward_hidden(cfg, params, ids, mask, right_padded=right_padded)
+        return jnp.sum(hidden * weights), hidden
+
+    (loss_mask, hidden_mask), grads_mask = jax.jit(
+        jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, False)
+    (loss_len, hidden_len), grads_len = jax.jit(
+        jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, True)
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(hidden_len[real], hidden_mask[real], rtol=1e-5, atol=1e-5)
+    assert np.isfinite(np.asarray(hidden_len)).all()
+    np.testing.assert_allclose(loss_len, loss_mask, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(grads_len), jax.tree_util.tree_leaves(grads_mask)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_sliding_window_limits_the_receptive_field():

@@ -9,6 +9,7 @@ original matrix); full SAM perturbs every parameter by ρ g/‖g‖.
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,8 @@ import pytest
 
 from lm import losses
 from lm import objectives as O
-from lm.models import builtin_config, forward_hidden, init_params, logits, output_head
+from lm.models import (abstract_params, builtin_config, forward_hidden, init_params, logits,
+                       output_head)
 from matmuls import matmul_input_dtypes
 
 B, T, V, D = 2, 8, 32, 8
@@ -429,3 +431,26 @@ def test_bfloat16_compute_multiplies_in_bfloat16(name):
     assert matmul_input_dtypes(split, params, batch, params) == {"bfloat16"}
     float32_head = O.make_grad_fn(cfg, mode="logits-sam", head_dtype="float32")
     assert matmul_input_dtypes(float32_head, params, batch, params) == {"bfloat16", "float32"}
+
+
+def test_training_step_reaches_cudnn_as_causal_flash_attention(monkeypatch):
+    """Lowered for a GPU (possible on any machine), every mode's bf16 gradient runs cuDNN's
+    fused attention with a causal + padding mask and no bias. A [B, 1, T, T] mask array
+    reaches cuDNN as a dense bias instead: read in the forward pass, its gradient written
+    in the backward, and the masked half of every score matrix computed anyway."""
+    fused = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+    if not hasattr(fused, "check_cudnn_version"):
+        pytest.skip("this jax asks cuDNN's version elsewhere")
+    # Without a GPU jax cannot ask cuDNN its version; any recent one lowers the same.
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
+    cfg = builtin_config("gpt2-tiny", dtype="bfloat16", attention_impl="cudnn")
+    params = abstract_params(cfg)
+    batch = {k: jax.ShapeDtypeStruct((B, 2, 64), jnp.int32)
+             for k in ("input_ids", "attention_mask", "loss_mask")}
+    for mode in O.MODES:
+        grad_fn = O.make_grad_fn(cfg, mode=mode, chunk_size=16, remat=True)
+        text = jax.jit(grad_fn).trace(params, batch, params).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert set(re.findall(r"custom_call @__cudnn\$(\w+)", text)) == {
+            "fmhaSoftmax", "fmhaSoftmaxBackward"}, mode
+        assert set(re.findall(r"mask_type\\22: \\22(\w+)", text)) == {"PADDING_CAUSAL"}, mode
