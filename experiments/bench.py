@@ -32,6 +32,11 @@ each; nothing inside the step talks to the host) and reports:
                   split``, 8 · N · V · d + 4 · P_trunk · tokens (the split head's extra
                   matmuls and the trunk's second backward pass, :func:`logits_sam_extra_flops`).
 
+``--profile`` traces a few more steps after the timed ones and reports where their time goes
+(:mod:`experiments.step_profile`): per kind of op (matmul, attention, other fusions, copies,
+collectives, control flow), the fraction of the wall time in which the device was busy, the
+longest ops with their JAX source, and device-to-host copies per step.
+
 ``peak_bytes_in_use`` only grows within a process, so on devices that report it each
 (case, mode) runs in its own child process (``--isolate auto``). Cases that do not fit are
 reported as skipped with the reason. ``--compile-only`` stops after compilation: the memory
@@ -58,7 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import _cli
+from experiments import _cli, step_profile
 from lm import models
 from lm import objectives
 from lm import optim
@@ -95,6 +100,7 @@ GPU_COMMAND = ("python -m experiments.bench --preset trl --modes adamw,logits-sa
 
 
 PROG = "python -m experiments.bench"
+PROFILE_STEPS = 3  # steps traced by --profile, after the timed ones
 
 
 class BenchError(Exception):
@@ -311,7 +317,7 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
         return {**row, "status": "skipped",
                 "reason": f"needs {_gib(need):.1f} GiB > {_gib(limit):.1f} GiB available"}
     try:
-        times, halted_at = _time_steps(compiled, tx, cfg, key, batch, args)
+        times, halted_at, profile = _time_steps(compiled, tx, cfg, key, batch, args)
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -322,6 +328,8 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     step_s = statistics.median(times)
     peak = peak_flops(device, args.peak_flops)
     row["memory"]["peak_bytes_in_use"] = device_peak_bytes(device)
+    if profile is not None:
+        row["profile"] = profile
     return {
         **row, "status": "ok", "timed_steps": len(times),
         "step_ms": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
@@ -330,22 +338,29 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     }
 
 
-def _time_steps(compiled, tx, cfg, key, batch, args) -> tuple[list[float], int]:
-    """Per-step seconds of the timed steps, and the trainer's ``halted_at`` (−1: all finite)."""
+def _time_steps(compiled, tx, cfg, key, batch, args) -> tuple[list[float], int, dict | None]:
+    """Per-step seconds of the timed steps, the trainer's ``halted_at`` (−1: all finite)
+    and, with ``--profile``, :func:`experiments.step_profile.profile_steps` of more steps."""
     params = models.init_params(cfg, key)
     # The reference is a copy: the policy arrays are donated to the step.
     ref = jax.tree_util.tree_map(jnp.copy, params) if args.reference == "frozen" else None
     state = create_train_state(params, tx, args.seed)
-    for _ in range(args.warmup):
-        state, metrics = compiled(state, batch, ref)
-    jax.block_until_ready(state)
+
+    def run_steps(n: int) -> None:
+        nonlocal state
+        for _ in range(n):
+            state, metrics = compiled(state, batch, ref)
+        jax.block_until_ready(state)
+
+    run_steps(args.warmup)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        state, metrics = compiled(state, batch, ref)
-        jax.block_until_ready((state, metrics))
+        run_steps(1)
         times.append(time.perf_counter() - t0)
-    return times, int(state.halted_at)
+    profile = (step_profile.profile_steps(compiled.as_text(), run_steps, PROFILE_STEPS)
+               if args.profile else None)
+    return times, int(state.halted_at), profile
 
 
 def _first_line(e: BaseException) -> str:
@@ -390,6 +405,8 @@ def _shared_flags(args: argparse.Namespace) -> list[str]:
         flags += ["--peak-flops", repr(args.peak_flops)]
     if args.compile_only:
         flags.append("--compile-only")
+    if args.profile:
+        flags.append("--profile")
     return flags
 
 
@@ -451,6 +468,8 @@ def format_table(rows: Sequence[dict]) -> str:
     text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     text += [f"  {r['shape']}/{r['mode']}: skipped: {r['reason']}"
              for r in rows if r["status"] in ("skipped", "failed")]
+    text += [step_profile.format_summary(f"{r['shape']}/{r['mode']}", r["profile"])
+             for r in rows if "profile" in r]
     return "\n".join(text)
 
 
@@ -536,6 +555,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--isolate", default="auto", choices=("auto", "always", "never"),
                    help="one child process per (case, mode); auto: where the device reports "
                         "peak memory")
+    p.add_argument("--profile", action="store_true",
+                   help=f"after timing, trace {PROFILE_STEPS} more steps and report where the "
+                        "time goes: per kind of op, the busy fraction, the longest ops")
     p.add_argument("--toy", action="store_true",
                    help="also time the Figure-1 toy sweep (vmapped JAX vs NumPy loop)")
     p.add_argument("--seed", type=int, default=0)
@@ -601,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                  f"{max_len} positions")
             for mode in args.modes:
                 rows.append(run(case, mode, args))
-                print(format_table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+                print(format_table(rows[-1:]).splitlines()[1], file=sys.stderr, flush=True)
     except BenchError as e:
         _cli.fail(str(e), prog=PROG)
     add_overheads(rows)

@@ -21,7 +21,8 @@ MODES = ("adamw", "logits-sam", "sam")
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "cpu.json"
-    bench.main(["--steps", "2", "--warmup", "0", "--isolate", "never", "--out", str(out)])
+    bench.main(["--steps", "2", "--warmup", "0", "--isolate", "never", "--profile",
+                "--out", str(out)])
     with open(out) as f:
         return json.load(f)
 
@@ -60,6 +61,20 @@ def test_cli_writes_every_mode_with_the_expected_keys(result):
         assert "time_overhead_vs_adamw" in by_mode[mode]
         assert "memory_ratio_vs_adamw" in by_mode[mode]
     assert "flop_bound" in by_mode["logits-sam"]
+
+
+def test_profile_reads_the_cpu_trace_of_every_mode(result):
+    """A real trace (XLA:CPU's thunks): every op event is found in the compiled HLO, the
+    matmuls are among them, and the longest ops carry their JAX source."""
+    for r in result["rows"]:
+        profile = r["profile"]
+        assert profile["steps"] == bench.PROFILE_STEPS and profile["wall_ms"] > 0
+        assert 0 < profile["busy"] <= 1
+        assert profile["ms"]["matmul"] > 0 and profile["ms"]["fusion"] > 0, profile["ms"]
+        assert profile["device_to_host"] is None  # counted on GPUs only
+        tops = [op["ms"] for op in profile["top"]]
+        assert tops == sorted(tops, reverse=True) and len(tops) == 10
+        assert any("Decoder" in op["source"] for op in profile["top"])
 
 
 def test_flop_accounting_matches_a_hand_count():

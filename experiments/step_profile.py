@@ -1,0 +1,207 @@
+"""Where a compiled step's time goes: a profiler trace of a few steps, summed per HLO op.
+
+    summary = profile_steps(compiled.as_text(), run_steps, steps=3)
+
+``run_steps(n)`` runs ``n`` steps and blocks until they finish; it runs under
+``jax.profiler.trace`` and the trace (an XSpace) is read back with
+``jax.profiler.ProfileData``. Every op event is matched to its instruction in the compiled
+HLO (by the event's ``hlo_op`` stat, else its name) and timed exclusively (a ``while`` or
+``conditional`` is charged only the time its body ops do not cover). The summary, per step:
+
+  wall_ms             wall-clock time of a step.
+  busy                the fraction of the wall time in which some op of the step ran. On a
+                      GPU, what is missing is launch overhead and host round trips (a
+                      ``conditional``'s predicate or a ``while``'s condition read back).
+  ms                  exclusive op time per :data:`CATEGORIES` entry.
+  top                 the ops that took longest, with their category and the JAX source of
+                      each (the HLO ``op_name``, less the ``jit(...)/`` prefix).
+  device_to_host      device-to-host copies (memcpy events) per step, GPU only.
+
+On a GPU the events come from the device planes (``/device:GPU:0``, the ``XLA Ops`` line
+when the trace has one, else the stream lines); on the CPU from the host plane's XLA
+thunks, which run on several threads, so there ``ms`` may add up to more than ``wall_ms``.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import re
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+
+CATEGORIES = ("matmul", "attention", "fusion", "copy", "collective", "control", "other")
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*)$")
+_OPCODE = re.compile(r"\s([a-z][a-z0-9\-]*)\(")
+_DEVICE_TO_HOST = re.compile(r"memcpy ?d(evice)?to ?h|memcpyd2h", re.IGNORECASE)
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
+                "all-to-all", "send", "recv")
+
+
+def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """Each instruction of a compiled HLO module (``compiled.as_text()``) by name:
+    (category, source), the category one of :data:`CATEGORIES`.
+
+    matmul: dot and convolution, cuBLAS/cuBLASLt custom calls, and fusions whose fused
+    computation holds a dot (XLA:GPU's Triton GEMMs, XLA:CPU's library fusions); attention:
+    cuDNN's fused attention (``__cudnn$fmha*``); fusion: every other fusion (elementwise
+    and reduction kernels); copy: copy and transpose; collective: cross-device
+    communication; control: while, conditional and call.
+    """
+    computations: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            head = line.split()[1] if line.startswith("ENTRY") else line.split()[0]
+            current = computations.setdefault(head.lstrip("%"), [])
+        elif _INSTRUCTION.match(line):
+            current.append(line)
+
+    def holds_dot(computation: str) -> bool:
+        return any(_opcode(line) in ("dot", "convolution")
+                   for line in computations.get(computation, ()))
+
+    ops = {}
+    for lines in computations.values():
+        for line in lines:
+            name, rest = _INSTRUCTION.match(line).groups()
+            ops[name] = (_category(_opcode(line), rest, holds_dot), _source(rest))
+    return ops
+
+
+def _opcode(line: str) -> str:
+    rest = _INSTRUCTION.match(line).group(2)
+    found = _OPCODE.search(" " + rest)
+    return found.group(1) if found else ""
+
+
+def _category(opcode: str, rest: str, holds_dot: Callable[[str], bool]) -> str:
+    if opcode in ("dot", "convolution"):
+        return "matmul"
+    if opcode == "custom-call":
+        target = re.search(r'custom_call_target="([^"]+)"', rest)
+        target = target.group(1).lower() if target else ""
+        if "fmha" in target:
+            return "attention"
+        if any(word in target for word in ("gemm", "matmul", "cublas")):
+            return "matmul"
+        return "other"
+    if opcode == "fusion":
+        called = re.search(r"calls=%?([\w.\-]+)", rest)
+        if "triton_gemm" in rest or (called and holds_dot(called.group(1))):
+            return "matmul"
+        return "fusion"
+    if opcode in ("copy", "copy-start", "copy-done", "transpose"):
+        return "copy"
+    if opcode.startswith(_COLLECTIVES):
+        return "collective"
+    if opcode in ("while", "conditional", "call"):
+        return "control"
+    return "other"
+
+
+def _source(rest: str) -> str:
+    found = re.search(r'op_name="([^"]*)"', rest)
+    return re.sub(r"^jit\([^)]*\)/", "", found.group(1)) if found else ""
+
+
+def profile_steps(hlo_text: str, run_steps: Callable[[int], Any], steps: int = 3,
+                  top: int = 10) -> dict:
+    """Trace ``run_steps(steps)`` and summarise it per step (module docstring)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            t0 = time.perf_counter()
+            run_steps(steps)
+            wall_s = time.perf_counter() - t0
+        files = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+        profile = jax.profiler.ProfileData.from_file(files[0])
+    return summarize(op_events(profile, hlo_ops(hlo_text)), wall_s, steps, top)
+
+
+def op_events(profile: Any, ops: dict[str, tuple[str, str]]) -> dict:
+    """The trace's op events of the module: exclusive ns per op name, busy intervals
+    (start, end) in ns, and the count of device-to-host memcpy events."""
+    device = [p for p in profile.planes if p.name.startswith("/device:")]
+    planes = device or [p for p in profile.planes if p.name == "/host:CPU"]
+    exclusive: collections.Counter = collections.Counter()
+    intervals, copies = [], 0
+    for plane in planes:
+        lines = list(plane.lines)
+        # "XLA Ops" is derived from the stream lines: reading both would count ops twice.
+        chosen = [line for line in lines if line.name == "XLA Ops"] or lines
+        for line in chosen:
+            events = [(event.start_ns, event.start_ns + event.duration_ns, _op_name(event))
+                      for event in line.events]
+            events = sorted((e for e in events if e[2] in ops), key=lambda e: (e[0], -e[1]))
+            _add_exclusive(events, exclusive)
+            intervals += [(start, end) for start, end, _ in events]
+        if device:
+            copies += sum(bool(_DEVICE_TO_HOST.search(event.name))
+                          for line in lines if line.name != "XLA Ops" for event in line.events)
+    return {"exclusive_ns": exclusive, "intervals": intervals, "device_to_host": copies,
+            "ops": ops, "device": bool(device)}
+
+
+def _op_name(event: Any) -> str:
+    stats = dict(event.stats)
+    name = stats.get("hlo_op") or event.name.split(" = ")[0]
+    return str(name).lstrip("%")
+
+
+def _add_exclusive(events: list[tuple[float, float, str]], exclusive) -> None:
+    """Each event's duration less its children's (events on one line nest, never cross)."""
+    stack: list[tuple[float, str]] = []
+    for start, end, name in events:
+        while stack and stack[-1][0] <= start:
+            stack.pop()
+        exclusive[name] += end - start
+        if stack:
+            exclusive[stack[-1][1]] -= min(end, stack[-1][0]) - start
+        stack.append((end, name))
+
+
+def _covered(intervals: list[tuple[float, float]]) -> float:
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def summarize(events: dict, wall_s: float, steps: int, top: int = 10) -> dict:
+    """Per-step figures from :func:`op_events` (module docstring)."""
+    ops, exclusive = events["ops"], events["exclusive_ns"]
+    per_step_ms = 1e-6 / steps
+    by_category = dict.fromkeys(CATEGORIES, 0.0)
+    for name, ns in exclusive.items():
+        by_category[ops[name][0]] += ns * per_step_ms
+    return {
+        "steps": steps,
+        "wall_ms": 1e3 * wall_s / steps,
+        "busy": _covered(events["intervals"]) * 1e-9 / wall_s,
+        "ms": by_category,
+        "top": [{"op": name, "category": ops[name][0], "ms": ns * per_step_ms,
+                 "source": ops[name][1]}
+                for name, ns in exclusive.most_common(top)],
+        "device_to_host": events["device_to_host"] / steps if events["device"] else None,
+    }
+
+
+def format_summary(label: str, summary: dict) -> str:
+    """Two lines: the time per category and busy fraction, then the three longest ops."""
+    wall = summary["wall_ms"]
+    parts = [f"{c} {ms / wall:.0%}" for c, ms in summary["ms"].items() if ms >= 0.005 * wall]
+    copies = summary["device_to_host"]
+    lines = [f"  {label}: profile of {summary['wall_ms']:.1f} ms/step: busy "
+             f"{summary['busy']:.0%}; " + ", ".join(parts)
+             + ("" if copies is None else f"; {copies:g} device-to-host copies/step")]
+    lines.append("    longest: " + "; ".join(
+        f"{op['op']} ({op['category']}, {op['ms']:.2f} ms) {op['source'][-60:]}"
+        for op in summary["top"][:3]))
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""experiments.step_profile: op categories from compiled HLO, exclusive times from a trace.
+
+The GPU shapes of both (cuBLAS and cuDNN custom calls, Triton GEMM fusions, a device plane
+whose "XLA Ops" line repeats its stream lines) are written out here, since CI has no GPU;
+a real CPU trace is read in tests/experiments/test_bench.py.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+
+from experiments import step_profile as sp
+
+GPU_HLO = """\
+HloModule jit_step, is_scheduled=true, entry_computation_layout={(f32[8]{0})->f32[8]{0}}
+
+%fused_add (p0: f32[8]) -> f32[8] {
+  %p0 = f32[8]{0} parameter(0)
+  ROOT %add.1 = f32[8]{0} add(%p0, %p0)
+}
+
+%fused_dot (p0: bf16[8,8], p1: bf16[8,8]) -> f32[8,8] {
+  %p0 = bf16[8,8]{1,0} parameter(0)
+  %p1 = bf16[8,8]{1,0} parameter(1)
+  ROOT %dot.5 = f32[8,8]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%body (t: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %t = (s32[], f32[8]{0}) parameter(0)
+  ROOT %loop_fusion.2 = (s32[], f32[8]{0}) fusion(%t), kind=kLoop, calls=%fused_add
+}
+
+ENTRY %main.9 (x: f32[8], w: bf16[8,8]) -> f32[8] {
+  %x = f32[8]{0} parameter(0)
+  %w = bf16[8,8]{1,0} parameter(1)
+  %gemm.1 = (bf16[8,8]{1,0}, s8[0]{0}) custom-call(%w, %w), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/jvp(Decoder)/layers_0/mlp/fc_in/dot_general"}
+  %gemm_fusion.3 = f32[8,8]{1,0} fusion(%w, %w), kind=kCustom, calls=%fused_dot, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
+  %custom-call.4 = (bf16[1,8,1,8]{3,2,1,0}, u8[0]{0}) custom-call(%w, %w, %w), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(step)/jvp(Decoder)/layers_0/attn/dot_product_attention"}
+  %loop_fusion.1 = f32[8]{0} fusion(%x), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/jvp(Decoder)/final_norm/add"}
+  %all-reduce-start = f32[8]{0} all-reduce-start(%x), replica_groups={}
+  %copy.7 = f32[8]{0} copy(%x)
+  %transpose.2 = bf16[8,8]{0,1} transpose(%w), dimensions={1,0}
+  %while.3 = (s32[], f32[8]{0}) while(%t), condition=%cond, body=%body
+  %conditional.1 = (f32[8]{0}) conditional(%p, %a, %b), branch_computations={%b0, %b1}
+  ROOT %slice.9 = f32[4]{0} slice(%x), slice={[0:4]}
+}
+"""
+
+
+def test_hlo_ops_sorts_gpu_instructions_into_categories():
+    ops = sp.hlo_ops(GPU_HLO)
+    expected = {"gemm.1": "matmul", "gemm_fusion.3": "matmul", "dot.5": "matmul",
+                "custom-call.4": "attention", "loop_fusion.1": "fusion",
+                "loop_fusion.2": "fusion", "all-reduce-start": "collective",
+                "copy.7": "copy", "transpose.2": "copy", "while.3": "control",
+                "conditional.1": "control", "slice.9": "other", "add.1": "other"}
+    assert {name: ops[name][0] for name in expected} == expected
+    assert ops["custom-call.4"][1] == "jvp(Decoder)/layers_0/attn/dot_product_attention"
+    assert ops["copy.7"][1] == ""
+
+
+def _event(name, start, duration, **stats):
+    return SimpleNamespace(name=name, start_ns=start, duration_ns=duration,
+                           stats=list(stats.items()))
+
+
+def _profile(*planes):
+    return SimpleNamespace(planes=[SimpleNamespace(name=name, lines=[
+        SimpleNamespace(name=line, events=events) for line, events in lines])
+        for name, lines in planes])
+
+
+def test_gpu_trace_counts_each_op_once_and_charges_loops_only_their_own_time():
+    ops = sp.hlo_ops(GPU_HLO)
+    # The "XLA Ops" line repeats what the stream line holds, by op name.
+    xla_ops = [_event("%while.3 = (s32[], f32[8]) while(...)", 0, 100),
+               _event("loop_fusion.2", 10, 30), _event("loop_fusion.2", 50, 30),
+               _event("gemm.1", 120, 50), _event("custom-call.4", 170, 20)]
+    stream = [_event("sm90_gemm_kernel", 120, 50, hlo_op="gemm.1"),
+              _event("MemcpyD2H", 100, 5), _event("MemcpyD2H", 160, 5),
+              _event("Memcpy HtoD", 0, 5)]
+    profile = _profile(("/host:CPU", [("python", [_event("gemm.1", 0, 1000)])]),
+                       ("/device:GPU:0", [("XLA Modules", [_event("jit_step", 0, 190)]),
+                                          ("XLA Ops", xla_ops), ("Stream #7", stream)]))
+    summary = sp.summarize(sp.op_events(profile, ops), wall_s=400e-9, steps=2)
+    assert summary["ms"] == pytest.approx({"matmul": 25e-6, "attention": 10e-6, "fusion": 30e-6,
+                                           "copy": 0.0, "collective": 0.0, "control": 20e-6,
+                                           "other": 0.0})
+    assert summary["busy"] == pytest.approx(170 / 400)
+    assert summary["device_to_host"] == 1
+    assert [op["op"] for op in summary["top"]] == ["loop_fusion.2", "gemm.1", "while.3",
+                                                   "custom-call.4"]
+    assert summary["top"][1]["source"] == "jvp(Decoder)/layers_0/mlp/fc_in/dot_general"
+
+
+def test_without_an_ops_line_the_stream_events_are_read_by_their_hlo_op():
+    ops = sp.hlo_ops(GPU_HLO)
+    stream = [_event("sm90_gemm_kernel", 0, 40, hlo_op="gemm.1"),
+              _event("nvjet_kernel", 40, 40, hlo_op="gemm.1"),
+              _event("cudnn_fmha_kernel", 100, 10, hlo_op="custom-call.4"),
+              _event("unknown_kernel", 200, 10)]
+    profile = _profile(("/device:GPU:0", [("Stream #7", stream)]))
+    summary = sp.summarize(sp.op_events(profile, ops), wall_s=1e-6, steps=1)
+    assert summary["ms"]["matmul"] == pytest.approx(80e-6)
+    assert summary["ms"]["attention"] == pytest.approx(10e-6)
+    assert summary["busy"] == pytest.approx(90 / 1000)
+    assert summary["device_to_host"] == 0
