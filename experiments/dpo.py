@@ -13,10 +13,12 @@ initial model, frozen. The run folder gets ``config.json`` (this command's flags
 policy in Hugging Face format with its ``tokenizer.json`` (for a byte-trained model, one
 that encodes bytes the same way). ``--resume`` continues from the latest checkpoint and
 ends exactly where an uninterrupted run would; it refuses flags that change the run
-(:data:`TRAJECTORY_FLAGS`), and ``--steps`` may only grow with ``--schedule constant``
-(cosine and linear decay over ``--steps``; to train a finished run further with a new
-schedule, start a new run with ``--model`` set to its folder). A refused command writes
-nothing into ``--out``.
+(:data:`TRAJECTORY_FLAGS`; the paths among them compare as the files they name, so
+``./prefs.jsonl``, a path from another directory or a symlink resumes a run trained on
+``prefs.jsonl``), and ``--steps`` may only grow with ``--schedule constant`` (cosine and
+linear decay over ``--steps``; to train a finished run further with a new schedule, start
+a new run with ``--model`` set to its folder). A refused command writes nothing into
+``--out``.
 """
 
 from __future__ import annotations
@@ -270,6 +272,10 @@ TRAJECTORY_FLAGS = (
     "rho", "reference", "dtype", "param_dtype", "head_dtype", "grad_accum", "lr", "warmup_steps",
     "schedule", "weight_decay", "clip_norm",
 )
+# Those of them that name files: recorded resolved, and compared as the files they name
+# (another spelling, working directory or symlink of the same file resumes); a built-in
+# --model name is not a file and compares as a name.
+PATH_FLAGS = ("model", "data", "tokenizer")
 
 
 def trajectory(args) -> dict:
@@ -334,8 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     from lm.train import CheckpointError, ConfigError, NonFiniteError, TrainConfig, train
     from lm.train.logging import write_text_atomic
     from lm.train.loop import check_run_folder, eval_from_grad_fn
-    from lm.train.mesh import (batch_sharding, check_batch_size, make_mesh, maybe_initialize_distributed,
-                               parse_mesh, to_host)
+    from lm.train.mesh import batch_sharding, check_batch_size, make_mesh, maybe_initialize_distributed, to_host
 
     try:
         maybe_initialize_distributed(args.distributed, coordinator=args.coordinator,
@@ -354,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dataclasses.replace(cfg, **{k: v for k, v in (("dtype", args.dtype),
                                                         ("param_dtype", args.param_dtype)) if v})
     try:
-        check_batch_size(args.batch_size, parse_mesh(args.mesh, jax.device_count()), args.grad_accum)
+        mesh = make_mesh(args.mesh)  # the one mesh: the micro-batches' sharding and train()'s
+        check_batch_size(args.batch_size, mesh.shape, args.grad_accum)
     except ConfigError as err:
         fail(str(err))
     out = writable_dir(args.out)
@@ -378,13 +384,13 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(err))
     tokenizer, eos_id = load_tokenizer(args, cfg, model_dir)
     config = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, seed=args.seed, mesh=args.mesh,
+        steps=args.steps, batch_size=args.batch_size, seed=args.seed, mesh=mesh,
         log_every=args.log_every, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, skip_nonfinite=args.skip_nonfinite,
         progress=not args.no_progress,
     )
     try:  # train() checks again; this refuses before the model and data are loaded
-        check_run_folder(str(out), config, resume=args.resume, meta=trajectory(args))
+        check_run_folder(str(out), config, resume=args.resume, meta=trajectory(args), paths=PATH_FLAGS)
     except ConfigError as err:
         fail(str(err))
     except CheckpointError as err:
@@ -405,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                       head_dtype=args.head_dtype)
         grad_fn = optim.accumulate_gradients(
             objectives.make_grad_fn(cfg, mode=args.grad, rho=args.rho, remat=args.remat, **common),
-            args.grad_accum, batch_sharding=batch_sharding(make_mesh(args.mesh)),
+            args.grad_accum, batch_sharding=batch_sharding(mesh),
         )
         eval_fn = eval_from_grad_fn(objectives.make_grad_fn(cfg, mode="plain", **common))
         tx = optim.make_optimizer(
@@ -425,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             grad_fn, tx, params, batch_at, config, str(out),
             ref_params=None if reference != "frozen" else params,
             eval_batches=eval_batches, eval_fn=eval_fn, resume=args.resume,
-            meta=trajectory(args), files=run_files(cfg, tokenizer, eos_id, echo),
+            meta=trajectory(args), paths=PATH_FLAGS, files=run_files(cfg, tokenizer, eos_id, echo),
         )
     except ConfigError as err:
         fail(str(err))

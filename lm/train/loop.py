@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Collection, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,8 @@ class NonFiniteError(RuntimeError):
 class TrainConfig:
     """How long and how the loop runs (the objective and data live elsewhere).
 
+    ``mesh`` is a spec (``"data=2,fsdp=4"``; None: every device on ``data``) or the mesh
+    a caller built from one to shard with it too (e.g. ``grad_fn``'s micro-batches).
     ``checkpoint_every = 0`` saves only at the end; ``eval_every = 0`` never evaluates
     during training (one eval still runs at the end when eval data is given).
     """
@@ -51,7 +53,7 @@ class TrainConfig:
     steps: int
     batch_size: int
     seed: int = 0
-    mesh: str | None = None
+    mesh: str | jax.sharding.Mesh | None = None
     log_every: int = 10
     eval_every: int = 0
     checkpoint_every: int = 0
@@ -154,9 +156,21 @@ CHECKPOINTS = "checkpoints"  # the run folder's sub-folder of Orbax checkpoints
 
 
 def run_meta(config: TrainConfig, meta: Mapping[str, Any] | None) -> dict[str, Any]:
-    """What every checkpoint records of the run that writes it: ``meta`` (as JSON reads it
-    back), with the seed and batch size, which fix the batches."""
+    """``meta`` as JSON reads it back, with the seed and batch size, which fix the batches."""
     return json.loads(json.dumps(dict(meta or {}, seed=config.seed, batch_size=config.batch_size)))
+
+
+def resolved(meta: Mapping[str, Any], paths: Collection[str]) -> dict[str, Any]:
+    """``meta`` with the values of its ``paths`` settings as the files they name (what every
+    checkpoint records): each string that names a file or directory becomes its
+    ``os.path.realpath``, so another spelling, working directory or symlink of the same
+    file compares equal; other values (None, a built-in model's name) stay as they are."""
+    def real(value: Any) -> Any:
+        if isinstance(value, list):
+            return [real(v) for v in value]
+        return os.path.realpath(value) if isinstance(value, str) and os.path.exists(value) else value
+
+    return {key: real(value) if key in paths else value for key, value in meta.items()}
 
 
 def _flag(key: str) -> str:
@@ -169,28 +183,32 @@ def _shown(value: Any) -> str:
     return "unset" if value is None else str(value)
 
 
-def resume_conflicts(saved: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
+def resume_conflicts(saved: Mapping[str, Any], meta: Mapping[str, Any], paths: Collection[str] = ()) -> list[str]:
     """``--flag value (checkpoint: other)`` for each key of ``meta`` that the checkpoint's
-    record ``saved`` holds with another value. Keys it does not hold are not compared:
-    checkpoints written before a setting was recorded stay resumable."""
+    record ``saved`` holds with another value, both shown as given. ``paths`` settings compare
+    as the files they name (:func:`resolved`), also where ``saved`` holds them as typed (a
+    checkpoint written before they were recorded resolved). Keys ``saved`` does not hold are
+    not compared: checkpoints written before a setting was recorded stay resumable."""
+    ours, theirs = resolved(meta, paths), resolved(saved, paths)
     return [f"{_flag(key)} {_shown(value)} (checkpoint: {_shown(saved[key])})"
-            for key, value in meta.items() if key in saved and saved[key] != value]
+            for key, value in meta.items() if key in saved and theirs[key] != ours[key]]
 
 
 def resume_step(ckpt: Checkpointer, config: TrainConfig, *, resume: bool,
-                meta: Mapping[str, Any]) -> int | None:
+                meta: Mapping[str, Any], paths: Collection[str] = ()) -> int | None:
     """The step of the checkpoint to resume from, or None to start at step 0.
 
     Refuses (``ConfigError``, one line naming the flags) what the checkpoints' records
     alone show cannot continue: checkpoints without ``resume``, a checkpoint written with
-    other settings (``meta``, from :func:`run_meta`), or ``config.steps`` below its step.
+    other settings (``meta``, from :func:`run_meta`, its ``paths`` as files: see
+    :func:`resume_conflicts`), or ``config.steps`` below its step.
     """
     latest = ckpt.latest_step()
     if latest is None:
         return None
     if not resume:
         raise ConfigError(f"{ckpt.directory} already holds checkpoints (step {latest}); pass --resume or a new --out")
-    conflicts = resume_conflicts(ckpt.meta(latest), meta)
+    conflicts = resume_conflicts(ckpt.meta(latest), meta, paths)
     if conflicts:
         raise ConfigError(f"--resume: {ckpt.step_dir(latest)} was written with other settings: "
                           f"{', '.join(conflicts)}; resume with the checkpoint's, or train in a new --out")
@@ -201,7 +219,7 @@ def resume_step(ckpt: Checkpointer, config: TrainConfig, *, resume: bool,
 
 
 def check_run_folder(out_dir: str, config: TrainConfig, *, resume: bool,
-                     meta: Mapping[str, Any] | None = None) -> None:
+                     meta: Mapping[str, Any] | None = None, paths: Collection[str] = ()) -> None:
     """Refuse what :func:`train` would refuse from the run folder's checkpoint records, before
     a caller loads a model and data for nothing (``ConfigError``; see :func:`resume_step`).
     Creates nothing."""
@@ -210,7 +228,7 @@ def check_run_folder(out_dir: str, config: TrainConfig, *, resume: bool,
         return
     ckpt = Checkpointer(directory)
     try:
-        resume_step(ckpt, config, resume=resume, meta=run_meta(config, meta))
+        resume_step(ckpt, config, resume=resume, meta=run_meta(config, meta), paths=paths)
     finally:
         ckpt.close()
 
@@ -228,6 +246,7 @@ def train(
     eval_fn: EvalFn | None = None,
     resume: bool = False,
     meta: Mapping[str, Any] | None = None,
+    paths: Collection[str] = (),
     files: Mapping[str, str] | None = None,
 ) -> TrainResult:
     """Train for ``config.steps`` steps from scratch or, with ``resume``, from the latest
@@ -256,6 +275,9 @@ def train(
       meta: JSON-able settings that decide the run's trajectory, keyed by flag name
         (``"lr"`` for ``--lr``); every checkpoint stores them with the seed and batch
         size, and a resume whose settings differ from the checkpoint's is refused.
+      paths: the keys of ``meta`` whose values are file or directory paths (a string or
+        a list of them): checkpoints record them resolved, and a resume compares them as
+        the files they name, not as typed (:func:`resolved`).
       files: ``name -> text`` written by process 0 into ``out_dir``, each atomically,
         once every refusal has passed (so a refused call leaves the folder as it was).
 
@@ -266,12 +288,13 @@ def train(
       CheckpointError: the checkpoint to resume from cannot be restored into this run's
         state (damaged, or another model's or optimizer's).
     """
-    mesh = mesh_lib.make_mesh(config.mesh)
+    mesh = config.mesh if isinstance(config.mesh, jax.sharding.Mesh) else mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_batch_size(config.batch_size, mesh.shape)
     os.makedirs(out_dir, exist_ok=True)
     ckpt = Checkpointer(os.path.join(out_dir, CHECKPOINTS), keep=config.keep_checkpoints)
     meta = run_meta(config, meta)
-    resume_from = resume_step(ckpt, config, resume=resume, meta=meta)
+    resume_from = resume_step(ckpt, config, resume=resume, meta=meta, paths=paths)
+    meta = resolved(meta, paths)
 
     init = lambda p: create_train_state(p, tx, config.seed)
     abstract = jax.eval_shape(init, params)

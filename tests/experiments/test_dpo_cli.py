@@ -231,3 +231,33 @@ def test_micro_batches_that_cannot_split_over_the_mesh_name_both_flags(tmp_path,
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0] == ("python -m experiments.dpo: error: --batch-size 2 / --grad-accum 2 = 1 pairs per "
                         "micro-batch, not divisible by the 2 batch shards of the mesh (data=2 x fsdp=1)")
+
+
+def test_resume_takes_the_same_files_by_other_paths(tmp_path, prefs, capsys, monkeypatch):
+    """Path flags compare as the files they name: a run trained on a relative --data resumes
+    from another directory through a symlink, with the built-in --model still a name there;
+    another file is refused, shown as typed and as the checkpoint holds it (resolved)."""
+    (tmp_path / "link.jsonl").symlink_to(prefs)
+    (tmp_path / "other.jsonl").write_bytes(prefs.read_bytes())
+    (tmp_path / "sub").mkdir()
+    flags = ["--model", "gpt2-tiny", "--grad", "adamw", "--batch-size", "4", "--steps", "1", "--max-len", "16",
+             "--held-out", "0", "--out", str(tmp_path / "run"), "--no-progress", "--data"]
+    monkeypatch.chdir(tmp_path)
+    assert dpo.main(flags + ["prefs.jsonl"]) == 0
+    monkeypatch.chdir(tmp_path / "sub")
+    assert dpo.main(flags + ["../link.jsonl", "--resume"]) == 0
+    assert "done: step 1" in capsys.readouterr().out
+    code, lines = errors(capsys, flags + ["../other.jsonl", "--resume"])
+    assert code == 2 and len(lines) == 1, lines
+    assert f"other settings: --data ../other.jsonl (checkpoint: {os.path.realpath(prefs)}); resume" in lines[0]
+
+
+def test_micro_batches_and_training_share_one_mesh(tmp_path, prefs, monkeypatch):
+    from lm.train import mesh as mesh_lib
+
+    built, make_mesh = [], mesh_lib.make_mesh
+    monkeypatch.setattr(mesh_lib, "make_mesh", lambda *args: built.append(make_mesh(*args)) or built[-1])
+    argv = ["--model", "gpt2-tiny", "--data", str(prefs), "--grad-accum", "2", "--batch-size", "4", "--steps", "1",
+            "--max-len", "16", "--held-out", "0", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert dpo.main(argv) == 0
+    assert len(built) == 1

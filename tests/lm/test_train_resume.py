@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from lm.train import CheckpointError, ConfigError, TrainConfig, train
+from lm.train import CheckpointError, Checkpointer, ConfigError, TrainConfig, train
+from lm.train.loop import CHECKPOINTS
 from lm.train.logging import read_jsonl
 from train_helpers import command, env, params, run_mlp
 from train_mlp import grad_fn, init_params, make_batch_at
@@ -61,7 +62,8 @@ class Stopped(Exception):
     """The process died here."""
 
 
-def run(out, steps, *, resume=False, stop_at=None, stop_in_eval=None, params=None, meta=None, files=None, **kw):
+def run(out, steps, *, resume=False, stop_at=None, stop_in_eval=None, params=None, meta=None, paths=(), files=None,
+        **kw):
     """``stop_at``: die before batch k; ``stop_in_eval``: die in the n-th eval (1-based)."""
     config = TrainConfig(steps=steps, batch_size=kw.pop("batch_size", 8), progress=False, plots=False, **kw)
     base, evals = make_batch_at(0, config.batch_size, set()), []
@@ -78,7 +80,7 @@ def run(out, steps, *, resume=False, stop_at=None, stop_in_eval=None, params=Non
         return [HELD_OUT(i) for i in range(2)]
 
     return train(grad_fn, TX, init_params(0) if params is None else params, batch_at, config, str(out),
-                 eval_batches=eval_batches, resume=resume, meta=meta, files=files)
+                 eval_batches=eval_batches, resume=resume, meta=meta, paths=paths, files=files)
 
 
 def stopped(out, steps, **kw):
@@ -105,6 +107,41 @@ def test_resume_with_other_settings_is_refused_naming_them_and_writes_nothing(tm
     assert "--loss" not in message and "\n" not in message
     assert (tmp_path / "config.json").read_text() == "first\n"
     assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_path_settings_resume_as_the_files_they_name(tmp_path, monkeypatch):
+    """A path setting compares as the file it names: spelled otherwise, through a symlink or
+    (recorded resolved) from another working directory it resumes; another file is refused,
+    shown as typed and as the checkpoint holds it. A value naming no file (a built-in model)
+    stays a name. A checkpoint that holds a path as typed (written before paths were
+    recorded resolved) resumes with any path to that file from where it was typed."""
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "a.jsonl")
+    (tmp_path / "sub").mkdir()
+    a, new, old = os.path.realpath(tmp_path / "a.jsonl"), tmp_path / "new", tmp_path / "old"
+    meta = lambda data, model="gpt2-tiny": {"data": [data], "model": model}
+    monkeypatch.chdir(tmp_path)
+    run(new, 2, meta=meta("a.jsonl"), paths=("data", "model"))
+    run(old, 2, meta=meta("a.jsonl"))
+    ckpt = Checkpointer(str(new / CHECKPOINTS))
+    assert {k: ckpt.meta(2)[k] for k in ("data", "model")} == meta(a)
+    ckpt.close()
+
+    def resumes(out, data, model="gpt2-tiny"):
+        return int(run(out, 2, resume=True, meta=meta(data, model), paths=("data", "model")).state.step) == 2
+
+    def refusal(out, data, model="gpt2-tiny"):
+        with pytest.raises(ConfigError) as err:
+            resumes(out, data, model)
+        return str(err.value)
+
+    assert all(resumes(old, data) for data in ("./a.jsonl", "link.jsonl", a))
+    assert "--data b.jsonl (checkpoint: a.jsonl); resume" in refusal(old, "b.jsonl")
+    monkeypatch.chdir(tmp_path / "sub")
+    assert all(resumes(new, data) for data in ("../a.jsonl", "../link.jsonl", a))
+    assert f"--data ../b.jsonl (checkpoint: {a}); resume" in refusal(new, "../b.jsonl")
+    assert "--model ../sub (checkpoint: gpt2-tiny); resume" in refusal(new, a, "../sub")
 
 
 def test_resume_into_another_model_says_so_and_not_corrupt(tmp_path):
