@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Every GPU measurement of benchmarks/README.md in one command, most important first, for
+# a lent GPU with little time: each run is cut off at its own limit and the whole session
+# stops starting runs after $BUDGET seconds, so what finished is always written.
+#
+#   bash benchmarks/gpu_session.sh [OUT_DIR]     (default: $OUT, else benchmarks/)
+#
+# Writes <device>-<case>-<date>.json per run (experiments.bench --out) and session.log.
+set -u
+out=${1:-${OUT:-benchmarks}}
+budget=${BUDGET:-540}
+mkdir -p "$out"
+log="$out/session.log"
+# The GPU image has every dependency but no network: run from the checkout, no install.
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+py=$(command -v python3 || command -v python)
+
+{ nvidia-smi -L; "$py" -c "import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())"; } >>"$log" 2>&1
+# "NVIDIA H100 80GB HBM3" -> h100
+device=$("$py" -c "import jax; k = jax.devices()[0].device_kind.split(); print((k[1] if len(k) > 1 else k[0]).lower())" 2>>"$log")
+device=${device:-gpu}
+date=$(date +%F)
+
+common=(--dtype bfloat16 --steps 20 --warmup 3 --profile)
+small=(--shapes gpt2-124m --pairs 8 --seq 512 --prompt 128 --remat none)
+large=(--shapes gpt2-2.65b --pairs 2 --seq 512 --prompt 128 --remat block)
+
+run() {  # run NAME LIMIT_S BENCH_FLAGS...
+  local name=$1 limit=$2
+  shift 2
+  if (( SECONDS + 30 > budget )); then
+    echo "== $name: not started ($SECONDS s of $budget used)" | tee -a "$log"
+    return
+  fi
+  (( limit > budget - SECONDS )) && limit=$((budget - SECONDS))
+  echo "== $name (limit ${limit} s, at ${SECONDS} s)" | tee -a "$log"
+  timeout "$limit" "$py" -m experiments.bench "$@" --out "$out/$device-$name-$date.json" 2>&1 \
+    | tee -a "$log"
+}
+
+run gpt2-124m 200 "${small[@]}" "${common[@]}" --chunk-size 128 --modes adamw,logits-sam,sam
+run gpt2-2.65b 240 "${large[@]}" "${common[@]}" --chunk-size 128 --modes adamw,logits-sam
+run gpt2-124m-unchunked 120 "${small[@]}" "${common[@]}" --modes adamw,logits-sam
+run gpt2-124m-split-head 90 "${small[@]}" "${common[@]}" --chunk-size 128 --modes logits-sam --head-dtype split
+run gpt2-124m-float32-head 90 "${small[@]}" "${common[@]}" --chunk-size 128 --modes logits-sam --head-dtype float32
+run gpt2-2.65b-sam 150 "${large[@]}" "${common[@]}" --chunk-size 128 --modes sam
+echo "== done at $SECONDS s" | tee -a "$log"
