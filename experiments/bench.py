@@ -299,7 +299,8 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
                          args.reference)
     batch_abs = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
     state_abs = jax.eval_shape(lambda p: create_train_state(p, tx, args.seed), params_abs)
-    ref_abs = params_abs if args.reference == "frozen" else None
+    ref_abs = (jax.eval_shape(lambda p: objectives.frozen_reference(cfg, p, head_dtype=args.head_dtype),
+                              params_abs) if args.reference == "frozen" else None)
     t0 = time.perf_counter()
     try:
         compiled = step.lower(state_abs, batch_abs, ref_abs).compile()
@@ -343,7 +344,9 @@ def _time_steps(compiled, tx, cfg, key, batch, args) -> tuple[list[float], int, 
     and, with ``--profile``, :func:`experiments.step_profile.profile_steps` of more steps."""
     params = models.init_params(cfg, key)
     # The reference is a copy: the policy arrays are donated to the step.
-    ref = jax.tree_util.tree_map(jnp.copy, params) if args.reference == "frozen" else None
+    ref = (objectives.frozen_reference(cfg, jax.tree_util.tree_map(jnp.copy, params),
+                                       head_dtype=args.head_dtype)
+           if args.reference == "frozen" else None)
     state = create_train_state(params, tx, args.seed)
 
     def run_steps(n: int) -> None:

@@ -19,6 +19,12 @@ ends exactly where an uninterrupted run would; it refuses flags that change the 
 linear decay over ``--steps``; to train a finished run further with a new schedule, start
 a new run with ``--model`` set to its folder). A refused command writes nothing into
 ``--out``.
+
+The ``--held-out`` pairs (whole prompts, none trained on) are evaluated every
+``--eval-every`` steps and at the end: all of them, in batches of ``--batch-size`` and a
+smaller last one, unless ``--eval-batches N`` keeps the first N batches. Each logged eval
+metric is its mean over the evaluated pairs, and a line on stderr says at the start which
+pairs those are (``eval: 130 held-out pairs in 9 batches``).
 """
 
 from __future__ import annotations
@@ -136,7 +142,8 @@ def parse_args(argv: list[str] | None = None):
                    help="how long every process waits for the others at the coordinator")
     g.add_argument("--log-every", type=positive_int, default=10)
     g.add_argument("--eval-every", type=nonnegative_int, default=0, help="0: eval only at the end")
-    g.add_argument("--eval-batches", type=positive_int, default=8, help="at most this many held-out batches")
+    g.add_argument("--eval-batches", type=positive_int,
+                   help="evaluate only the first N held-out batches (default: every held-out pair)")
     g.add_argument("--checkpoint-every", type=nonnegative_int, default=0, help="0: only at the end")
     g.add_argument("--keep-checkpoints", type=positive_int, default=3)
     g.add_argument("--skip-nonfinite", action="store_true", help="skip (and count) NaN/inf steps instead of stopping")
@@ -307,11 +314,21 @@ def load_data(args, tokenizer, eos_id):
     except ValueError as err:
         fail(f"--data: {err} (pairs: {len(pairs)}, --batch-size {args.batch_size}, --held-out {held})")
     heldout = None
-    if len(eval_idx) >= args.batch_size:
-        heldout = data.PairLoader(pairs.take(eval_idx), args.batch_size, buckets=buckets, pad_id=tcfg.pad, shuffle=False)
-    elif held:
-        print(f"note: {len(eval_idx)} held-out pairs fill no batch of {args.batch_size}; no eval", file=sys.stderr)
+    if held:  # every held-out pair: the last batch may be smaller (one more compilation)
+        heldout = data.PairLoader(pairs.take(eval_idx), args.batch_size, buckets=buckets, pad_id=tcfg.pad,
+                                  shuffle=False, drop_last=False)
     return train, heldout
+
+
+def eval_coverage(heldout, eval_batches: int | None) -> tuple[int, str]:
+    """How many batches of the held-out loader each eval runs (all of them, or the first
+    ``--eval-batches``), and the line that says which held-out pairs they hold."""
+    num = len(heldout) if eval_batches is None else min(eval_batches, len(heldout))
+    total, pairs = len(heldout.pairs), min(num * heldout.batch_size, len(heldout.pairs))
+    batches = f"{num} batch" if num == 1 else f"{num} batches"
+    if pairs == total:
+        return num, f"eval: {total} held-out pair{'s' * (total != 1)} in {batches}"
+    return num, f"eval: {pairs} of {total} held-out pairs in {batches} (--eval-batches {eval_batches})"
 
 
 def precompute_reference(cfg, params, loader, chunk_size, head_dtype):
@@ -397,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
     loader, heldout = load_data(args, tokenizer, eos_id)
+    if heldout is not None:
+        num_eval, coverage = eval_coverage(heldout, args.eval_batches)
+        print(coverage, file=sys.stderr)
     params = load_params(cfg, model_dir, args.seed)
     batch_at, eval_at = loader.batch, heldout and heldout.batch
     if args.reference == "precomputed" and not objective.reference_free:
@@ -423,13 +443,12 @@ def main(argv: list[str] | None = None) -> int:
 
     echo = dict(vars(args), model_config=dataclasses.asdict(cfg), eos_id=eos_id,
                 tokenizer=type(tokenizer).__name__, devices=jax.device_count())
-    eval_batches = None
-    if heldout is not None:
-        eval_batches = lambda: (eval_at(i) for i in range(min(len(heldout), args.eval_batches)))
+    eval_batches = None if heldout is None else (lambda: (eval_at(i) for i in range(num_eval)))
     try:
         result = train(
             grad_fn, tx, params, batch_at, config, str(out),
-            ref_params=None if reference != "frozen" else params,
+            ref_params=(None if reference != "frozen"
+                        else objectives.frozen_reference(cfg, params, head_dtype=args.head_dtype)),
             eval_batches=eval_batches, eval_fn=eval_fn, resume=args.resume,
             meta=trajectory(args), paths=PATH_FLAGS, files=run_files(cfg, tokenizer, eos_id, echo),
         )

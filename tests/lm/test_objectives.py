@@ -454,3 +454,25 @@ def test_training_step_reaches_cudnn_as_causal_flash_attention(monkeypatch):
         assert set(re.findall(r"custom_call @__cudnn\$(\w+)", text)) == {
             "fmhaSoftmax", "fmhaSoftmaxBackward"}, mode
         assert set(re.findall(r"mask_type\\22: \\22(\w+)", text)) == {"PADDING_CAUSAL"}, mode
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "pythia-tiny", "llama-tiny"])
+def test_frozen_reference_in_the_compute_dtype_scores_bit_for_bit_the_same(name):
+    """A float32-stored reference and its bf16 copy (:func:`O.frozen_reference`) give the
+    same log-probs exactly under bf16 compute, for every head; matrices are stored in bf16,
+    vectors and a float32 head keep float32, and float32 compute changes nothing."""
+    cfg = builtin_config(name, dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(5))
+    batch = _batch(vocab=cfg.vocab_size)
+    for head_dtype in (None, "float32", "split"):
+        ref = O.frozen_reference(cfg, params, head_dtype=head_dtype)
+        stored = {jnp.dtype(x.dtype).name for x in jax.tree_util.tree_leaves(ref) if x.ndim >= 2}
+        assert stored == ({"bfloat16", "float32"} if head_dtype == "float32" else {"bfloat16"})
+        assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(ref) if x.ndim < 2)
+        assert output_head(cfg, ref).dtype == (jnp.float32 if head_dtype == "float32"
+                                               else jnp.bfloat16)
+        score = O.make_reference_fn(cfg, head_dtype=head_dtype)
+        np.testing.assert_array_equal(score(ref, batch), score(params, batch))
+    f32 = builtin_config(name)
+    assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(O.frozen_reference(f32, params)),
+                                      jax.tree_util.tree_leaves(params)))
