@@ -388,15 +388,12 @@ def make_eval_fn(cfg, beta: float, chunk_size: int | None = None):
 
 def evaluate(fn, params, ref_params, loader) -> dict[str, float]:
     """Metrics over every pair of ``loader``: each batch's (per-pair mean) metrics weighted
-    by its number of pairs, so a smaller last batch counts for what it holds."""
-    import jax
+    by its number of pairs, so a smaller last batch counts for what it holds
+    (:func:`lm.train.loop.eval_means`)."""
+    from lm.train.loop import eval_means
 
-    rows, sizes = [], []
-    for k in range(len(loader)):
-        batch = {key: v for key, v in loader.batch(k).items() if key != "index"}
-        rows.append(jax.device_get(fn(params, batch, ref_params)[1]))
-        sizes.append(len(batch["input_ids"]))
-    return {name: float(np.average([r[name] for r in rows], weights=sizes)) for name in rows[0]}
+    batches = ({key: v for key, v in loader.batch(k).items() if key != "index"} for k in range(len(loader)))
+    return eval_means(lambda batch: fn(params, batch, ref_params)[1], batches)
 
 
 @functools.lru_cache(maxsize=None)

@@ -141,7 +141,31 @@ def tokens_in(batch: Batch) -> int:
     """Tokens a batch holds: non-padding positions, or rows when there is no mask."""
     if "attention_mask" in batch:
         return int(np.asarray(batch["attention_mask"]).sum())
-    return int(np.shape(next(iter(batch.values())))[0])
+    return mesh_lib.rows_in(batch)
+
+
+def eval_means(metrics_of: Callable[[Batch], Mapping[str, Any]], batches: Iterable[Batch]) -> dict[str, float]:
+    """Each metric's mean over every row (pair) of ``batches``; ``{}`` when there are none.
+
+    ``metrics_of(batch)`` holds each metric's mean m_b over the n_b rows of batch b (the
+    leading dimension of its arrays, :func:`lm.train.mesh.rows_in`), so the mean over all
+    rows is Σ_b w_b m_b / Σ_b w_b with w_b ∝ n_b: a smaller last batch counts for what it
+    holds. The sums are float64, in batch order, with w_b = n_b / n_1 (relative to the
+    first batch): batches of equal size weigh exactly 1, so they give the plain mean of
+    the batch means bit for bit.
+    """
+    sums: dict[str, float] = {}
+    total, first = 0.0, None
+    for batch in batches:
+        rows = mesh_lib.rows_in(batch)
+        if not rows:
+            raise ValueError("an eval batch has no rows (its metrics would be means of nothing)")
+        first = first or rows
+        weight = rows / first
+        for key, value in jax.device_get(metrics_of(batch)).items():
+            sums[key] = sums.get(key, 0.0) + weight * float(value)
+        total += weight
+    return {key: value / total for key, value in sums.items()}
 
 
 def _jit_with_ref(fn: Callable, ref_params: Any, in_shardings: tuple, **kwargs) -> Callable:
@@ -269,7 +293,11 @@ def train(
         multi-process job, one folder every process sees (a shared file system): each
         process writes its shards of a checkpoint there, process 0 everything else.
       ref_params: frozen reference parameters (FSDP-sharded like ``params``) or None.
-      eval_batches: ``() -> iterable of batches`` of a held-out split.
+      eval_batches: ``() -> iterable of batches`` of a held-out split, of any sizes (a
+        smaller last batch costs one more compilation; one whose rows do not split over
+        the mesh's devices is evaluated whole on each). Each logged eval metric is its
+        mean over every row (pair) of them: each batch's metrics, means over its rows,
+        weighted by its rows, the leading dimension of its arrays (:func:`eval_means`).
       eval_fn: ``(params, batch, ref_params) -> (loss, metrics)``; default: ``grad_fn``'s.
       resume: continue from the latest checkpoint (from step 0 when there is none).
       meta: JSON-able settings that decide the run's trajectory, keyed by flag name
@@ -338,10 +366,10 @@ def train(
         out_shardings=(shardings, repl),
         donate_argnums=0,
     )
-    eval_step = _jit_with_ref(
+    eval_step = _jit_with_ref(  # the batch comes placed by put_batch: split, or whole on each device
         eval_fn or eval_from_grad_fn(grad_fn),
         ref_params,
-        (shardings.params, batch_sh, ref_sh),
+        (shardings.params, None, ref_sh),
         out_shardings=repl,
     )
 
@@ -375,15 +403,15 @@ def train(
 
     def evaluate(step: int) -> None:
         check_halted()  # a halted run's params are frozen: its evals would repeat the last good one
-        sums: dict[str, float] = {}
-        count = 0
-        for batch in eval_batches():
-            loss, metrics = eval_step(state.params, mesh_lib.put_batch(batch, mesh), ref_params)
-            for k, v in jax.device_get(dict(metrics, loss=loss)).items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            count += 1
-        if count and log:
-            log.write(step, "eval", {k: v / count for k, v in sums.items()})
+
+        def metrics_of(batch: Batch) -> dict[str, jax.Array]:
+            placed = mesh_lib.put_batch(batch, mesh, replicate_uneven=True)
+            loss, metrics = eval_step(state.params, placed, ref_params)
+            return dict(metrics, loss=loss)
+
+        means = eval_means(metrics_of, eval_batches())
+        if means and log:
+            log.write(step, "eval", means)
 
     try:
         # The eval that followed the checkpoint may not have finished; every process

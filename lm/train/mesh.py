@@ -129,7 +129,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def rows_in(batch: Any) -> int:
+    """A batch's rows (pairs): the leading dimension, which every array of the pytree shares."""
+    shapes = [np.shape(x) for x in jax.tree_util.tree_leaves(batch)]
+    rows = {shape[0] if shape else None for shape in shapes}
+    if len(rows) != 1 or None in rows:
+        raise ValueError(f"a batch's arrays must share a leading (row) dimension; got shapes {shapes}")
+    return rows.pop()
+
+
+def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, *,
+              replicate_uneven: bool = False) -> dict[str, jax.Array]:
     """Assemble the global batch from host arrays.
 
     Every process computes the same global batch (batch k is a pure function of the
@@ -137,8 +147,14 @@ def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     shape, ``jax.make_array_from_process_local_data`` copies to each local device the
     rows that device holds, so no assumption about which rows a process's devices
     cover (they need not be contiguous in the mesh) can put a row in the wrong place.
+
+    Rows that do not split evenly over the devices are an error, or with
+    ``replicate_uneven`` (an eval's smaller last batch) the whole batch goes to every
+    device, each computing all of it.
     """
     sharding = batch_sharding(mesh)
+    if replicate_uneven and rows_in(batch) % mesh.size:  # the rows are split over every device
+        sharding = replicated(mesh)
     out = {}
     for name, value in batch.items():
         value = np.asarray(value)

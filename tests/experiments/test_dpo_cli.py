@@ -261,3 +261,50 @@ def test_micro_batches_and_training_share_one_mesh(tmp_path, prefs, monkeypatch)
             "--max-len", "16", "--held-out", "0", "--out", str(tmp_path / "run"), "--no-progress"]
     assert dpo.main(argv) == 0
     assert len(built) == 1
+
+
+def test_every_held_out_pair_is_evaluated_as_a_pair_weighted_mean(tmp_path, prefs, capsys):
+    """5 held-out pairs in batches of 2: the eval covers all 5 (the last batch holds one),
+    and its metrics are those of the 5 pairs evaluated one by one and averaged. A resume
+    logs each eval once."""
+    out = tmp_path / "run"
+    flags = ["--model", "gpt2-tiny", "--data", str(prefs), "--grad", "adamw", "--lr", "1e-2", "--batch-size", "2",
+             "--max-len", "16", "--max-prompt-len", "8", "--held-out", "5", "--eval-every", "1",
+             "--log-every", "1", "--schedule", "constant", "--out", str(out), "--no-progress"]
+    assert dpo.main(flags + ["--steps", "1"]) == 0
+    assert "eval: 5 held-out pairs in 3 batches" in capsys.readouterr().err.splitlines()
+    assert dpo.main(flags + ["--steps", "2", "--resume"]) == 0
+    assert "eval: 5 held-out pairs in 3 batches" in capsys.readouterr().err.splitlines()
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [(r["step"], r["split"]) for r in rows] == [(1, "train"), (1, "eval"), (2, "train"), (2, "eval")]
+
+    from lm import data, objectives
+    from lm.train.loop import eval_from_grad_fn
+
+    args = dpo.parse_args(flags)
+    heldout = dpo.load_data(args, dpo.ByteTokenizer(), dpo.ByteTokenizer.eos_id)[1]
+    one_by_one = data.PairLoader(heldout.pairs, 1, buckets=heldout.buckets, pad_id=heldout.pad_id, shuffle=False)
+    cfg = models.builtin_config("gpt2-tiny")
+    eval_fn = jax.jit(eval_from_grad_fn(objectives.make_grad_fn(cfg, mode="plain", loss="dpo")))
+    policy, reference = dpo.load_params(cfg, str(out), seed=0), dpo.load_params(cfg, None, seed=0)
+    alone = [jax.device_get(eval_fn(policy, one_by_one.batch(i), reference)[1]) for i in range(len(one_by_one))]
+    assert len(alone) == 5
+    for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+        assert rows[-1][key] == pytest.approx(np.mean([m[key] for m in alone]), rel=1e-5, abs=1e-6), key
+    assert rows[-1]["loss"] != pytest.approx(np.log(2), abs=1e-4)  # it trained: pairs differ
+
+
+def test_the_eval_line_says_which_held_out_pairs_are_evaluated(tmp_path, prefs):
+    """Fewer held-out pairs than a batch are one smaller batch, not skipped; --eval-batches
+    caps the batches and the line says how many pairs that leaves."""
+    def coverage(held_out, eval_batches=None):
+        args = dpo.parse_args(["--model", "gpt2-tiny", "--data", str(prefs), "--batch-size", "2", "--max-len", "16",
+                               "--max-prompt-len", "8", "--held-out", held_out])
+        heldout = dpo.load_data(args, dpo.ByteTokenizer(), dpo.ByteTokenizer.eos_id)[1]
+        return dpo.eval_coverage(heldout, eval_batches)
+
+    assert coverage("1") == (1, "eval: 1 held-out pair in 1 batch")
+    assert coverage("5") == (3, "eval: 5 held-out pairs in 3 batches")
+    assert coverage("5", 3) == coverage("5", 4) == coverage("5")
+    assert coverage("5", 2) == (2, "eval: 4 of 5 held-out pairs in 2 batches (--eval-batches 2)")
+    assert coverage("5", 1) == (1, "eval: 2 of 5 held-out pairs in 1 batch (--eval-batches 1)")

@@ -1,9 +1,10 @@
 """Mesh flags, the FSDP sharding rule and batch-size checks (pure functions, no devices)."""
 
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lm.train.mesh import ConfigError, check_batch_size, fsdp_spec, parse_mesh
+from lm.train.mesh import ConfigError, check_batch_size, fsdp_spec, parse_mesh, rows_in
 
 
 @pytest.mark.parametrize(
@@ -81,3 +82,11 @@ def test_each_micro_batch_divisible_by_all_shards():
                               "the 4 batch shards of the mesh (data=2 x fsdp=2)")
     with pytest.raises(ConfigError, match=r"^--batch-size 8 is not divisible by --grad-accum 3$"):
         check_batch_size(8, {"data": 1, "fsdp": 1}, grad_accum=3)
+
+
+def test_rows_are_the_leading_dimension_every_array_shares():
+    assert rows_in({"input_ids": np.zeros((3, 2, 5)), "index": np.zeros(3)}) == 3
+    with pytest.raises(ValueError, match=r"must share a leading \(row\) dimension; got shapes \[\(3, 2\), \(4,\)\]"):
+        rows_in({"a": np.zeros((3, 2)), "b": np.zeros(4)})
+    with pytest.raises(ValueError, match=r"got shapes \[\(\)\]"):
+        rows_in({"scalar": np.float32(1.0)})

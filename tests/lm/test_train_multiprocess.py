@@ -79,14 +79,16 @@ def test_two_process_checkpoint_restores_and_resumes_on_one_process(tmp_path, si
 
 def test_two_processes_agree_to_rerun_an_eval_cut_short(tmp_path):
     """Only process 0 reads the metrics file; a resume that finds the eval after the last
-    checkpoint missing runs it on both processes (a collective: one alone would hang)."""
-    two_processes(tmp_path, "--steps", "4", "--mesh", "data=2,fsdp=2", "--eval-every", "2")
+    checkpoint missing runs it on both processes (a collective: one alone would hang). The
+    eval's last batch (3 rows) does not split over the 4 devices: each computes all of it."""
+    flags = ("--steps", "4", "--mesh", "data=2,fsdp=2", "--eval-every", "2", "--eval-sizes", "8", "3")
+    two_processes(tmp_path, *flags)
     metrics = tmp_path / "metrics.jsonl"
     whole = read_jsonl(metrics)
     assert whole[-1]["step"] == 4 and whole[-1]["split"] == "eval"
     metrics.write_text("".join(json.dumps(r) + "\n" for r in whole[:-1]))  # stopped during that eval
     os.rename(tmp_path / "logs", tmp_path / "first-logs")
-    two_processes(tmp_path, "--steps", "4", "--mesh", "data=2,fsdp=2", "--eval-every", "2", "--resume")
+    two_processes(tmp_path, *flags, "--resume")
     assert read_jsonl(metrics) == whole
 
 

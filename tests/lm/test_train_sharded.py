@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from lm.train.checkpoint import restore_params
+from lm.train.logging import read_jsonl
 from train_helpers import params, run_mlp
 from train_mlp import init_params
 
@@ -46,3 +47,16 @@ def test_impossible_mesh_is_one_clear_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "data=3 x fsdp=2 = 6 devices, but 8 are available" in lines[0]
+
+
+def test_an_eval_batch_that_does_not_split_over_the_devices_is_evaluated_whole(tmp_path):
+    """Eval batches of 8 and 3 rows on 8 devices: the 3 rows go to every device, and the
+    eval row is the one device's."""
+    eval_flags = (*FLAGS, "--eval-sizes", "8", "3")
+    assert run_mlp(tmp_path / "one", *eval_flags).returncode == 0
+    proc = run_mlp(tmp_path / "eight", *eval_flags, "--mesh", "data=2,fsdp=4", devices=8)
+    assert proc.returncode == 0, proc.stderr
+    (one,), (eight,) = ([r for r in read_jsonl(tmp_path / name / "metrics.jsonl") if r["split"] == "eval"]
+                        for name in ("one", "eight"))
+    for key in ("loss", "rewards/accuracies"):
+        assert eight[key] == pytest.approx(one[key], rel=1e-5), key

@@ -66,6 +66,7 @@ def main() -> int:
     ap.add_argument("--checkpoint-every", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=0)
+    ap.add_argument("--eval-sizes", type=int, nargs="+", help="rows of each eval batch (default: 2 x --batch-size)")
     ap.add_argument("--nan-at", type=int, nargs="*", default=[])
     ap.add_argument("--skip-nonfinite", action="store_true")
     ap.add_argument("--resume", action="store_true")
@@ -85,7 +86,8 @@ def main() -> int:
             print(f"STEP-DONE {k}", flush=True)
         return base(k)
 
-    heldout = make_batch_at(1, args.batch_size, set())
+    eval_sizes = args.eval_sizes or [args.batch_size] * 2
+    heldout = [make_batch_at(1, rows, set())(i) for i, rows in enumerate(eval_sizes)]
     config = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -101,7 +103,7 @@ def main() -> int:
     try:
         result = train(
             grad_fn, tx, init_params(0), batch_at, config, args.out,
-            eval_batches=lambda: [heldout(i) for i in range(2)], resume=args.resume,
+            eval_batches=lambda: heldout, resume=args.resume,
         )
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
