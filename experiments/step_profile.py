@@ -148,7 +148,8 @@ def op_events(profile: Any, ops: dict[str, tuple[str, str]]) -> dict:
 
 
 def _op_name(event: Any) -> str:
-    stats = dict(event.stats)
+    # Not dict(event.stats): jaxlib 0.11's stats type warns when converted under Python 3.12.
+    stats = {key: value for key, value in event.stats}
     name = stats.get("hlo_op") or event.name.split(" = ")[0]
     return str(name).lstrip("%")
 

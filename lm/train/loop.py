@@ -107,7 +107,7 @@ def make_train_step(
             advanced = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
             new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite & running, n, o), advanced, state)
             new = new.replace(halted_at=jnp.where(running & ~finite, state.step, state.halted_at))
-        out = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), skipped=new.skipped)
+        out = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), skipped=new.skipped)
         return new, out
 
     return step
