@@ -248,11 +248,12 @@ def random_batch(key: jax.Array, pairs: int, seq: int, prompt: int, vocab: int,
     return batch
 
 
-def model_config(shape: str, dtype: str, param_dtype: str, attention: str | None):
+def model_config(shape: str, dtype: str, param_dtype: str, attention: str | None,
+                 scan_layers: bool = False):
     """The built-in config ``shape`` with the benchmark's numerics."""
     try:
         return models.builtin_config(shape, dtype=dtype, param_dtype=param_dtype,
-                                     attention_impl=attention)
+                                     attention_impl=attention, scan_layers=scan_layers)
     except models.ConfigError as e:
         raise BenchError(f"--shapes: {e}") from None
 
@@ -274,7 +275,7 @@ def build_step(cfg: Any, mode: str, args: argparse.Namespace, remat: str):
 def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     """Compile and (unless ``--compile-only``) time one (case, mode) in this process."""
     device = jax.devices()[0]
-    cfg = model_config(case.shape, args.dtype, args.param_dtype, args.attention)
+    cfg = model_config(case.shape, args.dtype, args.param_dtype, args.attention, args.scan_layers)
     tokens = tokens_per_step(case.pairs, case.seq)
     key = jax.random.PRNGKey(args.seed)
     params_abs = jax.eval_shape(lambda k: models.init_params(cfg, k), key)
@@ -282,6 +283,7 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     flops = model_flops(n_params, tokens, args.reference)
     row: dict[str, Any] = {
         **dataclasses.asdict(case), "mode": mode, "head_dtype": args.head_dtype,
+        "scan_layers": args.scan_layers,
         "n_params": n_params,
         "vocab": cfg.vocab_size, "width": cfg.hidden_size,
         "tokens_per_step": tokens, "model_flops_per_step": flops,
@@ -410,6 +412,8 @@ def _shared_flags(args: argparse.Namespace) -> list[str]:
         flags.append("--compile-only")
     if args.profile:
         flags.append("--profile")
+    if args.scan_layers:
+        flags.append("--scan-layers")
     return flags
 
 
@@ -540,6 +544,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--param-dtype", default="float32", choices=DTYPES, help="storage dtype")
     p.add_argument("--remat", default="none", choices=REMATS,
                    help="gradient checkpointing of each transformer block")
+    p.add_argument("--scan-layers", action="store_true",
+                   help="run the blocks as one lax.scan (compile time independent of depth)")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="tokens per chunk of the vocabulary logits (default: all at once)")
     p.add_argument("--head-dtype", choices=objectives.HEAD_DTYPES,
@@ -596,10 +602,7 @@ def _check(args: argparse.Namespace) -> None:
         raise BenchError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     if args.peak_flops is not None and not args.peak_flops > 0:
         raise BenchError(f"--peak-flops must be > 0, got {args.peak_flops}")
-    if args.attention == "auto":
-        # cuDNN's fused attention takes half precision only.
-        gpu_half = jax.default_backend() == "gpu" and args.dtype != "float32"
-        args.attention = "cudnn" if gpu_half else None
+    args.attention = models.attention_for(args.attention, args.dtype)
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise BenchError(f"--out: directory of {args.out!r} does not exist")
 

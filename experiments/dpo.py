@@ -120,6 +120,11 @@ def parse_args(argv: list[str] | None = None):
     g.add_argument("--grad-accum", type=positive_int, default=1,
                    help="micro-batches per step (the (logits-)SAM norm is per micro-batch)")
     g.add_argument("--remat", action="store_true", help="rematerialise trunk blocks")
+    g.add_argument("--scan-layers", action="store_true",
+                   help="run the trunk's blocks as one lax.scan (compile time independent of depth)")
+    g.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
+                   help="attention implementation (auto: cuDNN flash attention on a GPU under "
+                        "--dtype bfloat16, XLA's elsewhere)")
     g = p.add_argument_group("optimizer")
     g.add_argument("--lr", type=positive_float, default=1e-6)
     g.add_argument("--warmup-steps", type=nonnegative_int, default=0)
@@ -271,7 +276,8 @@ def run_files(cfg, tokenizer, eos_id: int, echo: dict) -> dict[str, str]:
 
 # Flags that change what a run computes, recorded with each checkpoint: a resume must
 # repeat them. --steps joins them when the learning rate decays over it. Free to change:
-# --mesh, --chunk-size, --remat (layout and memory; the same math up to float rounding),
+# --mesh, --chunk-size, --remat, --scan-layers, --attention (layout, memory and kernels; the
+# same math up to float rounding),
 # the cadence of logs, evals and checkpoints, --skip-nonfinite, and process flags.
 TRAJECTORY_FLAGS = (
     "model", "data", "tokenizer", "eos_token", "format", "template", "on_error", "max_len",
@@ -352,7 +358,7 @@ def precompute_reference(cfg, params, loader, chunk_size, head_dtype):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from lm import data, losses, objectives, optim
+    from lm import data, losses, models, objectives, optim
     from lm.hf import save_pretrained
     from lm.train import CheckpointError, ConfigError, NonFiniteError, TrainConfig, train
     from lm.train.logging import write_text_atomic
@@ -375,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg, model_dir = resolve_model(args.model)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in (("dtype", args.dtype),
                                                         ("param_dtype", args.param_dtype)) if v})
+    cfg = dataclasses.replace(cfg, attention_impl=models.attention_for(args.attention, cfg.dtype),
+                              scan_layers=args.scan_layers)
     try:
         mesh = make_mesh(args.mesh)  # the one mesh: the micro-batches' sharding and train()'s
         check_batch_size(args.batch_size, mesh.shape, args.grad_accum)

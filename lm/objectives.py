@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from dynamics.sam import logits_sam_loss, sam_loss, sam_perturbation
 from lm import losses
-from lm.models import forward_hidden, output_head
+from lm.models import forward_hidden, matrices_in, output_head
 
 Params = Any
 Batch = Mapping[str, jax.Array]
@@ -107,23 +107,14 @@ def frozen_reference(cfg, params: Params, *, head_dtype: str | None = None) -> P
     """The frozen reference as the step reads it: every matrix (embeddings, kernels, the
     head; leaves of 2 or more dimensions) stored in the compute dtype ``cfg.dtype``.
 
-    Exact: the decoder casts each matrix to the compute dtype where it uses it (flax
-    ``Dense``/``Embed``, :func:`lm.models.logits_from_hidden`), so the reference's log-probs
-    are bit-for-bit those of float32 storage, with half its memory (5.3 GB at 2.65B
-    parameters under bf16 compute) and without casting its weights again every step.
-    Vectors keep their dtype (LayerNorm applies its scale in float32), and so does the
-    head under ``head_dtype="float32"``, which multiplies in float32. Float32 compute
-    changes nothing.
+    Exact (:func:`lm.models.matrices_in`): the reference's log-probs are bit-for-bit those
+    of float32 storage, with half its memory (5.3 GB at 2.65B parameters under bf16
+    compute) and without casting its weights again every step. The head keeps its dtype
+    under ``head_dtype="float32"``, which multiplies in float32. Float32 compute changes
+    nothing.
     """
-    dtype = jnp.dtype(cfg.dtype)
     head = output_head(cfg, params) if head_dtype == "float32" else None
-
-    def stored(x):
-        if x is head or x.ndim < 2 or jnp.finfo(x.dtype).bits <= jnp.finfo(dtype).bits:
-            return x
-        return x.astype(dtype)
-
-    return jax.tree_util.tree_map(stored, params)
+    return matrices_in(cfg.compute_dtype, params, keep=head)
 
 
 def make_reference_fn(cfg, *, chunk_size: int | None = None, head_dtype: str | None = None):

@@ -7,15 +7,16 @@
     z = logits(cfg, params, ids, mask)                  # hidden @ W.T, float32
 """
 
-from lm.models.config import (BUILTIN_NAMES, ConfigError, ModelConfig, builtin_config,
-                              config_from_hf, config_to_hf)
+from lm.models.config import (BUILTIN_NAMES, ConfigError, ModelConfig, attention_for,
+                              builtin_config, config_from_hf, config_to_hf)
 from lm.models.decoder import (Decoder, abstract_params, forward_cached, forward_hidden,
                                init_cache, init_params, logits, logits_from_hidden, matmul_precision,
-                               output_head, position_ids)
+                               matrices_in, output_head, position_ids)
 
 __all__ = [
-    "BUILTIN_NAMES", "ConfigError", "Decoder", "ModelConfig", "abstract_params",
+    "BUILTIN_NAMES", "ConfigError", "Decoder", "ModelConfig", "abstract_params", "attention_for",
     "builtin_config", "config_from_hf", "config_to_hf", "forward_cached", "forward_hidden",
     "init_cache",
-    "init_params", "logits", "logits_from_hidden", "matmul_precision", "output_head", "position_ids",
+    "init_params", "logits", "logits_from_hidden", "matmul_precision", "matrices_in", "output_head",
+    "position_ids",
 ]

@@ -28,13 +28,25 @@ ROPE_KEYS = {"default": (), "linear": ("factor",),
              "llama3": ("factor", "low_freq_factor", "high_freq_factor",
                         "original_max_position_embeddings")}
 #: Fields that are numerics or implementation choices, not architecture: no config.json holds them.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat_policy")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers")
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "silu", "relu")
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 
 
 class ConfigError(ValueError):
     """A config.json / ModelConfig this package cannot build a model from."""
+
+
+def attention_for(requested: str, dtype: Any) -> str | None:
+    """``attention_impl`` for a ``--attention`` flag (auto | xla | cudnn): "auto" picks
+    cuDNN's flash attention on a GPU under 16-bit compute (it takes half precision only)
+    and XLA's otherwise."""
+    if requested == "auto":
+        import jax
+
+        half = jnp.finfo(jnp.dtype(dtype)).bits == 16
+        return "cudnn" if half and jax.default_backend() == "gpu" else None
+    return requested
 
 
 def _dtype_name(d: Any) -> str:
@@ -59,6 +71,8 @@ class ModelConfig:
     ``attention_impl`` is passed to ``jax.nn.dot_product_attention`` (None: XLA picks;
     "cudnn" on GPU). ``remat_policy`` names a ``jax.checkpoint_policies`` member used when
     ``forward_hidden(..., remat=True)`` (None: save nothing inside a block).
+    ``scan_layers`` runs ``forward_hidden``'s blocks as one ``lax.scan`` over their stacked
+    parameters: compile time independent of depth; params keep one subtree per layer.
     """
 
     model_type: str
@@ -87,6 +101,7 @@ class ModelConfig:
     param_dtype: Any = "float32"
     attention_impl: str | None = None
     remat_policy: str | None = None
+    scan_layers: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", _dtype_name(self.dtype))

@@ -11,6 +11,7 @@ Params are the plain nested dict ``{"embed": {"embedding": [V, d]}, "layers_0": 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Optional, Sequence
 
@@ -52,6 +53,11 @@ class Decoder(nn.Module):
             policy = (getattr(jax.checkpoint_policies, cfg.remat_policy)
                       if cfg.remat_policy else None)
             block = nn.remat(Block, policy=policy)
+        if cfg.scan_layers and caches is None:
+            layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers)
+            x, _ = layers(cfg, name="layers")(x, positions, mask)
+            return Norm(cfg, "final_norm")(x), None
         new_caches = []
         for i in range(cfg.num_layers):
             x, kv = block(cfg, name=f"layers_{i}")(
@@ -70,10 +76,40 @@ def position_ids(attention_mask: jax.Array) -> jax.Array:
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
-    """Random parameters (GPT-2 style N(0, 0.02) kernels) in ``cfg.param_dtype``."""
+    """Random parameters (GPT-2 style N(0, 0.02) kernels) in ``cfg.param_dtype``, one
+    subtree ``layers_{i}`` per block whatever ``cfg.scan_layers`` says."""
     ids = jnp.zeros((1, 1), jnp.int32)
     mask = jnp.ones((1, 1, 1, 1), bool)
-    return jax.jit(Decoder(cfg).init)(rng, ids, ids, mask)["params"]
+    unrolled = dataclasses.replace(cfg, scan_layers=False)
+    return jax.jit(Decoder(unrolled).init)(rng, ids, ids, mask)["params"]
+
+
+def matrices_in(dtype: Any, tree: Params, keep: Any = None) -> Params:
+    """``tree`` with every matrix (leaf of 2 or more dimensions) stored in more bits than
+    ``dtype`` cast to it; vectors and the leaf ``keep`` (identity) as they are.
+
+    Exact wherever the decoder casts each matrix to the compute dtype at its use (flax
+    ``Dense``/``Embed``, :func:`logits_from_hidden`) and ``dtype`` is that dtype. Vectors
+    stay: LayerNorm applies its scale in float32.
+    """
+    bits = jnp.finfo(dtype).bits
+
+    def stored(x):
+        if x is keep or x.ndim < 2 or jnp.finfo(x.dtype).bits <= bits:
+            return x
+        return x.astype(dtype)
+
+    return jax.tree_util.tree_map(stored, tree)
+
+
+def _scanned(cfg: ModelConfig, params: Params) -> Params:
+    """``params`` with the blocks' subtrees stacked on a leading layer axis under ``layers``
+    (the layout ``nn.scan`` reads), their matrices in the compute dtype first: the blocks
+    cast them there at their use anyway, and stacking half the bytes halves the copy."""
+    blocks = [matrices_in(cfg.compute_dtype, params[f"layers_{i}"])
+              for i in range(cfg.num_layers)]
+    rest = {key: value for key, value in params.items() if not key.startswith("layers_")}
+    return {**rest, "layers": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)}
 
 
 def abstract_params(cfg: ModelConfig) -> Params:
@@ -106,6 +142,8 @@ def forward_hidden(cfg: ModelConfig, params: Params, input_ids: jax.Array,
         index = jnp.arange(input_ids.shape[1])
         mask = make_attention_mask(index[None], index, attention_mask, positions, positions,
                                    cfg.sliding_window)
+    if cfg.scan_layers:
+        params = _scanned(cfg, params)
     hidden, _ = Decoder(cfg, remat=remat).apply({"params": params}, input_ids, positions, mask)
     return hidden
 

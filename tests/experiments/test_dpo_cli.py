@@ -158,6 +158,26 @@ def test_precomputed_reference_trains_like_the_frozen_one(tmp_path, prefs):
     assert rows["frozen"][-1]["loss"] != pytest.approx(np.log(2), abs=1e-4)  # it trained
 
 
+def test_scanned_layers_train_like_unrolled_ones(tmp_path, prefs):
+    """--scan-layers and --attention reach the model config, and a scanned run is the
+    unrolled run up to float rounding (train and held-out metrics)."""
+    rows = {}
+    for name, flags in (("unrolled", []), ("scanned", ["--scan-layers", "--attention", "xla"])):
+        out = tmp_path / name
+        argv = ["--model", "gpt2-tiny", "--data", str(prefs), "--grad", "logits-sam", "--lr", "1e-2",
+                "--batch-size", "4", "--steps", "2", "--max-len", "16", "--max-prompt-len", "8",
+                "--held-out", "4", "--log-every", "1", "--out", str(out), "--no-progress", *flags]
+        assert dpo.main(argv) == 0
+        rows[name] = read_jsonl(out / "metrics.jsonl")
+        config = json.loads((out / "config.json").read_text())["model_config"]
+        assert config["scan_layers"] == bool(flags)
+        assert config["attention_impl"] == ("xla" if flags else None)  # auto on a CPU: XLA's
+    assert [r["split"] for r in rows["scanned"]] == [r["split"] for r in rows["unrolled"]]
+    for unrolled, scanned in zip(rows["unrolled"], rows["scanned"]):
+        for key in ("loss", "rewards/margins", "logps/chosen"):
+            assert scanned[key] == pytest.approx(unrolled[key], rel=1e-4, abs=1e-5), key
+
+
 @pytest.mark.parametrize("head_dtype", ["float32", "split"])
 def test_bfloat16_compute_with_an_exact_head(tmp_path, prefs, head_dtype):
     """The flag reaches the run and the run folder; the heads' numerics are tested in
