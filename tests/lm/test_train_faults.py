@@ -139,3 +139,24 @@ def test_no_eval_runs_after_a_halt(tmp_path):
               eval_batches=lambda: [held_out(i) for i in range(2)])
     assert err.value.step == 3
     assert [(r["step"], r["split"]) for r in read_jsonl(str(tmp_path / "metrics.jsonl"))] == [(2, "eval")]
+
+
+@pytest.mark.parametrize("bad, halts", [(np.inf, True), (np.nan, True), (1e20, True),
+                                        (1e3, False)])
+def test_one_non_finite_gradient_entry_stops_the_step_under_a_finite_loss(bad, halts):
+    """The loss is finite; one entry of one gradient leaf is not (or is so large that the
+    norm overflows float32: a blow-up too). The step keeps params and optimizer state."""
+    from lm.train.loop import make_train_step
+
+    params = {"a": np.ones((3, 4), np.float32), "b": np.zeros(5, np.float32)}
+
+    def grad_fn(params, batch, ref):
+        grads = jax.tree_util.tree_map(jax.numpy.ones_like, params)
+        grads["a"] = grads["a"].at[1, 2].set(bad)
+        return jax.numpy.float32(0.5), {}, grads
+
+    state = create_train_state(params, TX, 0)
+    new, metrics = jax.jit(make_train_step(grad_fn, TX))(state, {}, None)
+    assert int(new.halted_at) == (0 if halts else -1)
+    changed = not np.array_equal(new.params["b"], params["b"])
+    assert changed != halts
