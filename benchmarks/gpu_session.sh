@@ -40,6 +40,7 @@ run() {  # run NAME LIMIT_S BENCH_FLAGS...
 
 run gpt2-124m 200 "${small[@]}" "${common[@]}" --chunk-size 128 --modes adamw,logits-sam,sam
 run gpt2-2.65b 240 "${large[@]}" "${common[@]}" --chunk-size 128 --modes adamw,logits-sam
+run gpt2-2.65b-scanned 180 "${large[@]}" "${common[@]}" --chunk-size 128 --modes adamw,logits-sam --scan-layers
 run gpt2-124m-unchunked 120 "${small[@]}" "${common[@]}" --modes adamw,logits-sam
 run gpt2-124m-split-head 90 "${small[@]}" "${common[@]}" --chunk-size 128 --modes logits-sam --head-dtype split
 run gpt2-124m-float32-head 90 "${small[@]}" "${common[@]}" --chunk-size 128 --modes logits-sam --head-dtype float32
