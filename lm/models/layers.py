@@ -27,7 +27,8 @@ class RightPadded(NamedTuple):
     Passed where a boolean mask would be, it says the same as :func:`make_attention_mask` on
     every real query, but as sequence lengths: cuDNN's flash attention then skips the masked
     blocks, where a mask reaches it as a dense [B, 1, T, S] bias that it reads and whose
-    gradient it writes. Padding queries attend to nothing (their outputs are zero).
+    gradient it writes. Padding slots are zeroed in q, k, v and the output
+    (:func:`_right_padded_attention`), so their outputs are zero on every kernel.
     """
 
     lengths: jax.Array
@@ -158,15 +159,33 @@ class Attention(nn.Module):
         key, val = key.astype(q.dtype), val.astype(q.dtype)
         common = dict(scale=h ** -0.5, implementation=cfg.attention_impl)
         if isinstance(mask, RightPadded):
-            # jax's window keeps keys k >= q - left; ours keeps q - window < k.
-            window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
-            out = jax.nn.dot_product_attention(
-                q, key, val, is_causal=True, query_seq_lengths=mask.lengths,
-                key_value_seq_lengths=mask.lengths, local_window_size=window, **common)
+            out = _right_padded_attention(q, key, val, mask.lengths, cfg.sliding_window, **common)
         else:
             out = jax.nn.dot_product_attention(q, key, val, mask=mask, **common)
         out = _dense(cfg, cfg.hidden_size, cfg.attention_bias, "o")(out.reshape(b, t, n * h))
         return out, kv_cache
+
+
+def _right_padded_attention(q, key, val, lengths, window, **kwargs):
+    """Causal attention of right-padded rows [B, T, ·, h] by their ``lengths`` [B].
+
+    cuDNN leaves the padding rows of its output, and of dQ, dK and dV in the backward pass,
+    unwritten where XLA zero-fills them, and the fill is dropped under CUDA graphs
+    (openxla/xla#46500): stale memory, NaN included, that would reach the projections'
+    weight gradients through Xᵀ dK. Selecting zeros at padding slots on the way in and out
+    keeps whatever the kernel leaves there out of every real token's value and gradient.
+    """
+    real = (jnp.arange(q.shape[1]) < lengths[:, None])[:, :, None, None]
+
+    def zero_padding(x):
+        return jnp.where(real, x, jnp.zeros((), x.dtype))
+
+    # jax's window keeps keys k >= q - left; ours keeps q - window < k.
+    out = jax.nn.dot_product_attention(
+        zero_padding(q), zero_padding(key), zero_padding(val), is_causal=True,
+        query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+        local_window_size=None if window is None else (window - 1, 0), **kwargs)
+    return zero_padding(out)
 
 
 class MLP(nn.Module):

@@ -128,6 +128,54 @@ def test_right_padded_lengths_attend_as_the_mask_does(name):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def _attention_leaving_nan_in_padding(attention):
+    """``jax.nn.dot_product_attention`` as cuDNN may run it: NaN in the padding rows of
+    its output and of dQ, dK, dV (openxla/xla#46500)."""
+    def fake(q, k, v, *, query_seq_lengths=None, **kwargs):
+        if query_seq_lengths is None:
+            return attention(q, k, v, **kwargs)
+
+        def nan_padding(x):
+            real = (jnp.arange(x.shape[1]) < query_seq_lengths[:, None])[:, :, None, None]
+            return jnp.where(real, x, jnp.nan)
+
+        def run(q, k, v):
+            return attention(q, k, v, query_seq_lengths=query_seq_lengths, **kwargs)
+
+        @jax.custom_vjp
+        def attend(q, k, v):
+            return nan_padding(run(q, k, v))
+
+        def forward(q, k, v):
+            out, vjp = jax.vjp(run, q, k, v)
+            return nan_padding(out), vjp
+
+        attend.defvjp(forward, lambda vjp, g: tuple(nan_padding(x) for x in vjp(g)))
+        return attend(q, k, v)
+    return fake
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "mistral-tiny"])
+def test_right_padded_attention_keeps_what_a_kernel_leaves_in_padding_out(name, monkeypatch):
+    cfg = _cfg(name)
+    params = _params(cfg, 2)
+    targets = jnp.roll(IDS, -1, axis=1)
+    right = jnp.array([[5, 6, 7, 8, 9, 0, 0], [5, 6, 7, 0, 0, 0, 0]], jnp.int32)
+    mask = (right > 0).astype(jnp.int32)
+
+    def loss(params, right_padded):
+        hidden = forward_hidden(cfg, params, right, mask, right_padded=right_padded)
+        logp = jax.nn.log_softmax(logits_from_hidden(hidden, output_head(cfg, params)))
+        return -jnp.sum(jnp.take_along_axis(logp, targets[..., None], -1)[..., 0] * mask)
+
+    want = jax.grad(loss)(params, False)
+    monkeypatch.setattr(jax.nn, "dot_product_attention",
+                        _attention_leaving_nan_in_padding(jax.nn.dot_product_attention))
+    got = jax.grad(loss)(params, True)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", TINY + ["mistral-tiny"])
 def test_scanned_layers_match_the_unrolled_ones(name):
     """``scan_layers``: one ``lax.scan`` over the stacked blocks gives the unrolled blocks'
