@@ -68,6 +68,7 @@ from lm import models
 from lm import objectives
 from lm import optim
 from lm.train import create_train_state, make_train_step
+from lm.train.logging import write_text_atomic
 
 MODES = ("adamw", "logits-sam", "sam")
 REMATS = ("none", "block")
@@ -629,7 +630,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                  f"{max_len} positions")
             for mode in args.modes:
                 rows.append(run(case, mode, args))
-                print(format_table(rows[-1:]).splitlines()[1], file=sys.stderr, flush=True)
+                # The row, its skip reason and its profile as soon as they are known, and the
+                # JSON so far: a run cut off by a time limit keeps the rows it finished.
+                print("\n".join(format_table(rows[-1:]).splitlines()[1:]), file=sys.stderr,
+                      flush=True)
+                if args.out:
+                    so_far = {**environment(args), "rows": rows}
+                    write_text_atomic(args.out, json.dumps(so_far, indent=1))
     except BenchError as e:
         _cli.fail(str(e), prog=PROG)
     add_overheads(rows)
@@ -644,8 +651,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
               f"{t['numpy_run_s'] * 1e3:.1f} ms "
               f"({t['speedup']:.0f}x; max |diff| {t['max_abs_diff']:.1e})")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_text_atomic(args.out, json.dumps(result, indent=1))
         print(f"wrote {args.out}")
     return result
 

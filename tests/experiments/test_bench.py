@@ -4,6 +4,7 @@ No timing assertions: only that every number is produced, and that the accountin
 with a hand count and with XLA's own FLOP count of the compiled step.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -64,8 +65,8 @@ def test_cli_writes_every_mode_with_the_expected_keys(result):
 
 
 def test_profile_reads_the_cpu_trace_of_every_mode(result):
-    """A real trace (XLA:CPU's thunks): every op event is found in the compiled HLO, the
-    matmuls are among them, and the longest ops carry their JAX source."""
+    """A real trace (XLA:CPU's thunks) matched to the compiled HLO: the matmuls and other
+    fusions are found, and the longest ops carry their JAX source."""
     for r in result["rows"]:
         profile = r["profile"]
         assert profile["steps"] == bench.PROFILE_STEPS and profile["wall_ms"] > 0
@@ -75,6 +76,24 @@ def test_profile_reads_the_cpu_trace_of_every_mode(result):
         tops = [op["ms"] for op in profile["top"]]
         assert tops == sorted(tops, reverse=True) and len(tops) == 10
         assert any("Decoder" in op["source"] for op in profile["top"])
+
+
+def test_each_finished_row_is_written_and_shown_before_the_next_starts(tmp_path, monkeypatch,
+                                                                       capsys):
+    """A time limit that cuts off the second mode keeps the first one's row, reason included."""
+    out = tmp_path / "partial.json"
+
+    def run_case(case, mode, args):
+        if mode != "adamw":
+            raise KeyboardInterrupt  # what `timeout` does to the run, near enough
+        return {**dataclasses.asdict(case), "mode": mode, "status": "skipped",
+                "reason": "needs 90.1 GiB > 78.0 GiB available"}
+
+    monkeypatch.setattr(bench, "run_case", run_case)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--modes", "adamw,logits-sam", "--isolate", "never", "--out", str(out)])
+    assert [r["mode"] for r in json.loads(out.read_text())["rows"]] == ["adamw"]
+    assert "needs 90.1 GiB > 78.0 GiB available" in capsys.readouterr().err
 
 
 def test_flop_accounting_matches_a_hand_count():
