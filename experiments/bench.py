@@ -249,12 +249,14 @@ def random_batch(key: jax.Array, pairs: int, seq: int, prompt: int, vocab: int,
     return batch
 
 
-def model_config(shape: str, dtype: str, param_dtype: str, attention: str | None,
-                 scan_layers: bool = False):
-    """The built-in config ``shape`` with the benchmark's numerics."""
+def model_config(shape: str, args: argparse.Namespace):
+    """The built-in config ``shape`` with the benchmark's numerics and attention."""
     try:
-        return models.builtin_config(shape, dtype=dtype, param_dtype=param_dtype,
-                                     attention_impl=attention, scan_layers=scan_layers)
+        cfg = models.builtin_config(shape, dtype=args.dtype, param_dtype=args.param_dtype,
+                                    scan_layers=args.scan_layers)
+        split = args.head_dtype == "split"
+        return dataclasses.replace(cfg, attention_impl=models.attention_for(
+            args.attention, cfg, vmapped_backward=split))
     except models.ConfigError as e:
         raise BenchError(f"--shapes: {e}") from None
 
@@ -276,7 +278,7 @@ def build_step(cfg: Any, mode: str, args: argparse.Namespace, remat: str):
 def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     """Compile and (unless ``--compile-only``) time one (case, mode) in this process."""
     device = jax.devices()[0]
-    cfg = model_config(case.shape, args.dtype, args.param_dtype, args.attention, args.scan_layers)
+    cfg = model_config(case.shape, args)
     tokens = tokens_per_step(case.pairs, case.seq)
     key = jax.random.PRNGKey(args.seed)
     params_abs = jax.eval_shape(lambda k: models.init_params(cfg, k), key)
@@ -402,7 +404,7 @@ def _shared_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", args.dtype,
              "--param-dtype", args.param_dtype, "--reference", args.reference,
              "--rho", repr(args.rho), "--lr", repr(args.lr), "--seed", str(args.seed),
-             "--attention", args.attention or "auto"]
+             "--attention", args.attention]
     if args.chunk_size is not None:
         flags += ["--chunk-size", str(args.chunk_size)]
     if args.head_dtype is not None:
@@ -557,7 +559,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rho", type=float, default=1e-4, help="(logits-)SAM radius")
     p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate")
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
-                   help="attention implementation (auto: cudnn on GPU, xla elsewhere)")
+                   help="attention implementation (auto: cuDNN's flash attention where it runs, "
+                        "see lm.models.attention_for; XLA's elsewhere)")
     p.add_argument("--peak-flops", type=float, default=None,
                    help="peak FLOP/s for MFU where the device is not in the table (e.g. CPU)")
     p.add_argument("--compile-only", action="store_true",
@@ -603,7 +606,6 @@ def _check(args: argparse.Namespace) -> None:
         raise BenchError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     if args.peak_flops is not None and not args.peak_flops > 0:
         raise BenchError(f"--peak-flops must be > 0, got {args.peak_flops}")
-    args.attention = models.attention_for(args.attention, args.dtype)
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise BenchError(f"--out: directory of {args.out!r} does not exist")
 
@@ -623,8 +625,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     rows = []
     try:
         for case in cases(args):
-            max_len = model_config(case.shape, args.dtype, args.param_dtype,
-                                   args.attention).max_position_embeddings
+            max_len = model_config(case.shape, args).max_position_embeddings
             if case.seq > max_len:
                 raise BenchError(f"--seq {case.seq} exceeds {case.shape}'s "
                                  f"{max_len} positions")

@@ -123,8 +123,8 @@ def parse_args(argv: list[str] | None = None):
     g.add_argument("--scan-layers", action="store_true",
                    help="run the trunk's blocks as one lax.scan (compile time independent of depth)")
     g.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
-                   help="attention implementation (auto: cuDNN flash attention on a GPU under "
-                        "--dtype bfloat16, XLA's elsewhere)")
+                   help="attention implementation (auto: cuDNN's flash attention where it runs: an "
+                        "NVIDIA GPU under --dtype bfloat16; XLA's elsewhere)")
     g = p.add_argument_group("optimizer")
     g.add_argument("--lr", type=positive_float, default=1e-6)
     g.add_argument("--warmup-steps", type=nonnegative_int, default=0)
@@ -381,8 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg, model_dir = resolve_model(args.model)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in (("dtype", args.dtype),
                                                         ("param_dtype", args.param_dtype)) if v})
-    cfg = dataclasses.replace(cfg, attention_impl=models.attention_for(args.attention, cfg.dtype),
-                              scan_layers=args.scan_layers)
+    split = args.head_dtype == "split" and args.grad == "logits-sam"
+    try:
+        attention = models.attention_for(args.attention, cfg, vmapped_backward=split)
+    except models.ConfigError as err:
+        fail(str(err))
+    cfg = dataclasses.replace(cfg, attention_impl=attention, scan_layers=args.scan_layers)
     try:
         mesh = make_mesh(args.mesh)  # the one mesh: the micro-batches' sharding and train()'s
         check_batch_size(args.batch_size, mesh.shape, args.grad_accum)

@@ -37,16 +37,43 @@ class ConfigError(ValueError):
     """A config.json / ModelConfig this package cannot build a model from."""
 
 
-def attention_for(requested: str, dtype: Any) -> str | None:
-    """``attention_impl`` for a ``--attention`` flag (auto | xla | cudnn): "auto" picks
-    cuDNN's flash attention on a GPU under 16-bit compute (it takes half precision only)
-    and XLA's otherwise."""
-    if requested == "auto":
-        import jax
+def attention_for(requested: str, cfg: "ModelConfig", *, vmapped_backward: bool = False
+                  ) -> str | None:
+    """``attention_impl`` for an ``--attention`` flag (auto | xla | cudnn) and model ``cfg``.
 
-        half = jnp.finfo(jnp.dtype(dtype)).bits == 16
-        return "cudnn" if half and jax.default_backend() == "gpu" else None
-    return requested
+    "auto" picks cuDNN's flash attention where it runs, XLA's elsewhere: an NVIDIA GPU,
+    16-bit compute, a head dim that is a multiple of 8 up to 128 (256 on Hopper) and, when
+    the trunk's backward pass is vmapped (logits-SAM's split head), jax 0.11 or later
+    (0.10's cuDNN backward cannot be batched). "cudnn" where it cannot run is a
+    :class:`ConfigError` that says why.
+    """
+    if requested not in ("auto", "xla", "cudnn"):
+        raise ConfigError(f"--attention: unknown implementation {requested!r} (auto, xla, cudnn)")
+    if requested == "xla":
+        return "xla"
+    unfit = _cudnn_unfit(cfg, vmapped_backward)
+    if requested == "cudnn" and unfit:
+        raise ConfigError(f"--attention cudnn: {unfit}; use --attention auto or xla")
+    return None if unfit else "cudnn"
+
+
+def _cudnn_unfit(cfg: "ModelConfig", vmapped_backward: bool) -> str | None:
+    """Why cuDNN's fused attention cannot run ``cfg`` here, or None."""
+    import jax
+
+    device = jax.devices()[0]
+    platform_version = getattr(getattr(device, "client", None), "platform_version", "")
+    if device.platform != "gpu" or "rocm" in platform_version.lower():
+        return "cuDNN needs an NVIDIA GPU"
+    if jnp.finfo(cfg.compute_dtype).bits != 16:
+        return f"cuDNN takes 16-bit compute only, not {cfg.dtype} (--dtype bfloat16)"
+    hopper = float(getattr(device, "compute_capability", "0")) >= 9.0
+    if cfg.head_dim % 8 or cfg.head_dim > (256 if hopper else 128):
+        return f"cuDNN cannot take head dim {cfg.head_dim} on this GPU"
+    if vmapped_backward and jax.__version_info__ < (0, 11):
+        return (f"jax {jax.__version__} cannot vmap cuDNN's backward pass, which the split "
+                f"head does (jax >= 0.11 can)")
+    return None
 
 
 def _dtype_name(d: Any) -> str:

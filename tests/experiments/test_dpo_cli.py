@@ -53,6 +53,7 @@ def test_help(capsys):
         (["--num-processes", "2", "--process-id", "2"], "--process-id 2 is not below --num-processes 2"),
         (["--coordinator", "10.0.0.1"], "--coordinator '10.0.0.1': expected HOST:PORT"),
         (["--held-out", "1.7"], "--held-out 1.7: a count of pairs (>= 1) must be a whole number"),
+        (["--attention", "cudnn"], "--attention cudnn: cuDNN needs an NVIDIA GPU; use --attention"),
     ],
 )
 def test_bad_input_is_one_line(capsys, tmp_path, prefs, flags, message):

@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -216,12 +217,32 @@ def test_scanned_layers_match_the_unrolled_ones(name):
     assert 0 < error(scanned_grads) <= 2 * error(unrolled)
 
 
-def test_auto_attention_is_cudnn_on_a_gpu_in_half_precision_only(monkeypatch):
-    assert attention_for("auto", "bfloat16") is None  # this machine has no GPU
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert attention_for("auto", "bfloat16") == attention_for("auto", "float16") == "cudnn"
-    assert attention_for("auto", "float32") is None
-    assert attention_for("xla", "bfloat16") == "xla" and attention_for("cudnn", "float32") == "cudnn"
+def test_auto_attention_is_cudnn_only_where_cudnn_runs(monkeypatch):
+    bf16 = builtin_config("gpt2-tiny", dtype="bfloat16")
+    assert attention_for("auto", bf16) is None  # this machine has no GPU
+    assert attention_for("xla", bf16) == "xla"
+    with pytest.raises(ConfigError, match="--attention cudnn: cuDNN needs an NVIDIA GPU"):
+        attention_for("cudnn", bf16)
+    h100 = types.SimpleNamespace(platform="gpu", compute_capability="9.0",
+                                 client=types.SimpleNamespace(platform_version="cuda 12080"))
+    monkeypatch.setattr(jax, "devices", lambda *a: [h100])
+    monkeypatch.setattr(jax, "__version_info__", (0, 11, 2))
+    assert attention_for("auto", bf16) == attention_for("cudnn", bf16) == "cudnn"
+    assert attention_for("auto", bf16, vmapped_backward=True) == "cudnn"
+    assert attention_for("auto", builtin_config("gpt2-tiny")) is None  # float32
+    with pytest.raises(ConfigError, match="16-bit compute only"):
+        attention_for("cudnn", builtin_config("gpt2-tiny"))
+    odd = dataclasses.replace(bf16, head_dim=20)
+    assert attention_for("auto", odd) is None
+    assert attention_for("auto", dataclasses.replace(bf16, head_dim=256)) == "cudnn"
+    monkeypatch.setattr(h100, "compute_capability", "8.0")
+    assert attention_for("auto", dataclasses.replace(bf16, head_dim=256)) is None
+    monkeypatch.setattr(jax, "__version_info__", (0, 10, 2))
+    assert attention_for("auto", bf16, vmapped_backward=True) is None
+    with pytest.raises(ConfigError, match="cannot vmap cuDNN's backward"):
+        attention_for("cudnn", bf16, vmapped_backward=True)
+    monkeypatch.setattr(h100.client, "platform_version", "rocm 6.2")
+    assert attention_for("auto", bf16) is None
 
 
 def test_sliding_window_limits_the_receptive_field():
