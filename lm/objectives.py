@@ -107,11 +107,12 @@ def frozen_reference(cfg, params: Params, *, head_dtype: str | None = None) -> P
     """The frozen reference as the step reads it: every matrix (embeddings, kernels, the
     head; leaves of 2 or more dimensions) stored in the compute dtype ``cfg.dtype``.
 
-    Exact (:func:`lm.models.matrices_in`): the reference's log-probs are bit-for-bit those
-    of float32 storage, with half its memory (5.3 GB at 2.65B parameters under bf16
-    compute) and without casting its weights again every step. The head keeps its dtype
-    under ``head_dtype="float32"``, which multiplies in float32. Float32 compute changes
-    nothing.
+    Exact (:func:`lm.models.matrices_in`): the reference multiplies the same bf16 weights
+    as with float32 storage (its log-probs bit-for-bit equal on XLA:CPU, tested; a GPU
+    may tile a GEMM with a fused cast differently in the last bits), with half its memory
+    (5.3 GB at 2.65B parameters under bf16 compute) and without casting its weights again
+    every step. The head keeps its dtype under ``head_dtype="float32"``, which multiplies
+    in float32. Float32 compute changes nothing.
     """
     head = output_head(cfg, params) if head_dtype == "float32" else None
     return matrices_in(cfg.compute_dtype, params, keep=head)

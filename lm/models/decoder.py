@@ -49,11 +49,14 @@ class Decoder(nn.Module):
         if not cfg.tie_word_embeddings:
             self.param("lm_head", _init, (cfg.vocab_size, cfg.hidden_size), cfg.params_dtype)
         block = Block
+        scan = cfg.scan_layers and caches is None
         if self.remat:
             policy = (getattr(jax.checkpoint_policies, cfg.remat_policy)
                       if cfg.remat_policy else None)
-            block = nn.remat(Block, policy=policy)
-        if cfg.scan_layers and caches is None:
+            # Inside a scan the recomputation cannot be CSE'd with the forward pass, so the
+            # optimization barrier that prevents it is not needed (jax.checkpoint's docs).
+            block = nn.remat(Block, policy=policy, prevent_cse=not scan)
+        if scan:
             layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                              in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers)
             x, _ = layers(cfg, name="layers")(x, positions, mask)

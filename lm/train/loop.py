@@ -299,6 +299,8 @@ def train(
         mean over every row (pair) of them: each batch's metrics, means over its rows,
         weighted by its rows, the leading dimension of its arrays (:func:`eval_means`).
       eval_fn: ``(params, batch, ref_params) -> (loss, metrics)``; default: ``grad_fn``'s.
+        It must take eval batches of every size given (a smaller last one): pass one when
+        ``grad_fn`` cannot (``lm.optim.accumulate_gradients`` splits batches).
       resume: continue from the latest checkpoint (from step 0 when there is none).
       meta: JSON-able settings that decide the run's trajectory, keyed by flag name
         (``"lr"`` for ``--lr``); every checkpoint stores them with the seed and batch
