@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/gpu_session.sh [OUT_DIR]     (default: $OUT, else benchmarks/)
 #
-# Writes <device>-<case>-<date>.json per run (experiments.bench --out) and session.log.
+# Writes gpu_check.txt (benchmarks/gpu_check.py: cuDNN attention on padded batches against
+# XLA's), <device>-<case>-<date>.json per run (experiments.bench --out) and session.log.
 set -u
 out=${1:-${OUT:-benchmarks}}
 budget=${BUDGET:-540}
@@ -37,6 +38,9 @@ run() {  # run NAME LIMIT_S BENCH_FLAGS...
   timeout "$limit" "$py" -m experiments.bench "$@" --out "$out/$device-$name-$date.json" 2>&1 \
     | tee -a "$log"
 }
+
+echo "== gpu_check (cuDNN attention on padded batches against XLA's)" | tee -a "$log"
+timeout 150 "$py" benchmarks/gpu_check.py 2>&1 | tee -a "$log" | tee "$out/gpu_check.txt"
 
 run gpt2-124m 200 "${small[@]}" "${common[@]}" --chunk-size 128 --modes adamw,logits-sam,sam
 run gpt2-2.65b 240 "${large[@]}" "${common[@]}" --chunk-size 128 --modes adamw,logits-sam
