@@ -169,15 +169,15 @@ def test_right_padded_attention_keeps_what_a_kernel_leaves_in_padding_out(name, 
         logp = jax.nn.log_softmax(logits_from_hidden(hidden, output_head(cfg, params)))
         return -jnp.sum(jnp.take_along_axis(logp, targets[..., None], -1)[..., 0] * mask)
 
-    want = jax.grad(loss)(params, False)
+    want = jax.jit(jax.grad(loss), static_argnums=1)(params, False)
     monkeypatch.setattr(jax.nn, "dot_product_attention",
                         _attention_leaving_nan_in_padding(jax.nn.dot_product_attention))
-    got = jax.grad(loss)(params, True)
+    got = jax.jit(jax.grad(loss), static_argnums=1)(params, True)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", TINY + ["mistral-tiny"])
+@pytest.mark.parametrize("name", ["gpt2-tiny", "mistral-tiny"])  # the scan is the blocks' own
 def test_scanned_layers_match_the_unrolled_ones(name):
     """``scan_layers``: one ``lax.scan`` over the stacked blocks gives the unrolled blocks'
     hidden states and gradients in float32, with and without remat; under bf16 compute
