@@ -323,7 +323,15 @@ def train(
     os.makedirs(out_dir, exist_ok=True)
     ckpt = Checkpointer(os.path.join(out_dir, CHECKPOINTS), keep=config.keep_checkpoints)
     meta = run_meta(config, meta)
-    resume_from = resume_step(ckpt, config, resume=resume, meta=meta, paths=paths)
+    try:
+        resume_from, refusal = resume_step(ckpt, config, resume=resume, meta=meta, paths=paths), None
+    except ConfigError as err:
+        resume_from, refusal = None, err
+    # Each process resolves the path settings on its own host: one that refuses (its files
+    # differ) must stop them all, or the rest wait in the first collective until timeout.
+    if not mesh_lib.on_every_process(refusal is None):
+        raise refusal or ConfigError("another process refused to resume from the checkpoint "
+                                     "(see its error); stopping")
     meta = resolved(meta, paths)
 
     init = lambda p: create_train_state(p, tx, config.seed)

@@ -219,3 +219,10 @@ def from_primary(value: bool) -> bool:
     if jax.process_count() == 1:
         return value
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(value)))
+
+
+def on_every_process(value: bool) -> bool:
+    """Whether ``value`` holds on every process (a collective: all must call it)."""
+    if jax.process_count() == 1:
+        return value
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(value))))

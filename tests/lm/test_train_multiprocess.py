@@ -107,6 +107,23 @@ def test_a_refusal_on_process_0_stops_every_process(tmp_path):
     assert "process 0 could not set up" in done[1].stderr
 
 
+def test_a_refusal_on_any_process_stops_every_process(tmp_path):
+    """Settings are compared on each process (paths resolve on each host's own files): when
+    only process 1 refuses the checkpoint, process 0 must stop too, not wait for it."""
+    two_processes(tmp_path, "--steps", "2", "--mesh", "data=2,fsdp=2", "--meta", '{"lr": 1}')
+    os.makedirs(tmp_path / "resume-logs")
+
+    def resume(job):
+        lr = 2 if job[job.index("--process-id") + 1] == "1" else 1
+        return command(tmp_path, *FLAGS, "--steps", "4", "--mesh", "data=2,fsdp=2", "--resume",
+                       "--meta", f'{{"lr": {lr}}}', *job)
+
+    done = run_processes(resume, tmp_path / "resume-logs", timeout=60, kill_on_failure=False)
+    assert [p.returncode for p in done] == [2, 2], [p.stderr for p in done]
+    assert "another process refused to resume" in done[0].stderr
+    assert "--lr 2 (checkpoint: 1)" in done[1].stderr
+
+
 DPO_FLAGS = [
     "--model", "gpt2-tiny", "--loss", "dpo", "--grad", "logits-sam", "--rho", "1e-2", "--lr", "1e-2",
     "--batch-size", "4", "--steps", "3", "--max-len", "16", "--max-prompt-len", "8", "--held-out", "0",

@@ -10,6 +10,7 @@ Exit codes: 0 ok, 2 configuration error, 3 non-finite, 4 checkpoint error.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -70,6 +71,7 @@ def main() -> int:
     ap.add_argument("--nan-at", type=int, nargs="*", default=[])
     ap.add_argument("--skip-nonfinite", action="store_true")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--meta", default="{}", help="train()'s meta, as JSON")
     ap.add_argument("--sleep", type=float, default=0.0)
     ap.add_argument("--coordinator")
     ap.add_argument("--num-processes", type=int)
@@ -103,7 +105,7 @@ def main() -> int:
     try:
         result = train(
             grad_fn, tx, init_params(0), batch_at, config, args.out,
-            eval_batches=lambda: heldout, resume=args.resume,
+            eval_batches=lambda: heldout, resume=args.resume, meta=json.loads(args.meta),
         )
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
