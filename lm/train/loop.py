@@ -77,8 +77,8 @@ def make_train_step(
     """The un-jitted step ``(state, batch, ref_params) -> (state, metrics)``.
 
     A step whose loss or gradient norm is non-finite (a NaN or inf anywhere in the
-    gradients, or a norm beyond the float range) never changes params or optimizer state. With ``skip_nonfinite`` the batch is consumed and ``skipped`` counts it;
-    otherwise ``halted_at`` records the step and the state freezes (every later step
+    gradients, or a norm beyond the float range) never changes params or optimizer state.
+    With ``skip_nonfinite`` the batch is consumed and ``skipped`` counts it; otherwise ``halted_at`` records the step and the state freezes (every later step
     is a no-op) until the host, at its next sync, stops the run.
     """
 
@@ -154,18 +154,29 @@ def eval_means(metrics_of: Callable[[Batch], Mapping[str, Any]], batches: Iterab
     first batch): batches of equal size weigh exactly 1, so they give the plain mean of
     the batch means bit for bit.
     """
-    sums: dict[str, float] = {}
-    total, first = 0.0, None
+    rows, metrics = [], []
     for batch in batches:
-        rows = mesh_lib.rows_in(batch)
-        if not rows:
+        rows.append(mesh_lib.rows_in(batch))
+        if not rows[-1]:
             raise ValueError("an eval batch has no rows (its metrics would be means of nothing)")
-        first = first or rows
-        weight = rows / first
-        for key, value in jax.device_get(metrics_of(batch)).items():
+        metrics.append(metrics_of(batch))
+    sums: dict[str, float] = {}
+    total = 0.0
+    # One fetch after every batch is dispatched: a fetch per batch would wait for each.
+    for n, values in zip(rows, jax.device_get(metrics)):
+        weight = n / rows[0]
+        for key, value in values.items():
             sums[key] = sums.get(key, 0.0) + weight * float(value)
         total += weight
     return {key: value / total for key, value in sums.items()}
+
+
+def _stop_together(refusal: Exception | None, elsewhere: str) -> None:
+    """Raise on every process when any process holds a ``refusal``: its own there, a
+    ConfigError saying ``elsewhere`` on the others, which would otherwise wait in the
+    first collective until it times out (a collective: all must call it)."""
+    if not mesh_lib.on_every_process(refusal is None):
+        raise refusal or ConfigError(elsewhere)
 
 
 def _jit_with_ref(fn: Callable, ref_params: Any, in_shardings: tuple, **kwargs) -> Callable:
@@ -327,11 +338,9 @@ def train(
         resume_from, refusal = resume_step(ckpt, config, resume=resume, meta=meta, paths=paths), None
     except ConfigError as err:
         resume_from, refusal = None, err
-    # Each process resolves the path settings on its own host: one that refuses (its files
-    # differ) must stop them all, or the rest wait in the first collective until timeout.
-    if not mesh_lib.on_every_process(refusal is None):
-        raise refusal or ConfigError("another process refused to resume from the checkpoint "
-                                     "(see its error); stopping")
+    # Each process resolves the path settings on its own host, so any one may refuse.
+    _stop_together(refusal, "another process refused to resume from the checkpoint (see its "
+                            "error); stopping")
     meta = resolved(meta, paths)
 
     init = lambda p: create_train_state(p, tx, config.seed)
@@ -357,12 +366,7 @@ def train(
                 write_text_atomic(os.path.join(out_dir, name), text)
         except (ConfigError, OSError) as err:
             refusal = err
-    # Every process must stop if process 0 cannot write the run folder; the others would
-    # otherwise wait in the first collective until it times out.
-    if not mesh_lib.from_primary(refusal is None):
-        if refusal is not None:
-            raise refusal
-        raise ConfigError(f"process 0 could not set up {out_dir} (see its error); stopping")
+    _stop_together(refusal, f"process 0 could not set up {out_dir} (see its error); stopping")
 
     batch_sh = mesh_lib.batch_sharding(mesh)
     repl = mesh_lib.replicated(mesh)
