@@ -287,12 +287,12 @@ def sft_grad_fn(cfg, chunk_size: int | None = None, remat: bool = False):
     import jax
     import jax.numpy as jnp
 
-    from lm import losses
-    from lm.models import forward_hidden, output_head
+    from lm import losses, objectives
+    from lm.models import output_head
 
     def loss_fn(params, batch):
         ids, attn, mask = (batch[k][:, 0] for k in ("input_ids", "attention_mask", "loss_mask"))
-        hidden = forward_hidden(cfg, params, ids, attn, remat=remat, right_padded=True)
+        hidden = objectives.batch_hidden(cfg, params, ids, attn, remat=remat)
         logps, counts = losses.sequence_logps(hidden, output_head(cfg, params), ids, mask,
                                               chunk_size=chunk_size)
         loss = -jnp.sum(logps) / jnp.maximum(jnp.sum(counts), 1.0)

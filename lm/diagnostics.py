@@ -44,7 +44,6 @@ the trunk features held fixed, (b) all parameters, (c) the logits of every token
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -53,13 +52,10 @@ import jax.numpy as jnp
 from dynamics.sam import sam_perturbation
 from dynamics.softmax_regression import logit_hessian_vp
 from lm import losses
-from lm.models import forward_hidden, logits_from_hidden, output_head
-from lm.objectives import flatten_pairs, reference_logps, split_pairs
+from lm.models import logits_from_hidden, output_head
+from lm.objectives import batch_hidden, flatten_pairs, reference_logps, split_pairs
 
 PyTree = Any
-
-# Batches are right-padded (lm.data), and the trunk runs as the objectives run it.
-_trunk = functools.partial(forward_hidden, right_padded=True)
 
 #: The Hessians :func:`hessian_traces` can estimate.
 HESSIANS = ("head", "params", "logits")
@@ -196,7 +192,7 @@ def gradient_products(cfg, params: PyTree, batch: Mapping[str, jax.Array]) -> di
     with index t standing for response token t + 1.
     """
     ids, attn, mask = flatten_pairs(batch)
-    hidden = _trunk(cfg, params, ids, attn).astype(jnp.float32)
+    hidden = batch_hidden(cfg, params, ids, attn).astype(jnp.float32)
     head = output_head(cfg, params).astype(jnp.float32)
     b, t = ids.shape[0] // 2, ids.shape[1]
     return jax.vmap(pair_gradient_products, in_axes=(0, None, 0, 0))(
@@ -262,17 +258,17 @@ def hessian_traces(
         return loss_of_logps(losses.sequence_logps(hidden, head, ids, mask)[0])
 
     def loss_of_params(p):
-        return loss_of_head(_trunk(cfg, p, ids, attn), output_head(cfg, p))
+        return loss_of_head(batch_hidden(cfg, p, ids, attn), output_head(cfg, p))
 
     out = {}
     if "head" in which:
-        hidden = jax.lax.stop_gradient(_trunk(cfg, params, ids, attn))
+        hidden = jax.lax.stop_gradient(batch_hidden(cfg, params, ids, attn))
         out["head"] = hutchinson_trace(
             lambda w: loss_of_head(hidden, w), output_head(cfg, params), key, num_probes)
     if "params" in which:
         out["params"] = hutchinson_trace(loss_of_params, params, key, num_probes)
     if "logits" in which:
-        z = logits_from_hidden(_trunk(cfg, params, ids, attn), output_head(cfg, params))
+        z = logits_from_hidden(batch_hidden(cfg, params, ids, attn), output_head(cfg, params))
         out["logits"] = hutchinson_trace(
             lambda zz: loss_of_logps(losses.sequence_logps_from_logits(zz, ids, mask)), z, key,
             num_probes)
@@ -318,7 +314,7 @@ def sam_step_effects(
         chosen, rejected = split_pairs(logps)
         return {"chosen": jnp.mean(chosen), "rejected": jnp.mean(rejected)}
 
-    hidden = jax.lax.stop_gradient(_trunk(cfg, params, ids, attn).astype(jnp.float32))
+    hidden = jax.lax.stop_gradient(batch_hidden(cfg, params, ids, attn).astype(jnp.float32))
     head = output_head(cfg, params).astype(jnp.float32)
 
     def head_loss(w):
@@ -345,10 +341,10 @@ def sam_step_effects(
     self_term = dict(zip(("chosen", "rejected"), split_pairs(jnp.sum(per_token, axis=-1))))
 
     def model_loss(p_):
-        return loss_of_logps(logps_of(_trunk(cfg, p_, ids, attn), output_head(cfg, p_)))
+        return loss_of_logps(logps_of(batch_hidden(cfg, p_, ids, attn), output_head(cfg, p_)))
 
     def directional(p_):
-        h_p = _trunk(cfg, p_, ids, attn)
+        h_p = batch_hidden(cfg, p_, ids, attn)
         return jax.jvp(lambda w: loss_of_logps(logps_of(h_p, w)), (output_head(cfg, p_),),
                        (e_hat.astype(output_head(cfg, p_).dtype),))[1]
 
@@ -360,7 +356,7 @@ def sam_step_effects(
         grad_f = jax.grad(lambda w: side_means(logps_of(hidden, w))[side])(head)
         sam = -jnp.vdot(grad_f, correction)
         curv = -jnp.vdot(grad_f, curvature)
-        grad_fp = jax.grad(lambda p_: side_means(logps_of(_trunk(cfg, p_, ids, attn),
+        grad_fp = jax.grad(lambda p_: side_means(logps_of(batch_hidden(cfg, p_, ids, attn),
                                                              output_head(cfg, p_)))[side])(params)
         out.update({
             f"gd/{side}": -jnp.vdot(grad_f, grad_w),

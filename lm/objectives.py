@@ -57,10 +57,13 @@ def split_pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x[:, 0], x[:, 1]
 
 
+#: ``forward_hidden`` on a batch of :mod:`lm.data`, which is right-padded: attention takes
+#: each row's length (what every objective, the diagnostics and squeeze run).
+batch_hidden = functools.partial(forward_hidden, right_padded=True)
+
+
 def _decoder_hidden(cfg, remat, params, input_ids, attention_mask):
-    # Batches are right-padded (lm.data.batching), so attention takes sequence lengths.
-    return forward_hidden(cfg, params, input_ids, attention_mask, remat=remat,
-                          right_padded=True)
+    return batch_hidden(cfg, params, input_ids, attention_mask, remat=remat)
 
 
 def _head_in(dtype, hidden_fn, head_fn):
