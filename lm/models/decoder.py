@@ -105,10 +105,14 @@ def matrices_in(dtype: Any, tree: Params, keep: Any = None) -> Params:
     return jax.tree_util.tree_map(stored, tree)
 
 
-def _scanned(cfg: ModelConfig, params: Params) -> Params:
+def stacked_layers(cfg: ModelConfig, params: Params) -> Params:
     """``params`` with the blocks' subtrees stacked on a leading layer axis under ``layers``
     (the layout ``nn.scan`` reads), their matrices in the compute dtype first: the blocks
-    cast them there at their use anyway, and stacking half the bytes halves the copy."""
+    cast them there at their use anyway, and stacking half the bytes halves the copy.
+    Stacked ``params`` come back as they are, so a tree that never changes (the frozen
+    reference) is stacked once instead of at every forward pass."""
+    if "layers" in params:
+        return params
     blocks = [matrices_in(cfg.compute_dtype, params[f"layers_{i}"])
               for i in range(cfg.num_layers)]
     rest = {key: value for key, value in params.items() if not key.startswith("layers_")}
@@ -136,6 +140,9 @@ def forward_hidden(cfg: ModelConfig, params: Params, input_ids: jax.Array,
     lets cuDNN skip the masked blocks (:class:`lm.models.layers.RightPadded`). The real
     tokens' hidden states are the same either way; under the promise, a left-padded row's
     are wrong.
+
+    ``params`` has one subtree ``layers_{i}`` per block or, under ``cfg.scan_layers``, may
+    come stacked already (:func:`stacked_layers`).
     """
     if positions is None:
         positions = position_ids(attention_mask)
@@ -146,7 +153,7 @@ def forward_hidden(cfg: ModelConfig, params: Params, input_ids: jax.Array,
         mask = make_attention_mask(index[None], index, attention_mask, positions, positions,
                                    cfg.sliding_window)
     if cfg.scan_layers:
-        params = _scanned(cfg, params)
+        params = stacked_layers(cfg, params)
     hidden, _ = Decoder(cfg, remat=remat).apply({"params": params}, input_ids, positions, mask)
     return hidden
 

@@ -479,3 +479,22 @@ def test_frozen_reference_in_the_compute_dtype_scores_bit_for_bit_the_same(name)
     f32 = builtin_config(name)
     assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(O.frozen_reference(f32, params)),
                                       jax.tree_util.tree_leaves(params)))
+
+
+def test_scanned_frozen_reference_is_stacked_once_not_every_step():
+    """Under ``scan_layers`` the frozen reference comes stacked: its log-probs are those of
+    the per-layer tree bit for bit, and the step's program stacks only the policy."""
+    cfg = builtin_config("gpt2-tiny", dtype="bfloat16", scan_layers=True)
+    params = init_params(cfg, jax.random.key(6))
+    batch = _batch(vocab=cfg.vocab_size)
+    ref = O.frozen_reference(cfg, params)
+    assert "layers" in ref and not any(key.startswith("layers_") for key in ref)
+    score = O.make_reference_fn(cfg)
+    np.testing.assert_array_equal(score(ref, batch), score(params, batch))
+
+    def stacks(*args):
+        return jax.jit(O.make_grad_fn(cfg, chunk_size=16)).lower(*args).as_text().count(
+            "stablehlo.concatenate")
+
+    per_tree = stacks(params, batch, ref)
+    assert per_tree > 0 and stacks(params, batch, params) == 2 * per_tree
