@@ -249,12 +249,13 @@ def random_batch(key: jax.Array, pairs: int, seq: int, prompt: int, vocab: int,
     return batch
 
 
-def model_config(shape: str, args: argparse.Namespace):
-    """The built-in config ``shape`` with the benchmark's numerics and attention."""
+def model_config(shape: str, args: argparse.Namespace, mode: str = "adamw"):
+    """The built-in config ``shape`` with the benchmark's numerics and ``mode``'s attention
+    (only logits-SAM's split head vmaps the trunk's backward pass)."""
     try:
         cfg = models.builtin_config(shape, dtype=args.dtype, param_dtype=args.param_dtype,
                                     scan_layers=args.scan_layers)
-        split = args.head_dtype == "split"
+        split = args.head_dtype == "split" and mode == "logits-sam"
         return dataclasses.replace(cfg, attention_impl=models.attention_for(
             args.attention, cfg, vmapped_backward=split))
     except models.ConfigError as e:
@@ -278,7 +279,7 @@ def build_step(cfg: Any, mode: str, args: argparse.Namespace, remat: str):
 def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     """Compile and (unless ``--compile-only``) time one (case, mode) in this process."""
     device = jax.devices()[0]
-    cfg = model_config(case.shape, args)
+    cfg = model_config(case.shape, args, mode)
     tokens = tokens_per_step(case.pairs, case.seq)
     key = jax.random.PRNGKey(args.seed)
     params_abs = jax.eval_shape(lambda k: models.init_params(cfg, k), key)
@@ -287,6 +288,8 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     row: dict[str, Any] = {
         **dataclasses.asdict(case), "mode": mode, "head_dtype": args.head_dtype,
         "scan_layers": args.scan_layers,
+        # None is XLA's (jax.nn.dot_product_attention's default).
+        "attention": cfg.attention_impl or "xla",
         "n_params": n_params,
         "vocab": cfg.vocab_size, "width": cfg.hidden_size,
         "tokens_per_step": tokens, "model_flops_per_step": flops,

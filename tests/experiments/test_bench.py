@@ -49,6 +49,7 @@ def test_cli_writes_every_mode_with_the_expected_keys(result):
     for r in result["rows"]:
         assert r["status"] == "ok", r
         assert r["shape"] == "gpt2-tiny" and r["timed_steps"] == 2
+        assert r["attention"] == "xla"  # no GPU here
         for key in ("compile_s", "step_ms", "step_ms_min", "step_ms_max", "tokens_per_s",
                     "model_flops_per_s", "xla_flops_per_step"):
             assert np.isfinite(r[key]) and r[key] > 0, key
@@ -94,6 +95,22 @@ def test_each_finished_row_is_written_and_shown_before_the_next_starts(tmp_path,
         bench.main(["--modes", "adamw,logits-sam", "--isolate", "never", "--out", str(out)])
     assert [r["mode"] for r in json.loads(out.read_text())["rows"]] == ["adamw"]
     assert "needs 90.1 GiB > 78.0 GiB available" in capsys.readouterr().err
+
+
+def test_only_the_split_heads_mode_needs_a_batchable_cudnn_backward(monkeypatch):
+    """``--head-dtype split`` vmaps the trunk's backward under logits-SAM alone, so on jax
+    0.10 the other modes keep cuDNN's attention."""
+    vmapped = []
+
+    def attention_for(requested, cfg, *, vmapped_backward=False):
+        vmapped.append(vmapped_backward)
+        return "cudnn"
+
+    monkeypatch.setattr(models, "attention_for", attention_for)
+    args = bench.parse_args(["--head-dtype", "split", "--dtype", "bfloat16"])
+    for mode in MODES:
+        assert bench.model_config("gpt2-tiny", args, mode).attention_impl == "cudnn"
+    assert vmapped == [mode == "logits-sam" for mode in MODES]
 
 
 def test_flop_accounting_matches_a_hand_count():
