@@ -32,6 +32,7 @@ RawRow = tuple[str, "dict[str, Any] | DataError"]
 
 
 def _jsonl_rows(path: str) -> Iterator[RawRow]:
+    first = True  # the first line with text: where a JSON array would open
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             source = f"{path}:line {number}"
@@ -46,11 +47,12 @@ def _jsonl_rows(path: str) -> Iterator[RawRow]:
                 text = text.removeprefix(BOM)
             if not text.strip():
                 continue
-            if number == 1 and text.lstrip().startswith("["):
+            if first and text.lstrip().startswith("["):
                 raise DataError(
                     source, None, "not_json_lines",
                     "a JSON array; expected JSON lines (one object per line)",
                 )
+            first = False
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as e:

@@ -144,6 +144,9 @@ def test_file_level_errors(tmp_path):
     (tmp_path / "a.json").write_text('[\n{"prompt": "P"}\n]\n')
     with pytest.raises(DataError, match=r"a\.json:line 1: a JSON array; expected JSON lines"):
         read_records(tmp_path / "a.json", on_error="skip")
+    (tmp_path / "b.json").write_text('\n  \n  [{"prompt": "P"}]\n')
+    with pytest.raises(DataError, match=r"b\.json:line 3: a JSON array; expected JSON lines"):
+        read_records(tmp_path / "b.json", on_error="skip")
     (tmp_path / "x.parquet").write_bytes(b"not parquet")
     with pytest.raises(DataError, match=r"x\.parquet: not a readable Parquet file"):
         read_records(tmp_path / "x.parquet")
