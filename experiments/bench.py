@@ -71,7 +71,9 @@ from lm.train import create_train_state, make_train_step
 from lm.train.logging import write_text_atomic
 
 MODES = ("adamw", "logits-sam", "sam")
-REMATS = ("none", "block")
+# "block" rematerialises every block, which keeps only its input; a policy name also
+# keeps what that policy saves (lm.models.REMAT_POLICIES).
+REMATS = ("none", "block", *models.REMAT_POLICIES)
 REFERENCES = ("frozen", "precomputed")
 DTYPES = ("float32", "bfloat16")
 
@@ -268,7 +270,7 @@ def build_step(cfg: Any, mode: str, args: argparse.Namespace, remat: str):
     :class:`lm.train.TrainState` donated, and the optimizer."""
     grad_fn = objectives.make_grad_fn(
         cfg, loss="dpo", mode=mode, rho=args.rho, chunk_size=args.chunk_size,
-        reference=args.reference, remat=remat == "block", head_dtype=args.head_dtype)
+        reference=args.reference, remat=remat != "none", head_dtype=args.head_dtype)
     tx = optim.make_optimizer(args.lr, total_steps=1, schedule="constant")
     return jax.jit(make_train_step(grad_fn, tx), donate_argnums=0), tx
 
@@ -280,6 +282,8 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     """Compile and (unless ``--compile-only``) time one (case, mode) in this process."""
     device = jax.devices()[0]
     cfg = model_config(case.shape, args, mode)
+    if case.remat in models.REMAT_POLICIES:
+        cfg = dataclasses.replace(cfg, remat_policy=case.remat)
     tokens = tokens_per_step(case.pairs, case.seq)
     key = jax.random.PRNGKey(args.seed)
     params_abs = jax.eval_shape(lambda k: models.init_params(cfg, k), key)
@@ -549,7 +553,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
     p.add_argument("--param-dtype", default="float32", choices=DTYPES, help="storage dtype")
     p.add_argument("--remat", default="none", choices=REMATS,
-                   help="gradient checkpointing of each transformer block")
+                   help="gradient checkpointing of each transformer block: none; block (each "
+                        "keeps its input only); or a jax.checkpoint_policies name (block, also "
+                        "keeping what it saves)")
     p.add_argument("--scan-layers", action="store_true",
                    help="run the blocks as one lax.scan (compile time independent of depth)")
     p.add_argument("--chunk-size", type=int, default=None,

@@ -80,7 +80,7 @@ def _byte_chars() -> dict[int, str]:
 
 
 def parse_args(argv: list[str] | None = None):
-    from lm import losses, objectives, optim
+    from lm import losses, models, objectives, optim
 
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     g = p.add_argument_group("model and data")
@@ -119,7 +119,11 @@ def parse_args(argv: list[str] | None = None):
                         "work) every parameter's")
     g.add_argument("--grad-accum", type=positive_int, default=1,
                    help="micro-batches per step (the (logits-)SAM norm is per micro-batch)")
-    g.add_argument("--remat", action="store_true", help="rematerialise trunk blocks")
+    g.add_argument("--remat", action="store_true",
+                   help="rematerialise trunk blocks (each keeps only its input for the backward pass)")
+    g.add_argument("--remat-policy", choices=models.REMAT_POLICIES,
+                   help="what a rematerialised block keeps besides (implies --remat); "
+                        "dots_with_no_batch_dims_saveable keeps the projections' and MLP's outputs")
     g.add_argument("--scan-layers", action="store_true",
                    help="run the trunk's blocks as one lax.scan (compile time independent of depth)")
     g.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
@@ -276,9 +280,9 @@ def run_files(cfg, tokenizer, eos_id: int, echo: dict) -> dict[str, str]:
 
 # Flags that change what a run computes, recorded with each checkpoint: a resume must
 # repeat them. --steps joins them when the learning rate decays over it. Free to change:
-# --mesh, --chunk-size, --remat, --scan-layers, --attention (layout, memory and kernels; the
-# same math up to float rounding),
-# the cadence of logs, evals and checkpoints, --skip-nonfinite, and process flags.
+# --mesh, --chunk-size, --remat, --remat-policy, --scan-layers, --attention (layout, memory
+# and kernels; the same math up to float rounding), the cadence of logs, evals and
+# checkpoints, --skip-nonfinite, and process flags.
 TRAJECTORY_FLAGS = (
     "model", "data", "tokenizer", "eos_token", "format", "template", "on_error", "max_len",
     "max_prompt_len", "held_out", "loss", "beta", "lam", "delta", "gamma", "label_smoothing", "grad",
@@ -386,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         attention = models.attention_for(args.attention, cfg, vmapped_backward=split)
     except models.ConfigError as err:
         fail(str(err))
-    cfg = dataclasses.replace(cfg, attention_impl=attention, scan_layers=args.scan_layers)
+    cfg = dataclasses.replace(cfg, attention_impl=attention, scan_layers=args.scan_layers,
+                              remat_policy=args.remat_policy)
     try:
         mesh = make_mesh(args.mesh)  # the one mesh: the micro-batches' sharding and train()'s
         check_batch_size(args.batch_size, mesh.shape, args.grad_accum)
@@ -442,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         common = dict(loss=args.loss, loss_kwargs=loss_kwargs, chunk_size=args.chunk_size, reference=reference,
                       head_dtype=args.head_dtype)
         grad_fn = optim.accumulate_gradients(
-            objectives.make_grad_fn(cfg, mode=args.grad, rho=args.rho, remat=args.remat, **common),
+            objectives.make_grad_fn(cfg, mode=args.grad, rho=args.rho,
+                                    remat=args.remat or args.remat_policy is not None, **common),
             args.grad_accum, batch_sharding=batch_sharding(mesh),
         )
         eval_fn = eval_from_grad_fn(objectives.make_grad_fn(cfg, mode="plain", **common))

@@ -7,14 +7,14 @@
     z = logits(cfg, params, ids, mask)                  # hidden @ W.T, float32
 """
 
-from lm.models.config import (BUILTIN_NAMES, ConfigError, ModelConfig, attention_for,
-                              builtin_config, config_from_hf, config_to_hf)
+from lm.models.config import (BUILTIN_NAMES, REMAT_POLICIES, ConfigError, ModelConfig,
+                              attention_for, builtin_config, config_from_hf, config_to_hf)
 from lm.models.decoder import (Decoder, abstract_params, forward_cached, forward_hidden,
                                init_cache, init_params, logits, logits_from_hidden, matmul_precision,
                                matrices_in, output_head, position_ids, stacked_layers)
 
 __all__ = [
-    "BUILTIN_NAMES", "ConfigError", "Decoder", "ModelConfig", "abstract_params", "attention_for",
+    "BUILTIN_NAMES", "REMAT_POLICIES", "ConfigError", "Decoder", "ModelConfig", "abstract_params", "attention_for",
     "builtin_config", "config_from_hf", "config_to_hf", "forward_cached", "forward_hidden",
     "init_cache",
     "init_params", "logits", "logits_from_hidden", "matmul_precision", "matrices_in", "output_head",

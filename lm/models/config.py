@@ -31,6 +31,11 @@ ROPE_KEYS = {"default": (), "linear": ("factor",),
 RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers")
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "silu", "relu")
 ATTENTION_IMPLS = (None, "xla", "cudnn")
+# What a rematerialised block keeps for the backward pass (``jax.checkpoint_policies``):
+# nothing but its input (the default, None), or every matmul output besides, or only the
+# matmuls without batch dimensions (the projections and the MLP: attention's score and
+# value products, which have a batch dimension, are recomputed).
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 class ConfigError(ValueError):
@@ -141,6 +146,9 @@ class ModelConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, "
                               f"got {self.attention_impl!r}")
+        if self.remat_policy not in (None, *REMAT_POLICIES):
+            raise ConfigError(f"remat_policy must be one of {REMAT_POLICIES} or None, "
+                              f"got {self.remat_policy!r}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads={self.num_heads} is not a multiple of "
                               f"num_kv_heads={self.num_kv_heads}")

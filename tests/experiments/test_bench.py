@@ -113,6 +113,24 @@ def test_only_the_split_heads_mode_needs_a_batchable_cudnn_backward(monkeypatch)
     assert vmapped == [mode == "logits-sam" for mode in MODES]
 
 
+@pytest.mark.parametrize("remat, remat_on, policy", [
+    ("none", False, None), ("block", True, None),
+    ("dots_with_no_batch_dims_saveable", True, "dots_with_no_batch_dims_saveable")])
+def test_remat_reaches_the_step_with_its_policy(monkeypatch, remat, remat_on, policy):
+    """What each --remat builds (a policy's effect on the saved residuals is tested in
+    tests/lm/test_models.py)."""
+    built = []
+
+    def make_grad_fn(cfg, **kwargs):
+        built.append((kwargs["remat"], cfg.remat_policy))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench.objectives, "make_grad_fn", make_grad_fn)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--modes", "adamw", "--isolate", "never", "--remat", remat])
+    assert built == [(remat_on, policy)]
+
+
 def test_flop_accounting_matches_a_hand_count():
     cfg = models.builtin_config("gpt2-tiny")
     params = jax.eval_shape(lambda k: models.init_params(cfg, k), jax.random.PRNGKey(0))

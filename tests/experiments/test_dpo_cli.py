@@ -160,10 +160,11 @@ def test_precomputed_reference_trains_like_the_frozen_one(tmp_path, prefs):
 
 
 def test_scanned_layers_train_like_unrolled_ones(tmp_path, prefs):
-    """--scan-layers and --attention reach the model config, and a scanned run is the
-    unrolled run up to float rounding (train and held-out metrics)."""
+    """--scan-layers, --attention and --remat-policy reach the model config, and a scanned,
+    rematerialised run is the unrolled run up to float rounding (train and held-out metrics)."""
     rows = {}
-    for name, flags in (("unrolled", []), ("scanned", ["--scan-layers", "--attention", "xla"])):
+    scanned = ["--scan-layers", "--attention", "xla", "--remat-policy", "dots_with_no_batch_dims_saveable"]
+    for name, flags in (("unrolled", []), ("scanned", scanned)):
         out = tmp_path / name
         argv = ["--model", "gpt2-tiny", "--data", str(prefs), "--grad", "logits-sam", "--lr", "1e-2",
                 "--batch-size", "4", "--steps", "2", "--max-len", "16", "--max-prompt-len", "8",
@@ -173,6 +174,7 @@ def test_scanned_layers_train_like_unrolled_ones(tmp_path, prefs):
         config = json.loads((out / "config.json").read_text())["model_config"]
         assert config["scan_layers"] == bool(flags)
         assert config["attention_impl"] == ("xla" if flags else None)  # auto on a CPU: XLA's
+        assert config["remat_policy"] == ("dots_with_no_batch_dims_saveable" if flags else None)
     assert [r["split"] for r in rows["scanned"]] == [r["split"] for r in rows["unrolled"]]
     for unrolled, scanned in zip(rows["unrolled"], rows["scanned"]):
         for key in ("loss", "rewards/margins", "logps/chosen"):

@@ -295,16 +295,24 @@ def test_remat_changes_nothing_numerically():
 def test_remat_saves_only_block_inputs_for_the_backward_pass():
     """What the backward pass keeps (the residuals in ``jax.vjp``'s closure): with remat,
     each block's input, not its attention scores and MLP activations. XLA:CPU's memory
-    estimate does not show this (it is the same with and without), so this is the check."""
+    estimate does not show this (it is the same with and without), so this is the check.
+    A policy that saves the projections' and MLP's outputs keeps more, and still less than
+    no remat; a policy jax does not have is refused by name."""
     cfg = dataclasses.replace(_cfg("gpt2-tiny"), num_layers=4)
     params = _params(cfg, 0)
     ids = jnp.ones((4, 32), jnp.int32)
 
-    def residual_bytes(remat):
-        _, vjp_fn = jax.vjp(lambda p: fwd(cfg, p, ids, jnp.ones_like(ids), remat=remat), params)
+    def residual_bytes(remat, policy=None):
+        policy_cfg = dataclasses.replace(cfg, remat_policy=policy)
+        _, vjp_fn = jax.vjp(lambda p: fwd(policy_cfg, p, ids, jnp.ones_like(ids), remat=remat), params)
         return sum(x.nbytes for x in jax.tree_util.tree_leaves(vjp_fn))
 
-    assert residual_bytes(True) < residual_bytes(False) / 4
+    nothing, everything = residual_bytes(True), residual_bytes(False)
+    assert nothing < everything / 4
+    assert residual_bytes(True, "nothing_saveable") == nothing
+    assert nothing < residual_bytes(True, "dots_with_no_batch_dims_saveable") < everything
+    with pytest.raises(ConfigError, match="remat_policy must be one of .* got 'save_all'"):
+        dataclasses.replace(cfg, remat_policy="save_all")
 
 
 def test_untied_head_is_lm_head_of_shape_v_by_d():
