@@ -119,7 +119,7 @@ def frozen_reference(cfg, params: Params, *, head_dtype: str | None = None) -> P
 
     Under ``cfg.scan_layers`` the blocks come stacked (:func:`lm.models.stacked_layers`),
     which the step would otherwise redo every step: a copy of the reference's blocks
-    (4.9 GB at 2.65B under bf16 compute).
+    (5.0 GB at 2.65B under bf16 compute).
     """
     head = output_head(cfg, params) if head_dtype == "float32" else None
     stored = matrices_in(cfg.compute_dtype, params, keep=head)
