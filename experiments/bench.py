@@ -313,11 +313,26 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     state_abs = jax.eval_shape(lambda p: create_train_state(p, tx, args.seed), params_abs)
     ref_abs = (jax.eval_shape(lambda p: objectives.frozen_reference(cfg, p, head_dtype=args.head_dtype),
                               params_abs) if args.reference == "frozen" else None)
-    t0 = time.perf_counter()
-    try:
-        compiled = step.lower(state_abs, batch_abs, ref_abs).compile()
-    except jax.errors.JaxRuntimeError as e:
-        return {**row, "status": "skipped", "reason": f"compilation failed: {_first_line(e)}"}
+    # "auto" means the best attention that runs here: where cuDNN's cannot take the step
+    # (its version, this GPU, a mask it does not know) the row falls back to XLA's and
+    # says so, rather than losing the case.
+    fallback = args.attention == "auto" and cfg.attention_impl == "cudnn"
+    while True:
+        t0 = time.perf_counter()
+        try:
+            compiled = step.lower(state_abs, batch_abs, ref_abs).compile()
+            break
+        except Exception as e:
+            if fallback:
+                fallback = False
+                cfg = dataclasses.replace(cfg, attention_impl="xla")
+                step, _ = build_step(cfg, mode, args, case.remat)
+                row.update(attention="xla",
+                           attention_fallback=f"cuDNN's attention did not compile: {_first_line(e)}")
+                continue
+            if isinstance(e, jax.errors.JaxRuntimeError):
+                return {**row, "status": "skipped", "reason": f"compilation failed: {_first_line(e)}"}
+            raise
     row["compile_s"] = time.perf_counter() - t0
     row["memory"] = compiled_memory(compiled)
     row["xla_flops_per_step"] = xla_flops(compiled)
@@ -468,14 +483,15 @@ def toy_speed(grid: int = 9, repeats: int = 3) -> dict:
 
 def format_table(rows: Sequence[dict]) -> str:
     """The results as a fixed-width text table."""
-    head = ("shape", "mode", "B", "T", "remat", "status", "compile s", "step ms", "tok/s",
-            "MFU", "mem est GiB", "peak GiB", "vs adamw", "FLOP bound")
+    head = ("shape", "mode", "B", "T", "remat", "attention", "status", "compile s", "step ms",
+            "tok/s", "MFU", "mem est GiB", "peak GiB", "vs adamw", "FLOP bound")
     lines = [head]
     for r in rows:
         mem = r.get("memory", {})
         peak = mem.get("peak_bytes_in_use")
         lines.append((
-            r["shape"], r["mode"], str(r["pairs"]), str(r["seq"]), r["remat"], r["status"],
+            r["shape"], r["mode"], str(r["pairs"]), str(r["seq"]), r["remat"],
+            r.get("attention", "-"), r["status"],
             _fmt(r.get("compile_s"), "{:.1f}"), _fmt(r.get("step_ms"), "{:.1f}"),
             _fmt(r.get("tokens_per_s"), "{:,.0f}"), _fmt(r.get("mfu"), "{:.1%}"),
             _fmt(mem.get("estimate_bytes") and _gib(mem["estimate_bytes"]), "{:.3f}"),
@@ -485,6 +501,8 @@ def format_table(rows: Sequence[dict]) -> str:
     text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     text += [f"  {r['shape']}/{r['mode']}: skipped: {r['reason']}"
              for r in rows if r["status"] in ("skipped", "failed")]
+    text += [f"  {r['shape']}/{r['mode']}: XLA's attention: {r['attention_fallback']}"
+             for r in rows if "attention_fallback" in r]
     text += [step_profile.format_summary(f"{r['shape']}/{r['mode']}", r["profile"])
              for r in rows if "profile" in r]
     return "\n".join(text)

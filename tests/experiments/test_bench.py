@@ -131,6 +131,28 @@ def test_remat_reaches_the_step_with_its_policy(monkeypatch, remat, remat_on, po
     assert built == [(remat_on, policy)]
 
 
+def test_auto_attention_falls_back_to_xla_where_cudnn_does_not_compile(tmp_path, monkeypatch,
+                                                                      capsys):
+    """A cuDNN that passes jax's version check but cannot take the step (here: a CPU, which
+    has no lowering for it) costs the row its cuDNN speed-up, not the row; it says why."""
+    fused = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+    if not hasattr(fused, "check_cudnn_version"):
+        pytest.skip("this jax asks cuDNN's version elsewhere")
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(models, "attention_for", lambda *a, **k: "cudnn")
+    out = tmp_path / "fallback.json"
+    bench.main(["--modes", "adamw", "--isolate", "never", "--steps", "1", "--warmup", "0",
+                "--dtype", "bfloat16", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["status"] == "ok" and row["attention"] == "xla", row
+    assert row["attention_fallback"].startswith("cuDNN's attention did not compile: ")
+    assert f"XLA's attention: {row['attention_fallback']}" in capsys.readouterr().err
+    # --attention cudnn asks for cuDNN alone: no fallback.
+    with pytest.raises(Exception, match="dot_product_attention"):
+        bench.main(["--modes", "adamw", "--isolate", "never", "--compile-only",
+                    "--dtype", "bfloat16", "--attention", "cudnn", "--out", str(out)])
+
+
 def test_flop_accounting_matches_a_hand_count():
     cfg = models.builtin_config("gpt2-tiny")
     params = jax.eval_shape(lambda k: models.init_params(cfg, k), jax.random.PRNGKey(0))
