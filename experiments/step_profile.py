@@ -110,17 +110,33 @@ def _source(rest: str) -> str:
     return re.sub(r"^jit\([^)]*\)/", "", found.group(1)) if found else ""
 
 
+class ProfileError(RuntimeError):
+    """The trace cannot say where the time went (no trace written, no device events)."""
+
+
 def profile_steps(hlo_text: str, run_steps: Callable[[int], Any], steps: int = 3,
-                  top: int = 10) -> dict:
-    """Trace ``run_steps(steps)`` and summarise it per step (module docstring)."""
+                  top: int = 10, *, platform: str | None = None) -> dict:
+    """Trace ``run_steps(steps)`` and summarise it per step (module docstring).
+
+    ``platform`` is where the steps run (default: the first device's). Off the CPU a
+    trace without that device's events (a sandbox where the profiler cannot reach the
+    GPU) is a :class:`ProfileError`, not a summary of the host's launches.
+    """
+    platform = platform or jax.devices()[0].platform
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp):
             t0 = time.perf_counter()
             run_steps(steps)
             wall_s = time.perf_counter() - t0
         files = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+        if not files:
+            raise ProfileError("the profiler wrote no trace")
         profile = jax.profiler.ProfileData.from_file(files[0])
-    return summarize(op_events(profile, hlo_ops(hlo_text)), wall_s, steps, top)
+    events = op_events(profile, hlo_ops(hlo_text))
+    if platform != "cpu" and not events["device"]:
+        raise ProfileError(f"the trace holds no {platform} events (the profiler could not "
+                           f"trace the device here)")
+    return summarize(events, wall_s, steps, top)
 
 
 def op_events(profile: Any, ops: dict[str, tuple[str, str]]) -> dict:
@@ -195,7 +211,10 @@ def summarize(events: dict, wall_s: float, steps: int, top: int = 10) -> dict:
 
 
 def format_summary(label: str, summary: dict) -> str:
-    """Two lines: the time per category and busy fraction, then the three longest ops."""
+    """Two lines: the time per category and busy fraction, then the three longest ops (or
+    one line: why there is no profile)."""
+    if "error" in summary:
+        return f"  {label}: no profile: {summary['error']}"
     wall = summary["wall_ms"]
     parts = [f"{c} {ms / wall:.0%}" for c, ms in summary["ms"].items() if ms >= 0.005 * wall]
     copies = summary["device_to_host"]

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import bench
+from experiments import bench, step_profile
 from lm import models
 
 MODES = ("adamw", "logits-sam", "sam")
@@ -151,6 +151,20 @@ def test_auto_attention_falls_back_to_xla_where_cudnn_does_not_compile(tmp_path,
     with pytest.raises(Exception, match="dot_product_attention"):
         bench.main(["--modes", "adamw", "--isolate", "never", "--compile-only",
                     "--dtype", "bfloat16", "--attention", "cudnn", "--out", str(out)])
+
+
+def test_a_profiler_that_fails_costs_the_profile_not_the_timed_row(tmp_path, monkeypatch, capsys):
+    def profile_steps(*args, **kwargs):
+        raise step_profile.ProfileError("the profiler wrote no trace")
+
+    monkeypatch.setattr(step_profile, "profile_steps", profile_steps)
+    out = tmp_path / "noprofile.json"
+    bench.main(["--modes", "adamw", "--isolate", "never", "--steps", "1", "--warmup", "0",
+                "--profile", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["status"] == "ok" and row["step_ms"] > 0
+    assert row["profile"] == {"error": "ProfileError: the profiler wrote no trace"}
+    assert "gpt2-tiny/adamw: no profile: ProfileError" in capsys.readouterr().err
 
 
 def test_flop_accounting_matches_a_hand_count():

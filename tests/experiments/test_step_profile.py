@@ -105,3 +105,23 @@ def test_without_an_ops_line_the_stream_events_are_read_by_their_hlo_op():
     assert summary["ms"]["attention"] == pytest.approx(10e-6)
     assert summary["busy"] == pytest.approx(90 / 1000)
     assert summary["device_to_host"] == 0
+
+
+def test_a_gpu_run_whose_trace_holds_no_device_events_is_an_error_not_a_host_summary():
+    """Where the profiler cannot reach the GPU (a sandbox), the host's launch events must
+    not pass for where the device spent its time; on the CPU they are the events."""
+    import jax
+    import jax.numpy as jnp
+
+    step = jax.jit(lambda x: jnp.sin(x) @ x)
+    x = jnp.ones((64, 64))
+
+    def run_steps(n):
+        for _ in range(n):
+            step(x).block_until_ready()
+
+    hlo = step.lower(x).compile().as_text()
+    assert sp.profile_steps(hlo, run_steps, steps=2, platform="cpu")["wall_ms"] > 0
+    with pytest.raises(sp.ProfileError, match="no gpu events"):
+        sp.profile_steps(hlo, run_steps, steps=2, platform="gpu")
+    assert sp.format_summary("a/b", {"error": "ProfileError: x"}) == "  a/b: no profile: ProfileError: x"
