@@ -52,6 +52,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -278,6 +279,11 @@ def build_step(cfg: Any, mode: str, args: argparse.Namespace, remat: str):
 # ----------------------------------------------------------------------------- one case
 
 
+# What an error from cuDNN's attention names: jax's cuDNN checks and lowering, XLA's
+# fused-attention rewrite and cuDNN's own status codes.
+_CUDNN_ERROR = re.compile(r"cudnn|fmha|fused.?attention|dot_product_attention", re.IGNORECASE)
+
+
 def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     """Compile and (unless ``--compile-only``) time one (case, mode) in this process."""
     device = jax.devices()[0]
@@ -323,7 +329,7 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
             compiled = step.lower(state_abs, batch_abs, ref_abs).compile()
             break
         except Exception as e:
-            if fallback:
+            if fallback and _CUDNN_ERROR.search(f"{type(e).__name__}: {e}"):
                 fallback = False
                 cfg = dataclasses.replace(cfg, attention_impl="xla")
                 step, _ = build_step(cfg, mode, args, case.remat)
@@ -453,8 +459,8 @@ def _shared_flags(args: argparse.Namespace) -> list[str]:
 
 def add_overheads(rows: list[dict]) -> None:
     """Step time and memory of each mode relative to adamw of the same case, in place."""
-    def key(r):
-        return (r["shape"], r["pairs"], r["seq"], r["prompt"], r["remat"])
+    def key(r):  # like with like: the attention too (it differs where cuDNN's fell back)
+        return (r["shape"], r["pairs"], r["seq"], r["prompt"], r["remat"], r.get("attention"))
 
     base = {key(r): r for r in rows if r["mode"] == "adamw" and r["status"] in ("ok", "compiled")}
     for r in rows:

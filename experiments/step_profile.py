@@ -133,7 +133,7 @@ def profile_steps(hlo_text: str, run_steps: Callable[[int], Any], steps: int = 3
             raise ProfileError("the profiler wrote no trace")
         profile = jax.profiler.ProfileData.from_file(files[0])
     events = op_events(profile, hlo_ops(hlo_text))
-    if platform != "cpu" and not events["device"]:
+    if platform != "cpu" and not (events["device"] and events["intervals"]):
         raise ProfileError(f"the trace holds no {platform} events (the profiler could not "
                            f"trace the device here)")
     return summarize(events, wall_s, steps, top)

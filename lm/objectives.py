@@ -115,7 +115,7 @@ def frozen_reference(cfg, params: Params, *, head_dtype: str | None = None) -> P
     may tile a GEMM with a fused cast differently in the last bits), with half its memory
     (5.3 GB at 2.65B parameters under bf16 compute) and without casting its weights again
     every step. The head keeps its dtype under ``head_dtype="float32"``, which multiplies
-    in float32. Float32 compute changes nothing.
+    in float32. Float32 compute changes nothing but the layout below.
 
     Under ``cfg.scan_layers`` the blocks come stacked (:func:`lm.models.stacked_layers`),
     which the step would otherwise redo every step: a copy of the reference's blocks

@@ -39,6 +39,7 @@ def _jsonl_rows(path: str) -> Iterator[RawRow]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
+                first = False
                 yield source, DataError(
                     source, None, "invalid_utf8", f"invalid UTF-8 at byte offset {e.start}"
                 )

@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lm.models.config import ModelConfig
 from lm.models.layers import Block, KVCache, Norm, RightPadded, _init, make_attention_mask
@@ -110,13 +111,19 @@ def stacked_layers(cfg: ModelConfig, params: Params) -> Params:
     (the layout ``nn.scan`` reads), their matrices in the compute dtype first: the blocks
     cast them there at their use anyway, and stacking half the bytes halves the copy.
     Stacked ``params`` come back as they are, so a tree that never changes (the frozen
-    reference) is stacked once instead of at every forward pass."""
+    reference) is stacked once instead of at every forward pass. A tree held on the host
+    (NumPy leaves, as a loaded checkpoint is) is stacked there, not on one device before
+    it is sharded."""
     if "layers" in params:
         return params
     blocks = [matrices_in(cfg.compute_dtype, params[f"layers_{i}"])
               for i in range(cfg.num_layers)]
     rest = {key: value for key, value in params.items() if not key.startswith("layers_")}
-    return {**rest, "layers": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)}
+    return {**rest, "layers": jax.tree_util.tree_map(_stack, *blocks)}
+
+
+def _stack(*xs):
+    return np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
 
 
 def abstract_params(cfg: ModelConfig) -> Params:

@@ -135,6 +135,8 @@ def test_auto_attention_falls_back_to_xla_where_cudnn_does_not_compile(tmp_path,
                                                                       capsys):
     """A cuDNN that passes jax's version check but cannot take the step (here: a CPU, which
     has no lowering for it) costs the row its cuDNN speed-up, not the row; it says why."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("a CPU stands in for a GPU whose cuDNN cannot take the step")
     fused = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
     if not hasattr(fused, "check_cudnn_version"):
         pytest.skip("this jax asks cuDNN's version elsewhere")
@@ -165,6 +167,43 @@ def test_a_profiler_that_fails_costs_the_profile_not_the_timed_row(tmp_path, mon
     assert row["status"] == "ok" and row["step_ms"] > 0
     assert row["profile"] == {"error": "ProfileError: the profiler wrote no trace"}
     assert "gpt2-tiny/adamw: no profile: ProfileError" in capsys.readouterr().err
+
+
+def test_overheads_compare_rows_that_ran_the_same_attention():
+    def row(mode, attention, step_ms):
+        return {"shape": "gpt2-124m", "pairs": 8, "seq": 512, "prompt": 128, "remat": "none",
+                "mode": mode, "attention": attention, "status": "ok", "step_ms": step_ms,
+                "memory": {"estimate_bytes": 100}, "model_flops_per_step": 1.0}
+
+    rows = [row("adamw", "cudnn", 10.0), row("logits-sam", "cudnn", 11.0), row("sam", "xla", 30.0)]
+    bench.add_overheads(rows)
+    assert rows[1]["time_overhead_vs_adamw"] == pytest.approx(0.1)
+    assert "time_overhead_vs_adamw" not in rows[2]  # no adamw row with XLA's attention
+
+
+def test_only_an_error_of_cudnns_attention_falls_back(monkeypatch):
+    """Any other failure of the first compile is the row's own, not a reason to drop cuDNN."""
+    fused = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000, raising=False)
+    monkeypatch.setattr(models, "attention_for", lambda *a, **k: "cudnn")
+
+    class Unlowerable:
+        def lower(self, *args):
+            raise ValueError("an unrelated failure")
+
+    build_step = bench.build_step
+
+    def cudnn_step_fails(cfg, *args):  # XLA's attention alone would compile
+        step, tx = build_step(cfg, *args)
+        return (Unlowerable() if cfg.attention_impl == "cudnn" else step), tx
+
+    monkeypatch.setattr(bench, "build_step", cudnn_step_fails)
+    with pytest.raises(ValueError, match="an unrelated failure"):
+        bench.main(["--modes", "adamw", "--isolate", "never", "--compile-only", "--dtype", "bfloat16"])
+    assert bench._CUDNN_ERROR.search("RuntimeError: cuDNN is not detected.")
+    assert bench._CUDNN_ERROR.search("NotImplementedError: MLIR translation rule for primitive "
+                                     "'dot_product_attention_fwd' not found for platform cpu")
+    assert not bench._CUDNN_ERROR.search("XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory")
 
 
 def test_flop_accounting_matches_a_hand_count():

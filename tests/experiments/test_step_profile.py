@@ -113,6 +113,8 @@ def test_a_gpu_run_whose_trace_holds_no_device_events_is_an_error_not_a_host_sum
     import jax
     import jax.numpy as jnp
 
+    if jax.default_backend() != "cpu":
+        pytest.skip("stands in a CPU for a device the profiler cannot trace")
     step = jax.jit(lambda x: jnp.sin(x) @ x)
     x = jnp.ones((64, 64))
 

@@ -489,6 +489,11 @@ def test_scanned_frozen_reference_is_stacked_once_not_every_step():
     batch = _batch(vocab=cfg.vocab_size)
     ref = O.frozen_reference(cfg, params)
     assert "layers" in ref and not any(key.startswith("layers_") for key in ref)
+    # A reference loaded on the host is stacked there, not on one device before sharding.
+    host = O.frozen_reference(cfg, jax.device_get(params))
+    assert all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(host["layers"]))
+    for a, b in zip(jax.tree_util.tree_leaves(host), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     score = O.make_reference_fn(cfg)
     np.testing.assert_array_equal(score(ref, batch), score(params, batch))
 

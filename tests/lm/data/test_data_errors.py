@@ -147,6 +147,11 @@ def test_file_level_errors(tmp_path):
     (tmp_path / "b.json").write_text('\n  \n  [{"prompt": "P"}]\n')
     with pytest.raises(DataError, match=r"b\.json:line 3: a JSON array; expected JSON lines"):
         read_records(tmp_path / "b.json", on_error="skip")
+    # After a first line that is not UTF-8, an array is a bad row, not a JSON array file.
+    (tmp_path / "c.jsonl").write_bytes(b"\xff\n[1, 2]\n" + json.dumps(
+        {"prompt": "P", "chosen": "a", "rejected": "b"}).encode() + b"\n")
+    _, report = read_records(tmp_path / "c.jsonl", on_error="skip")
+    assert report.kept == 1 and dict(report.dropped) == {"invalid_utf8": 1, "not_an_object": 1}
     (tmp_path / "x.parquet").write_bytes(b"not parquet")
     with pytest.raises(DataError, match=r"x\.parquet: not a readable Parquet file"):
         read_records(tmp_path / "x.parquet")
