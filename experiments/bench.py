@@ -52,7 +52,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -279,11 +278,6 @@ def build_step(cfg: Any, mode: str, args: argparse.Namespace, remat: str):
 # ----------------------------------------------------------------------------- one case
 
 
-# What an error from cuDNN's attention names: jax's cuDNN checks and lowering, XLA's
-# fused-attention rewrite and cuDNN's own status codes.
-_CUDNN_ERROR = re.compile(r"cudnn|fmha|fused.?attention|dot_product_attention", re.IGNORECASE)
-
-
 def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     """Compile and (unless ``--compile-only``) time one (case, mode) in this process."""
     device = jax.devices()[0]
@@ -329,7 +323,7 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
             compiled = step.lower(state_abs, batch_abs, ref_abs).compile()
             break
         except Exception as e:
-            if fallback and _CUDNN_ERROR.search(f"{type(e).__name__}: {e}"):
+            if fallback and models.is_cudnn_attention_error(e):
                 fallback = False
                 cfg = dataclasses.replace(cfg, attention_impl="xla")
                 step, _ = build_step(cfg, mode, args, case.remat)

@@ -29,6 +29,7 @@ pairs those are (``eval: 130 held-out pairs in 9 batches``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -360,6 +361,21 @@ def precompute_reference(cfg, params, loader, chunk_size, head_dtype):
     return table
 
 
+@contextlib.contextmanager
+def cudnn_attention_hint(cfg):
+    """One line naming ``--attention xla`` where cuDNN's attention fails to compile or run
+    (its version, this GPU), not a traceback from deep inside XLA."""
+    from lm import models
+
+    try:
+        yield
+    except Exception as err:
+        if cfg.attention_impl == "cudnn" and models.is_cudnn_attention_error(err):
+            fail(f"--attention: cuDNN's attention failed here ({str(err).splitlines()[0]}); "
+                 f"run with --attention xla")
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from lm import data, losses, models, objectives, optim
@@ -437,10 +453,12 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(cfg, model_dir, args.seed)
     batch_at, eval_at = loader.batch, heldout and heldout.batch
     if args.reference == "precomputed" and not objective.reference_free:
-        train_table = precompute_reference(cfg, params, loader, args.chunk_size, args.head_dtype)
+        with cudnn_attention_hint(cfg):
+            train_table = precompute_reference(cfg, params, loader, args.chunk_size, args.head_dtype)
+            eval_table = (None if heldout is None else
+                          precompute_reference(cfg, params, heldout, args.chunk_size, args.head_dtype))
         batch_at = lambda k: data.with_ref_logps(loader.batch(k), train_table)
         if heldout is not None:
-            eval_table = precompute_reference(cfg, params, heldout, args.chunk_size, args.head_dtype)
             eval_at = lambda k: data.with_ref_logps(heldout.batch(k), eval_table)
     try:
         reference = "none" if objective.reference_free else args.reference
@@ -462,19 +480,20 @@ def main(argv: list[str] | None = None) -> int:
     echo = dict(vars(args), model_config=dataclasses.asdict(cfg), eos_id=eos_id,
                 tokenizer=type(tokenizer).__name__, devices=jax.device_count())
     eval_batches = None if heldout is None else (lambda: (eval_at(i) for i in range(num_eval)))
-    try:
-        result = train(
-            grad_fn, tx, params, batch_at, config, str(out),
-            ref_params=(None if reference != "frozen"
-                        else objectives.frozen_reference(cfg, params, head_dtype=args.head_dtype)),
-            eval_batches=eval_batches, eval_fn=eval_fn, resume=args.resume,
-            meta=trajectory(args), paths=PATH_FLAGS, files=run_files(cfg, tokenizer, eos_id, echo),
-        )
-    except ConfigError as err:
-        fail(str(err))
-    except (NonFiniteError, CheckpointError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
+    with cudnn_attention_hint(cfg):
+        try:
+            result = train(
+                grad_fn, tx, params, batch_at, config, str(out),
+                ref_params=(None if reference != "frozen"
+                            else objectives.frozen_reference(cfg, params, head_dtype=args.head_dtype)),
+                eval_batches=eval_batches, eval_fn=eval_fn, resume=args.resume,
+                meta=trajectory(args), paths=PATH_FLAGS, files=run_files(cfg, tokenizer, eos_id, echo),
+            )
+        except ConfigError as err:
+            fail(str(err))
+        except (NonFiniteError, CheckpointError) as err:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            return 1
     if args.export_hf:
         policy = to_host(result.state.params)  # a gather: every process takes part
         if primary:

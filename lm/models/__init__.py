@@ -8,7 +8,8 @@
 """
 
 from lm.models.config import (BUILTIN_NAMES, REMAT_POLICIES, ConfigError, ModelConfig,
-                              attention_for, builtin_config, config_from_hf, config_to_hf)
+                              attention_for, builtin_config, config_from_hf, config_to_hf,
+                              is_cudnn_attention_error)
 from lm.models.decoder import (Decoder, abstract_params, forward_cached, forward_hidden,
                                init_cache, init_params, logits, logits_from_hidden, matmul_precision,
                                matrices_in, output_head, position_ids, stacked_layers)
@@ -16,7 +17,7 @@ from lm.models.decoder import (Decoder, abstract_params, forward_cached, forward
 __all__ = [
     "BUILTIN_NAMES", "REMAT_POLICIES", "ConfigError", "Decoder", "ModelConfig", "abstract_params", "attention_for",
     "builtin_config", "config_from_hf", "config_to_hf", "forward_cached", "forward_hidden",
-    "init_cache",
+    "init_cache", "is_cudnn_attention_error",
     "init_params", "logits", "logits_from_hidden", "matmul_precision", "matrices_in", "output_head",
     "position_ids", "stacked_layers",
 ]

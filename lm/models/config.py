@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -60,6 +61,18 @@ def attention_for(requested: str, cfg: "ModelConfig", *, vmapped_backward: bool 
     if requested == "cudnn" and unfit:
         raise ConfigError(f"--attention cudnn: {unfit}; use --attention auto or xla")
     return None if unfit else "cudnn"
+
+
+# What an error from cuDNN's attention names: jax's cuDNN checks and lowering, XLA's
+# fused-attention rewrite and cuDNN's own status codes.
+_CUDNN_ATTENTION_ERROR = re.compile(r"cudnn|fmha|fused.?attention|dot_product_attention",
+                                    re.IGNORECASE)
+
+
+def is_cudnn_attention_error(err: BaseException) -> bool:
+    """Whether ``err`` (from tracing, compiling or running a step) names cuDNN's attention:
+    where "auto" chose cuDNN, XLA's attention is the way round it."""
+    return bool(_CUDNN_ATTENTION_ERROR.search(f"{type(err).__name__}: {err}"))
 
 
 def _cudnn_unfit(cfg: "ModelConfig", vmapped_backward: bool) -> str | None:

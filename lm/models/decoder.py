@@ -81,10 +81,12 @@ def position_ids(attention_mask: jax.Array) -> jax.Array:
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
     """Random parameters (GPT-2 style N(0, 0.02) kernels) in ``cfg.param_dtype``, one
-    subtree ``layers_{i}`` per block whatever ``cfg.scan_layers`` says."""
+    subtree ``layers_{i}`` per block whatever ``cfg.scan_layers`` says. The init's forward
+    pass runs XLA's attention: the parameters do not depend on which attention runs, and
+    an init need not compile cuDNN's."""
     ids = jnp.zeros((1, 1), jnp.int32)
     mask = jnp.ones((1, 1, 1, 1), bool)
-    unrolled = dataclasses.replace(cfg, scan_layers=False)
+    unrolled = dataclasses.replace(cfg, scan_layers=False, attention_impl=None)
     return jax.jit(Decoder(unrolled).init)(rng, ids, ids, mask)["params"]
 
 

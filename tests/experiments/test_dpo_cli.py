@@ -181,6 +181,27 @@ def test_scanned_layers_train_like_unrolled_ones(tmp_path, prefs):
             assert scanned[key] == pytest.approx(unrolled[key], rel=1e-4, abs=1e-5), key
 
 
+def test_a_cudnn_attention_that_fails_names_the_way_round(tmp_path, prefs, monkeypatch, capsys):
+    """cuDNN's attention that passes jax's checks but cannot compile the step (a CPU stands in
+    for such a GPU) stops the run with one line naming --attention xla."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("a CPU stands in for a GPU whose cuDNN cannot take the step")
+    from lm import models
+
+    fused = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000, raising=False)
+    monkeypatch.setattr(models, "attention_for", lambda *a, **k: "cudnn")
+    argv = ["--model", "gpt2-tiny", "--data", str(prefs), "--dtype", "bfloat16", "--batch-size", "4",
+            "--steps", "1", "--max-len", "16", "--max-prompt-len", "8", "--held-out", "0",
+            "--out", str(tmp_path / "run"), "--no-progress"]
+    with pytest.raises(SystemExit) as exit_:
+        dpo.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("python -m experiments.dpo: error: --attention: cuDNN's attention failed here (")
+    assert err.endswith("; run with --attention xla")
+
+
 @pytest.mark.parametrize("head_dtype", ["float32", "split"])
 def test_bfloat16_compute_with_an_exact_head(tmp_path, prefs, head_dtype):
     """The flag reaches the run and the run folder; the heads' numerics are tested in
