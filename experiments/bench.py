@@ -313,27 +313,26 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     state_abs = jax.eval_shape(lambda p: create_train_state(p, tx, args.seed), params_abs)
     ref_abs = (jax.eval_shape(lambda p: objectives.frozen_reference(cfg, p, head_dtype=args.head_dtype),
                               params_abs) if args.reference == "frozen" else None)
-    # "auto" means the best attention that runs here: where cuDNN's cannot take the step
-    # (its version, this GPU, a mask it does not know) the row falls back to XLA's and
-    # says so, rather than losing the case.
-    fallback = args.attention == "auto" and cfg.attention_impl == "cudnn"
-    while True:
+
+    def compiled_with(step):
         t0 = time.perf_counter()
+        return step.lower(state_abs, batch_abs, ref_abs).compile(), time.perf_counter() - t0
+
+    try:
         try:
-            compiled = step.lower(state_abs, batch_abs, ref_abs).compile()
-            break
+            compiled, row["compile_s"] = compiled_with(step)
         except Exception as e:
-            if fallback and models.is_cudnn_attention_error(e):
-                fallback = False
-                cfg = dataclasses.replace(cfg, attention_impl="xla")
-                step, _ = build_step(cfg, mode, args, case.remat)
-                row.update(attention="xla",
-                           attention_fallback=f"cuDNN's attention did not compile: {_first_line(e)}")
-                continue
-            if isinstance(e, jax.errors.JaxRuntimeError):
-                return {**row, "status": "skipped", "reason": f"compilation failed: {_first_line(e)}"}
-            raise
-    row["compile_s"] = time.perf_counter() - t0
+            # "auto" means the best attention that runs here: where cuDNN's cannot take the
+            # step (its version, this GPU) the row runs XLA's and says so, not lost.
+            if not (args.attention == "auto" and cfg.attention_impl == "cudnn"
+                    and models.is_cudnn_attention_error(e)):
+                raise
+            cfg = dataclasses.replace(cfg, attention_impl="xla")
+            row.update(attention="xla",
+                       attention_fallback=f"cuDNN's attention did not compile: {_first_line(e)}")
+            compiled, row["compile_s"] = compiled_with(build_step(cfg, mode, args, case.remat)[0])
+    except jax.errors.JaxRuntimeError as e:
+        return {**row, "status": "skipped", "reason": f"compilation failed: {_first_line(e)}"}
     row["memory"] = compiled_memory(compiled)
     row["xla_flops_per_step"] = xla_flops(compiled)
     if args.compile_only:

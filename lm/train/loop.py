@@ -78,8 +78,9 @@ def make_train_step(
 
     A step whose loss or gradient norm is non-finite (a NaN or inf anywhere in the
     gradients, or a norm beyond the float range) never changes params or optimizer state.
-    With ``skip_nonfinite`` the batch is consumed and ``skipped`` counts it; otherwise ``halted_at`` records the step and the state freezes (every later step
-    is a no-op) until the host, at its next sync, stops the run.
+    With ``skip_nonfinite`` the batch is consumed and ``skipped`` counts it; otherwise
+    ``halted_at`` records the step and the state freezes (every later step is a no-op)
+    until the host, at its next sync, stops the run.
     """
 
     def step(state: TrainState, batch: Any, ref_params: Any):
