@@ -3,12 +3,18 @@
 # a lent GPU with little time: each run is cut off at its own limit and the whole session
 # stops starting runs after $BUDGET seconds, so what finished is always written.
 #
-#   bash benchmarks/gpu_session.sh [OUT_DIR]     (default: $OUT, else benchmarks/)
+#   bash benchmarks/gpu_session.sh [OUT_DIR [CASE...]]   (default: $OUT, else benchmarks/)
+#
+# CASEs (the names below, gpu_check included) pick runs for a second, shorter session;
+# PROFILE=0 leaves out --profile where the profiler cannot trace the GPU (it costs a row
+# about a minute).
 #
 # Writes <device>-<case>-<date>.json per run (experiments.bench --out) and session.log (with
 # benchmarks/gpu_check.py's lines): 8 files at most, all that the device tool brings back.
 set -u
 out=${1:-${OUT:-benchmarks}}
+shift $(( $# > 0 ))
+only=" $* "
 budget=${BUDGET:-540}
 mkdir -p "$out"
 log="$out/session.log"
@@ -22,13 +28,17 @@ device=$("$py" -c "import jax; k = jax.devices()[0].device_kind.split(); print((
 device=${device:-gpu}
 date=$(date +%F)
 
-common=(--dtype bfloat16 --steps 20 --warmup 3 --profile)
+common=(--dtype bfloat16 --steps 20 --warmup 3)
+[[ ${PROFILE:-1} == 0 ]] || common+=(--profile)
 small=(--shapes gpt2-124m --pairs 8 --seq 512 --prompt 128 --remat none)
 large=(--shapes gpt2-2.65b --pairs 2 --seq 512 --prompt 128 --remat block)
+
+picked() { [[ $only == "  " || $only == *" $1 "* ]]; }
 
 run() {  # run NAME LIMIT_S BENCH_FLAGS...
   local name=$1 limit=$2
   shift 2
+  picked "$name" || return 0
   if (( SECONDS + 30 > budget )); then
     echo "== $name: not started ($SECONDS s of $budget used)" | tee -a "$log"
     return
@@ -41,7 +51,7 @@ run() {  # run NAME LIMIT_S BENCH_FLAGS...
 
 run gpt2-124m 200 "${small[@]}" "${common[@]}" --chunk-size 128 --modes adamw,logits-sam,sam
 run gpt2-2.65b 240 "${large[@]}" "${common[@]}" --chunk-size 128 --modes adamw,logits-sam
-if (( SECONDS + 60 < budget )); then
+if picked gpu_check && (( SECONDS + 60 < budget )); then
   echo "== gpu_check (cuDNN attention on padded batches against XLA's, at ${SECONDS} s)" | tee -a "$log"
   timeout $((budget - SECONDS < 150 ? budget - SECONDS : 150)) "$py" benchmarks/gpu_check.py 2>&1 \
     | tee -a "$log"
