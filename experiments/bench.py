@@ -47,6 +47,7 @@ comparison (:data:`TARGETS`) in one command.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import json
@@ -335,6 +336,7 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
         return {**row, "status": "skipped", "reason": f"compilation failed: {_first_line(e)}"}
     row["memory"] = compiled_memory(compiled)
     row["xla_flops_per_step"] = xla_flops(compiled)
+    _progress(f"{case.shape}/{mode}: compiled in {row['compile_s']:.1f} s")
     if args.compile_only:
         return {**row, "status": "compiled"}
 
@@ -344,7 +346,8 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
         return {**row, "status": "skipped",
                 "reason": f"needs {_gib(need):.1f} GiB > {_gib(limit):.1f} GiB available"}
     try:
-        times, halted_at, profile = _time_steps(compiled, tx, cfg, key, batch, args)
+        times, halted_at, profile, phases = _time_steps(compiled, tx, cfg, key, batch, args,
+                                                        label=f"{case.shape}/{mode}")
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -355,6 +358,7 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     step_s = statistics.median(times)
     peak = peak_flops(device, args.peak_flops)
     row["memory"]["peak_bytes_in_use"] = device_peak_bytes(device)
+    row["phase_s"] = phases
     if profile is not None:
         row["profile"] = profile
     return {
@@ -365,9 +369,13 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     }
 
 
-def _time_steps(compiled, tx, cfg, key, batch, args) -> tuple[list[float], int, dict | None]:
-    """Per-step seconds of the timed steps, the trainer's ``halted_at`` (−1: all finite)
-    and, with ``--profile``, :func:`experiments.step_profile.profile_steps` of more steps."""
+def _time_steps(compiled, tx, cfg, key, batch, args,
+                label: str) -> tuple[list[float], int, dict | None, dict[str, float]]:
+    """Per-step seconds of the timed steps, the trainer's ``halted_at`` (−1: all finite),
+    with ``--profile`` :func:`experiments.step_profile.profile_steps` of more steps, and the
+    seconds each phase took (``init``: parameters, reference and optimizer state on the
+    device; ``steps``: warm-up and timed steps; ``profile``): where a short GPU loan went."""
+    t0 = time.perf_counter()
     params = models.init_params(cfg, key)
     # The reference is a copy: the policy arrays are donated to the step.
     ref = (objectives.frozen_reference(cfg, jax.tree_util.tree_map(jnp.copy, params),
@@ -381,21 +389,34 @@ def _time_steps(compiled, tx, cfg, key, batch, args) -> tuple[list[float], int, 
             state, metrics = compiled(state, batch, ref)
         jax.block_until_ready(state)
 
+    jax.block_until_ready((state, ref))
+    phases = {"init": time.perf_counter() - t0}
+    _progress(f"{label}: parameters and state on the device in {phases['init']:.1f} s")
+    t0 = time.perf_counter()
     run_steps(args.warmup)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         run_steps(1)
         times.append(time.perf_counter() - t0)
+    phases["steps"] = time.perf_counter() - t0
+    _progress(f"{label}: {args.warmup} + {args.steps} steps in {phases['steps']:.1f} s")
     profile = None
     if args.profile:
+        t0 = time.perf_counter()
         # The trace is extra: the timed steps stand whatever the profiler can or cannot do
         # on this machine, and the row says what went wrong.
         try:
             profile = step_profile.profile_steps(compiled.as_text(), run_steps, PROFILE_STEPS)
         except Exception as e:
             profile = {"error": f"{type(e).__name__}: {_first_line(e)}"}
-    return times, int(state.halted_at), profile
+        phases["profile"] = time.perf_counter() - t0
+    return times, int(state.halted_at), profile, phases
+
+
+def _progress(line: str) -> None:
+    """A line on stderr as a phase ends: a run cut off by a time limit shows how far it got."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def _first_line(e: BaseException) -> str:
@@ -411,20 +432,26 @@ def _gib(n: float) -> float:
 
 
 def run_isolated(case: Case, mode: str, args: argparse.Namespace) -> dict:
-    """:func:`run_case` in a child process, so ``peak_bytes_in_use`` is this case's alone."""
+    """:func:`run_case` in a child process, so ``peak_bytes_in_use`` is this case's alone.
+    The child's stderr (its progress lines, XLA's warnings) is passed on as it comes."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "row.json")
-        argv = [sys.executable, "-m", "experiments.bench", "--isolate", "never", "--out", out,
-                "--shapes", case.shape, "--pairs", str(case.pairs), "--seq", str(case.seq),
-                "--prompt", str(case.prompt), "--remat", case.remat, "--modes", mode,
-                *_shared_flags(args)]
-        proc = subprocess.run(argv, capture_output=True, text=True)
+        argv = [sys.executable, "-m", "experiments.bench", "--isolate", "never", "--child",
+                "--out", out, "--shapes", case.shape, "--pairs", str(case.pairs),
+                "--seq", str(case.seq), "--prompt", str(case.prompt), "--remat", case.remat,
+                "--modes", mode, *_shared_flags(args)]
+        tail: collections.deque[str] = collections.deque(maxlen=1)
+        with subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) as proc:
+            for line in proc.stderr:
+                sys.stderr.write(line)
+                if line.strip():
+                    tail.append(line.strip())
         if proc.returncode == 0:
             with open(out) as f:
                 return json.load(f)["rows"][0]
-    tail = (proc.stderr or proc.stdout).strip().splitlines()
     return {**dataclasses.asdict(case), "mode": mode, "status": "skipped",
-            "reason": f"child exited {proc.returncode}: {tail[-1] if tail else ''}"}
+            "reason": f"child exited {proc.returncode}: {tail[0] if tail else ''}"}
 
 
 def _shared_flags(args: argparse.Namespace) -> list[str]:
@@ -536,6 +563,8 @@ def environment(args: argparse.Namespace) -> dict:
         # Shared hosts: the 1-minute load average says how contended the timings were.
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "peak_flops": peak_flops(device, args.peak_flops),
+        # e.g. --xla_gpu_enable_command_buffer= (a profile that names every kernel's op).
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "flags": {k: v for k, v in vars(args).items() if k != "out"},
         "conventions": {
             "tokens_per_step": "pairs * 2 * seq (prompt and response of both sequences)",
@@ -600,6 +629,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--isolate", default="auto", choices=("auto", "always", "never"),
                    help="one child process per (case, mode); auto: where the device reports "
                         "peak memory")
+    # A row of an isolated run: its parent shows the row.
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--profile", action="store_true",
                    help=f"after timing, trace {PROFILE_STEPS} more steps and report where the "
                         "time goes: per kind of op, the busy fraction, the longest ops")
@@ -662,11 +693,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 raise BenchError(f"--seq {case.seq} exceeds {case.shape}'s "
                                  f"{max_len} positions")
             for mode in args.modes:
+                t0 = time.perf_counter()
                 rows.append(run(case, mode, args))
+                # The whole row: process start, compile, init, steps, profile.
+                rows[-1]["wall_s"] = time.perf_counter() - t0
                 # The row, its skip reason and its profile as soon as they are known, and the
                 # JSON so far: a run cut off by a time limit keeps the rows it finished.
-                print("\n".join(format_table(rows[-1:]).splitlines()[1:]), file=sys.stderr,
-                      flush=True)
+                if not args.child:
+                    print("\n".join(format_table(rows[-1:]).splitlines()[1:]),
+                          file=sys.stderr, flush=True)
                 if args.out:
                     so_far = {**environment(args), "rows": rows}
                     write_text_atomic(args.out, json.dumps(so_far, indent=1))

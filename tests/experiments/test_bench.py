@@ -6,6 +6,7 @@ with a hand count and with XLA's own FLOP count of the compiled step.
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -45,6 +46,7 @@ def test_cli_writes_every_mode_with_the_expected_keys(result):
                 "gpu_command", "flags", "rows"):
         assert key in result
     assert result["jax_version"] == jax.__version__
+    assert result["xla_flags"] == os.environ.get("XLA_FLAGS", "")
     assert [r["mode"] for r in result["rows"]] == list(MODES)
     for r in result["rows"]:
         assert r["status"] == "ok", r
@@ -54,6 +56,8 @@ def test_cli_writes_every_mode_with_the_expected_keys(result):
                     "model_flops_per_s", "xla_flops_per_step"):
             assert np.isfinite(r[key]) and r[key] > 0, key
         assert r["mfu"] is None  # no peak for a CPU without --peak-flops
+        assert set(r["phase_s"]) == {"init", "steps", "profile"}
+        assert r["wall_s"] > r["compile_s"] + sum(r["phase_s"].values())
         mem = r["memory"]
         assert mem["estimate_bytes"] == (mem["argument_bytes"] + mem["output_bytes"]
                                          + mem["temp_bytes"] - mem["alias_bytes"])
@@ -272,6 +276,18 @@ def test_compile_only_in_a_child_process_with_precomputed_reference(tmp_path):
     assert row["status"] == "compiled", row
     assert row["model_flops_per_step"] == 6 * 141056 * 256
     assert row["memory"]["estimate_bytes"] > 0 and "step_ms" not in row
+
+
+def test_an_isolated_rows_progress_reaches_the_parent_as_it_comes(tmp_path, capfd):
+    """The child's progress lines pass through (a run cut off by a time limit shows how far
+    it got), and its row is shown once, by the parent, with the whole row's wall time."""
+    out = tmp_path / "isolated.json"
+    bench.main(["--compile-only", "--isolate", "always", "--modes", "adamw", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    err = capfd.readouterr().err
+    assert err.count("gpt2-tiny/adamw: compiled in") == 1
+    assert sum(line.startswith("gpt2-tiny  adamw") for line in err.splitlines()) == 1
+    assert row["status"] == "compiled" and row["wall_s"] > row["compile_s"] > 0
 
 
 def test_random_batch_masks_the_prompt():
