@@ -65,6 +65,7 @@ def sam_loss(
     rho: float | jax.Array,
     *args: Any,
     has_aux: bool = False,
+    perturb: Callable[[jax.Array, jax.Array], Any] = jnp.add,
 ) -> Any:
     """The SAM objective ``loss_fn(params + e, *args)`` with ``e`` from the gradient at ``params``.
 
@@ -77,6 +78,9 @@ def sam_loss(
       has_aux: ``loss_fn`` returns ``(loss, aux)``. The returned aux is the one of the
         *unperturbed* evaluation (the metrics of the current model), computed by the
         inner gradient pass at no extra cost.
+      perturb: ``perturb(leaf, e_leaf)``, what ``loss_fn`` gets for each leaf: the sum
+        ``leaf + e_leaf`` by default. A caller whose ``loss_fn`` forms the sum itself,
+        where it is used, can keep the two apart (``lm.objectives``: no stored W + e).
 
     Returns:
       ``out`` (and ``aux``), whose gradient w.r.t. ``params`` and ``args`` is the SAM
@@ -86,7 +90,7 @@ def sam_loss(
     inner = jax.grad(lambda p: loss_fn(p, *frozen[1]), has_aux=has_aux)(frozen[0])
     grads, aux = inner if has_aux else (inner, None)
     e = jax.lax.stop_gradient(sam_perturbation(grads, rho))
-    perturbed = jax.tree_util.tree_map(jnp.add, params, e)
+    perturbed = jax.tree_util.tree_map(perturb, params, e)
     out = loss_fn(perturbed, *args)
     if has_aux:
         return out[0], aux
@@ -100,6 +104,7 @@ def logits_sam_loss(
     rho: float | jax.Array,
     *args: Any,
     has_aux: bool = False,
+    perturb: Callable[[jax.Array, jax.Array], Any] = jnp.add,
 ) -> Any:
     """The logits-SAM objective ``L(h, W + e)`` (paper §3.3, Algorithm 1).
 
@@ -113,10 +118,11 @@ def logits_sam_loss(
       rho: signed radius; ``rho = 0`` gives the plain loss and its gradient.
       *args: further loss inputs (labels, masks, reference log-probs), constants of the
         inner gradient.
-      has_aux: see :func:`sam_loss`.
+      has_aux, perturb: see :func:`sam_loss`.
     """
     return sam_loss(
-        lambda w, h, *rest: loss_fn(h, w, *rest), head, rho, hidden, *args, has_aux=has_aux
+        lambda w, h, *rest: loss_fn(h, w, *rest), head, rho, hidden, *args, has_aux=has_aux,
+        perturb=perturb,
     )
 
 

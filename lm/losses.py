@@ -93,14 +93,19 @@ def token_logps(
 
     Args:
       hidden: final hidden states h (N, T, d), any float dtype.
-      head: output layer W (V, d) (for tied models, the embedding matrix).
+      head: output layer W (V, d) (for tied models, the embedding matrix), or a pair
+        (W, e) whose sum W + e is the head (logits-SAM's perturbed head): the sum is
+        formed inside each chunk, so no (V, d) array of it outlives the head's matmuls.
       input_ids: int (N, T).
       loss_mask: (N, T), 1 on the tokens whose log-probs count (the response, EOS incl.).
       chunk_size: target positions per chunk (each chunk holds N·c·V float32 logits);
         ``None`` = all at once.
     """
-    return _chunked(lambda h, tg: target_logps(logits_from_hidden(h, head), tg), (hidden,), (),
-                    input_ids, loss_mask, chunk_size)
+    def fn(h, tg):
+        w = head[0] + head[1].astype(head[0].dtype) if isinstance(head, tuple) else head
+        return target_logps(logits_from_hidden(h, w), tg)
+
+    return _chunked(fn, (hidden,), (), input_ids, loss_mask, chunk_size)
 
 
 def split_token_logps(

@@ -235,3 +235,18 @@ def test_chunks_of_prompt_or_padding_are_skipped_without_changing_anything():
         for a, b in zip(jax.grad(f, argnums=(0, 1))(hidden, head, None),
                         jax.grad(f, argnums=(0, 1))(hidden, head, chunk)):
             np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_a_head_given_as_a_sum_is_that_sum_in_value_and_gradient(chunk_size):
+    """(W, e) is the head W + e (logits-SAM's), formed inside each chunk; the gradient
+    reaches W as it would the stored sum."""
+    hidden, head, ids, mask = _inputs(2)
+    e = 0.1 * jax.random.normal(jax.random.PRNGKey(3), head.shape)
+
+    def f(W, as_pair):
+        h = (W, e) if as_pair else W + e
+        return jnp.sum(L.token_logps(hidden, h, ids, mask, chunk_size=chunk_size))
+
+    np.testing.assert_allclose(f(head, True), f(head, False), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(f)(head, True), jax.grad(f)(head, False), atol=1e-6)

@@ -503,3 +503,20 @@ def test_scanned_frozen_reference_is_stacked_once_not_every_step():
 
     per_tree = stacks(params, batch, ref)
     assert per_tree > 0 and stacks(params, batch, params) == 2 * per_tree
+
+
+def test_chunked_logits_sam_stores_no_float32_perturbed_head():
+    """Under bf16 compute logits-SAM's e is kept in bf16 and added to W inside each chunk:
+    its step needs at most half a float32 (V, d) array more than adamw's (a stored W + e
+    in float32, kept alive through the chunked head's backward, was one whole)."""
+    cfg = builtin_config("gpt2-tiny", dtype="bfloat16", vocab_size=8192)
+    params = abstract_params(cfg)
+    batch = {k: jax.ShapeDtypeStruct((4, 2, 64), jnp.int32)
+             for k in ("input_ids", "attention_mask", "loss_mask")}
+
+    def temp_bytes(mode):
+        step = jax.jit(O.make_grad_fn(cfg, mode=mode, chunk_size=16))
+        return step.lower(params, batch, params).compile().memory_analysis().temp_size_in_bytes
+
+    float32_head = cfg.vocab_size * cfg.hidden_size * 4
+    assert temp_bytes("logits-sam") - temp_bytes("adamw") <= 0.6 * float32_head
