@@ -28,9 +28,11 @@ each; nothing inside the step talks to the host) and reports:
   overhead        for logits-sam and sam, step time and memory relative to adamw; for
                   logits-sam next to its FLOP lower bound: the inner head forward and the head
                   gradient, 4 · N · V · d for the N = pairs · 2 · (seq − 1) positions that go
-                  through the policy head, over the adamw model_flops; with ``--head-dtype
-                  split``, 8 · N · V · d + 4 · P_trunk · tokens (the split head's extra
-                  matmuls and the trunk's second backward pass, :func:`logits_sam_extra_flops`).
+                  through the policy head, over the adamw model_flops; 6 · N · V · d with
+                  ``--chunk-size`` (the head gradient recomputes its chunk's logits); with
+                  ``--head-dtype split``, 8 · N · V · d + 4 · P_trunk · tokens (the split
+                  head's extra matmuls and the trunk's second backward pass,
+                  :func:`logits_sam_extra_flops`).
 
 ``--profile`` traces a few more steps after the timed ones and reports where their time goes
 (:mod:`experiments.step_profile`): per kind of op (matmul, attention, other fusions, copies,
@@ -89,8 +91,8 @@ TARGETS = {
     "gpt2-2.65b": "MFU >= 40% on one H100, i.e. <= 110 ms/step (TRL: 15%, 291 ms/step, 54 GB; "
     "2 pairs, seq 512, prompt 128, gradient checkpointing)",
     "logits-sam": "step-time overhead over adamw within 1 pp of its FLOP bound (15.5% at "
-    "gpt2-124m, 2.4% at gpt2-2.65b for 8x512 / 2x512) and <= 2% at gpt2-2.65b; compile-time "
-    "memory <= 1.02x adamw",
+    "gpt2-124m, 2.4% at gpt2-2.65b for 8x512 / 2x512 unchunked; 17.4% and 2.7% with "
+    "--chunk-size 128) and <= 2% at gpt2-2.65b; compile-time memory <= 1.02x adamw",
     "sam": "full SAM, for contrast: a second forward/backward of the whole policy",
 }
 
@@ -143,6 +145,11 @@ def model_flops(n_params: int, tokens: int, reference: str) -> float:
     return float(per_token) * n_params * tokens
 
 
+def is_chunked(seq: int, chunk_size: int | None) -> bool:
+    """Whether :func:`lm.losses.token_logps` runs the head chunk by chunk at this length."""
+    return chunk_size is not None and chunk_size < seq - 1
+
+
 def head_positions(pairs: int, seq: int, prompt: int, chunk_size: int | None) -> int:
     """Positions that go through the policy head, N.
 
@@ -150,16 +157,22 @@ def head_positions(pairs: int, seq: int, prompt: int, chunk_size: int | None) ->
     whole chunks of c target positions, less the ``prompt // c`` leading chunks whose
     targets are all prompt tokens, which skip the head.
     """
-    if chunk_size is None or chunk_size >= seq - 1:
+    if not is_chunked(seq, chunk_size):
         return pairs * 2 * (seq - 1)
     chunks = -(-seq // chunk_size)
     return pairs * 2 * (chunks - prompt // chunk_size) * chunk_size
 
 
-def logits_sam_extra_flops(positions: int, vocab: int, width: int, *, split: bool = False,
-                           trunk_params: int = 0, tokens: int = 0) -> float:
+def logits_sam_extra_flops(positions: int, vocab: int, width: int, *, chunked: bool = False,
+                           split: bool = False, trunk_params: int = 0, tokens: int = 0) -> float:
     """Logits-SAM's extra work, 4 · N · V · d: the inner head forward ``h Wᵀ`` (2NVd) and the
     head gradient ``gᵀ h`` (2NVd) that set the perturbation (paper §3.3, Algorithm 1).
+
+    ``chunked``: 6 · N · V · d. The head gradient needs every sequence's log-prob first (the
+    DPO cotangent of a token is its sequence's), so the inner pass runs the chunks twice,
+    forward and then backward, and the backward recomputes each chunk's logits rather than
+    keep all N × V of them: one more 2NVd, which a logits-SAM that never stores the logits
+    cannot avoid (tests/lm/test_objectives.py counts every matmul of both steps).
 
     ``split`` (``--head-dtype split``, :func:`lm.losses.split_token_logps`): the head's
     matmuls are the inner gradient gᵀ h, the forward h Wᵀ (which the inner pass can share:
@@ -170,7 +183,7 @@ def logits_sam_extra_flops(positions: int, vocab: int, width: int, *, split: boo
     """
     if split:
         return 8.0 * positions * vocab * width + 4.0 * trunk_params * tokens
-    return 4.0 * positions * vocab * width
+    return (6.0 if chunked else 4.0) * positions * vocab * width
 
 
 def peak_flops(device: Any, override: float | None) -> float | None:
@@ -301,9 +314,10 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     }
     if mode == "logits-sam":
         head_matrices = (1 if cfg.tie_word_embeddings else 2) * cfg.vocab_size * cfg.hidden_size
-        extra = logits_sam_extra_flops(head_positions(case.pairs, case.seq, case.prompt,
-                                                       args.chunk_size), cfg.vocab_size,
-                                       cfg.hidden_size, split=args.head_dtype == "split",
+        positions = head_positions(case.pairs, case.seq, case.prompt, args.chunk_size)
+        extra = logits_sam_extra_flops(positions, cfg.vocab_size, cfg.hidden_size,
+                                       chunked=is_chunked(case.seq, args.chunk_size),
+                                       split=args.head_dtype == "split",
                                        trunk_params=n_params - head_matrices, tokens=tokens)
         row["flop_bound"] = extra / model_flops(n_params, tokens, args.reference)
 
@@ -574,10 +588,11 @@ def environment(args: argparse.Namespace) -> dict:
             "mfu": "model_flops / median step time / device dense bf16 peak",
             "memory.estimate_bytes": "XLA compile-time argument + output + temp - alias",
             "flop_bound": "logits-SAM extra 4 * N * V * d over the adamw model_flops; N = "
-                          "pairs * 2 * (seq - 1) head positions, or with --chunk-size c the "
-                          "positions of chunks holding a response target (prompt-only chunks "
-                          "skip the head); with --head-dtype split 8 * N * V * d + 4 * "
-                          "P_trunk * tokens",
+                          "pairs * 2 * (seq - 1) head positions, or with --chunk-size c "
+                          "6 * N * V * d (the head gradient recomputes its chunk's logits) "
+                          "with N the positions of chunks holding a response target "
+                          "(prompt-only chunks skip the head); with --head-dtype split "
+                          "8 * N * V * d + 4 * P_trunk * tokens",
         },
         "targets": TARGETS, "gpu_command": GPU_COMMAND,
     }

@@ -20,7 +20,7 @@ from lm import losses
 from lm import objectives as O
 from lm.models import (abstract_params, builtin_config, forward_hidden, init_params, logits,
                        output_head)
-from matmuls import matmul_input_dtypes
+from matmuls import matmul_flops, matmul_input_dtypes
 
 B, T, V, D = 2, 8, 32, 8
 TM = jax.tree_util.tree_map
@@ -520,3 +520,27 @@ def test_chunked_logits_sam_stores_no_float32_perturbed_head():
 
     float32_head = cfg.vocab_size * cfg.hidden_size * 4
     assert temp_bytes("logits-sam") - temp_bytes("adamw") <= 0.6 * float32_head
+
+
+@pytest.mark.parametrize("chunk_size", [None, 16])
+def test_logits_sams_extra_matmul_work_is_the_benchs_bound(chunk_size):
+    """Every matmul of the logits-SAM step less adamw's, counted from the jaxpr (loops by
+    their trip count): 4·N·V·d unchunked, 6·N·V·d chunked (the inner pass's backward
+    recomputes its chunk's logits), as experiments.bench's flop_bound says."""
+    from experiments import bench
+
+    cfg = builtin_config("gpt2-tiny")
+    params = init_params(cfg, jax.random.key(7))
+    pairs, seq, prompt = 2, 64, 3
+    ids = np.random.default_rng(7).integers(0, cfg.vocab_size, (pairs, 2, seq), np.int32)
+    # Every chunk holds a response target, so none skips the head (a cond the count can't
+    # see: it counts the costlier branch).
+    loss_mask = np.ones_like(ids)
+    loss_mask[..., :prompt] = 0
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss_mask}
+    work = {mode: matmul_flops(O.make_grad_fn(cfg, mode=mode, chunk_size=chunk_size),
+                               params, batch, params) for mode in ("adamw", "logits-sam")}
+    positions = bench.head_positions(pairs, seq, prompt, chunk_size)
+    assert work["logits-sam"] - work["adamw"] == bench.logits_sam_extra_flops(
+        positions, cfg.vocab_size, cfg.hidden_size,
+        chunked=bench.is_chunked(seq, chunk_size))
