@@ -20,6 +20,10 @@ mkdir -p "$out"
 log="$out/session.log"
 # The GPU image has every dependency but no network: run from the checkout, no install.
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# One compilation cache for every run (outside $OUT, which comes back): the modes of a shape
+# share their initialisation programs, and a rerun of a case compiles nothing.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/gpu-session-jax-cache}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-1}
 py=$(command -v python3 || command -v python)
 
 { nvidia-smi -L; "$py" -c "import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())"; } >>"$log" 2>&1
