@@ -53,13 +53,14 @@ run() {  # run NAME LIMIT_S BENCH_FLAGS...
     | tee -a "$log"
 }
 
-run gpt2-124m 200 "${small[@]}" "${common[@]}" --chunk-size 128 --modes adamw,logits-sam,sam
-run gpt2-2.65b 240 "${large[@]}" "${common[@]}" --chunk-size 128 --modes adamw,logits-sam
+# Correctness first, and short: two small models' gradients, cuDNN's attention against XLA's.
 if picked gpu_check && (( SECONDS + 60 < budget )); then
   echo "== gpu_check (cuDNN attention on padded batches against XLA's, at ${SECONDS} s)" | tee -a "$log"
-  timeout $((budget - SECONDS < 150 ? budget - SECONDS : 150)) "$py" benchmarks/gpu_check.py 2>&1 \
+  timeout $((budget - SECONDS < 90 ? budget - SECONDS : 90)) "$py" benchmarks/gpu_check.py 2>&1 \
     | tee -a "$log"
 fi
+run gpt2-124m 200 "${small[@]}" "${common[@]}" --chunk-size 128 --modes adamw,logits-sam,sam
+run gpt2-2.65b 240 "${large[@]}" "${common[@]}" --chunk-size 128 --modes adamw,logits-sam
 # If block remat misses 40% MFU, this says how much its recomputation cost (the matmul
 # outputs saved, attention and elementwise ops recomputed) and whether it fits in 54 GB.
 run gpt2-2.65b-dots 200 "${large[@]}" "${common[@]}" --chunk-size 128 --modes adamw,logits-sam \
