@@ -406,14 +406,14 @@ def _time_steps(compiled, tx, cfg, key, batch, args,
     jax.block_until_ready((state, ref))
     phases = {"init": time.perf_counter() - t0}
     _progress(f"{label}: parameters and state on the device in {phases['init']:.1f} s")
-    t0 = time.perf_counter()
+    steps_start = time.perf_counter()
     run_steps(args.warmup)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         run_steps(1)
         times.append(time.perf_counter() - t0)
-    phases["steps"] = time.perf_counter() - t0
+    phases["steps"] = time.perf_counter() - steps_start
     _progress(f"{label}: {args.warmup} + {args.steps} steps in {phases['steps']:.1f} s")
     profile = None
     if args.profile:
@@ -579,6 +579,8 @@ def environment(args: argparse.Namespace) -> dict:
         "peak_flops": peak_flops(device, args.peak_flops),
         # e.g. --xla_gpu_enable_command_buffer= (a profile that names every kernel's op).
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        # Set, compile_s may be a cache load: compare compile times only between runs without.
+        "compilation_cache": os.environ.get("JAX_COMPILATION_CACHE_DIR", ""),
         "flags": {k: v for k, v in vars(args).items() if k != "out"},
         "conventions": {
             "tokens_per_step": "pairs * 2 * seq (prompt and response of both sequences)",

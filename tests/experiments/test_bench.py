@@ -47,6 +47,7 @@ def test_cli_writes_every_mode_with_the_expected_keys(result):
         assert key in result
     assert result["jax_version"] == jax.__version__
     assert result["xla_flags"] == os.environ.get("XLA_FLAGS", "")
+    assert result["compilation_cache"] == os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
     assert [r["mode"] for r in result["rows"]] == list(MODES)
     for r in result["rows"]:
         assert r["status"] == "ok", r
@@ -57,6 +58,7 @@ def test_cli_writes_every_mode_with_the_expected_keys(result):
             assert np.isfinite(r[key]) and r[key] > 0, key
         assert r["mfu"] is None  # no peak for a CPU without --peak-flops
         assert set(r["phase_s"]) == {"init", "steps", "profile"}
+        assert r["phase_s"]["steps"] >= r["timed_steps"] * r["step_ms_min"] * 1e-3
         assert r["wall_s"] > r["compile_s"] + sum(r["phase_s"].values())
         mem = r["memory"]
         assert mem["estimate_bytes"] == (mem["argument_bytes"] + mem["output_bytes"]
