@@ -74,6 +74,14 @@ def sequence_logps_from_logits(
     return jnp.sum(_counted_logps(logits[:, :-1], input_ids, loss_mask), axis=-1)
 
 
+class PerturbedHead(NamedTuple):
+    """The output layer W + e, kept as its two terms (logits-SAM's, :mod:`lm.objectives`):
+    :func:`token_logps` forms the sum inside each chunk, in ``weight``'s dtype."""
+
+    weight: jax.Array
+    perturbation: jax.Array
+
+
 def token_logps(
     hidden: jax.Array,
     head: jax.Array,
@@ -93,16 +101,17 @@ def token_logps(
 
     Args:
       hidden: final hidden states h (N, T, d), any float dtype.
-      head: output layer W (V, d) (for tied models, the embedding matrix), or a pair
-        (W, e) whose sum W + e is the head (logits-SAM's perturbed head): the sum is
-        formed inside each chunk, so no (V, d) array of it outlives the head's matmuls.
+      head: output layer W (V, d) (for tied models, the embedding matrix), or a
+        :class:`PerturbedHead` (W, e): the sum W + e is formed inside each chunk, so no
+        (V, d) array of it outlives the head's matmuls.
       input_ids: int (N, T).
       loss_mask: (N, T), 1 on the tokens whose log-probs count (the response, EOS incl.).
       chunk_size: target positions per chunk (each chunk holds N·c·V float32 logits);
         ``None`` = all at once.
     """
     def fn(h, tg):
-        w = head[0] + head[1].astype(head[0].dtype) if isinstance(head, tuple) else head
+        w = (head.weight + head.perturbation.astype(head.weight.dtype)
+             if isinstance(head, PerturbedHead) else head)
         return target_logps(logits_from_hidden(h, w), tg)
 
     return _chunked(fn, (hidden,), (), input_ids, loss_mask, chunk_size)

@@ -276,7 +276,8 @@ def make_model_grad_fn(
             # (+2.4% of the step's memory at gpt2-124m, 8 × 512, --chunk-size 128).
             out, metrics = logits_sam_loss(pair_loss, hidden, head, rho, mask, ids, ref,
                                            has_aux=True,
-                                           perturb=lambda w, e: (w, e.astype(hidden.dtype)))
+                                           perturb=lambda w, e: losses.PerturbedHead(
+                                               w, e.astype(hidden.dtype)))
             return out, {**metrics, "sam/perturbed_loss": out}
         return pair_loss(hidden, head, mask, ids, ref)
 

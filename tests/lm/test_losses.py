@@ -238,14 +238,15 @@ def test_chunks_of_prompt_or_padding_are_skipped_without_changing_anything():
 
 
 @pytest.mark.parametrize("chunk_size", [None, 4])
-def test_a_head_given_as_a_sum_is_that_sum_in_value_and_gradient(chunk_size):
-    """(W, e) is the head W + e (logits-SAM's), formed inside each chunk; the gradient
-    reaches W as it would the stored sum."""
+@pytest.mark.parametrize("e_dtype", [jnp.float32, jnp.bfloat16])
+def test_a_perturbed_head_is_its_sum_in_value_and_gradient(chunk_size, e_dtype):
+    """PerturbedHead(W, e) is the head W + e (logits-SAM's), formed inside each chunk in
+    W's dtype; the gradient reaches W as it would the stored sum."""
     hidden, head, ids, mask = _inputs(2)
-    e = 0.1 * jax.random.normal(jax.random.PRNGKey(3), head.shape)
+    e = (0.1 * jax.random.normal(jax.random.PRNGKey(3), head.shape)).astype(e_dtype)
 
-    def f(W, as_pair):
-        h = (W, e) if as_pair else W + e
+    def f(W, perturbed):
+        h = L.PerturbedHead(W, e) if perturbed else W + e.astype(W.dtype)
         return jnp.sum(L.token_logps(hidden, h, ids, mask, chunk_size=chunk_size))
 
     np.testing.assert_allclose(f(head, True), f(head, False), rtol=1e-6)

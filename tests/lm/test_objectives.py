@@ -509,7 +509,7 @@ def test_chunked_logits_sam_stores_no_float32_perturbed_head():
     """Under bf16 compute logits-SAM's e is kept in bf16 and added to W inside each chunk:
     its step needs at most half a float32 (V, d) array more than adamw's (a stored W + e
     in float32, kept alive through the chunked head's backward, was one whole)."""
-    cfg = builtin_config("gpt2-tiny", dtype="bfloat16", vocab_size=8192)
+    cfg = builtin_config("gpt2-tiny", dtype="bfloat16", vocab_size=8192, num_layers=1)
     params = abstract_params(cfg)
     batch = {k: jax.ShapeDtypeStruct((4, 2, 64), jnp.int32)
              for k in ("input_ids", "attention_mask", "loss_mask")}
