@@ -179,10 +179,13 @@ def logits_sam_extra_flops(positions: int, vocab: int, width: int, *, chunked: b
     the same product) and h eᵀ, and the backward g0 W, Δg W, g' e and Δgᵀ h, 14 · N · V · d
     against plain's 6 (16 unshared), so at least 8 · N · V · d extra, plus the trunk's
     second backward pass, 4 · P_trunk · tokens (P_trunk: the parameters outside the
-    embedding and head matrices).
+    embedding and head matrices). Chunked, nothing is shared and every chunk's forward
+    (inner h Wᵀ; perturbed h Wᵀ and h eᵀ) is recomputed for its backward: 22 · N · V · d
+    against plain's 8, 14 extra.
     """
     if split:
-        return 8.0 * positions * vocab * width + 4.0 * trunk_params * tokens
+        return ((14.0 if chunked else 8.0) * positions * vocab * width
+                + 4.0 * trunk_params * tokens)
     return (6.0 if chunked else 4.0) * positions * vocab * width
 
 
@@ -594,7 +597,7 @@ def environment(args: argparse.Namespace) -> dict:
                           "6 * N * V * d (the head gradient recomputes its chunk's logits) "
                           "with N the positions of chunks holding a response target "
                           "(prompt-only chunks skip the head); with --head-dtype split "
-                          "8 * N * V * d + 4 * P_trunk * tokens",
+                          "8 * N * V * d (14 chunked) + 4 * P_trunk * tokens",
         },
         "targets": TARGETS, "gpu_command": GPU_COMMAND,
     }

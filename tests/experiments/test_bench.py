@@ -227,6 +227,8 @@ def test_flop_accounting_matches_a_hand_count():
     assert bench.head_positions(pairs=8, seq=512, prompt=100, chunk_size=128) == 8 * 2 * 512
     assert bench.logits_sam_extra_flops(252, 512, 64) == 4 * 252 * 512 * 64
     assert bench.logits_sam_extra_flops(256, 512, 64, chunked=True) == 6 * 256 * 512 * 64
+    assert bench.logits_sam_extra_flops(256, 512, 64, chunked=True, split=True) == (
+        14 * 256 * 512 * 64)
     assert bench.is_chunked(64, 16) and not bench.is_chunked(64, 63)
     assert not bench.is_chunked(64, None)
     # Split head: 14 N·V·d for the head against plain's 6, and a second trunk backward.

@@ -544,3 +544,31 @@ def test_logits_sams_extra_matmul_work_is_the_benchs_bound(chunk_size):
     assert work["logits-sam"] - work["adamw"] == bench.logits_sam_extra_flops(
         positions, cfg.vocab_size, cfg.hidden_size,
         chunked=bench.is_chunked(seq, chunk_size))
+
+
+def test_chunked_split_heads_extra_matmul_work_is_the_benchs_bound():
+    """The split head's extra work that scales with the vocabulary, counted from the jaxpr
+    at two vocabulary sizes: 16·N·d per token of V, the bench's 14 plus the forward that
+    the plain share's ``jax.vjp`` traces and XLA drops (its result is unused)."""
+    from experiments import bench
+
+    pairs, seq, prompt, chunk = 2, 32, 3, 8
+    ids = np.random.default_rng(8).integers(0, 64, (pairs, 2, seq), np.int32)
+    loss_mask = np.ones_like(ids)
+    loss_mask[..., :prompt] = 0
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss_mask}
+
+    def extra(vocab):
+        cfg = builtin_config("gpt2-tiny", vocab_size=vocab, num_layers=1)
+        params = init_params(cfg, jax.random.key(9))
+        split = matmul_flops(O.make_grad_fn(cfg, mode="logits-sam", chunk_size=chunk,
+                                            head_dtype="split"), params, batch, params)
+        plain = matmul_flops(O.make_grad_fn(cfg, mode="adamw", chunk_size=chunk),
+                             params, batch, params)
+        return split - plain, cfg.hidden_size
+
+    (small, d), (large, _) = extra(128), extra(256)
+    positions = bench.head_positions(pairs, seq, prompt, chunk)
+    bound = (bench.logits_sam_extra_flops(positions, 256, d, chunked=True, split=True)
+             - bench.logits_sam_extra_flops(positions, 128, d, chunked=True, split=True))
+    assert large - small == bound + 2 * positions * (256 - 128) * d
