@@ -34,8 +34,13 @@ date=$(date +%F)
 
 common=(--dtype bfloat16 --steps 20 --warmup 3)
 [[ ${PROFILE:-1} == 0 ]] || common+=(--profile)
-small=(--shapes gpt2-124m --pairs 8 --seq 512 --prompt 128 --remat none)
-large=(--shapes gpt2-2.65b --pairs 2 --seq 512 --prompt 128 --remat block)
+# SMALL / LARGE replace the two shapes, e.g. for a dry run of the whole session on a CPU:
+#   SMALL="--shapes gpt2-tiny --pairs 2 --seq 64 --prompt 16" LARGE="$SMALL" \
+#     bash benchmarks/gpu_session.sh /tmp/dry     (with --chunk-size 128 > seq: unchunked)
+read -ra small <<<"${SMALL:---shapes gpt2-124m --pairs 8 --seq 512 --prompt 128}"
+read -ra large <<<"${LARGE:---shapes gpt2-2.65b --pairs 2 --seq 512 --prompt 128}"
+small+=(--remat none)
+large+=(--remat block)
 
 picked() { [[ $only == "  " || $only == *" $1 "* ]]; }
 
