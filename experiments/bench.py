@@ -55,6 +55,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -457,7 +458,7 @@ def run_isolated(case: Case, mode: str, args: argparse.Namespace) -> dict:
                 "--out", out, "--shapes", case.shape, "--pairs", str(case.pairs),
                 "--seq", str(case.seq), "--prompt", str(case.prompt), "--remat", case.remat,
                 "--modes", mode, *_shared_flags(args)]
-        tail: collections.deque[str] = collections.deque(maxlen=1)
+        tail: collections.deque[str] = collections.deque(maxlen=20)
         with subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True) as proc:
             for line in proc.stderr:
@@ -468,7 +469,14 @@ def run_isolated(case: Case, mode: str, args: argparse.Namespace) -> dict:
             with open(out) as f:
                 return json.load(f)["rows"][0]
     return {**dataclasses.asdict(case), "mode": mode, "status": "skipped",
-            "reason": f"child exited {proc.returncode}: {tail[0] if tail else ''}"}
+            "reason": f"child exited {proc.returncode}: {_child_error(tail)}"}
+
+
+def _child_error(lines: Sequence[str]) -> str:
+    """The exception a child died of (its last ``…Error: …`` line, or its one-line
+    ``prog: error: …``), not whatever its interpreter logged while shutting down after it."""
+    errors = [line for line in lines if re.match(r"[\w.]*(Error|Exception)\b|\S+: error:", line)]
+    return (errors or list(lines) or [""])[-1]
 
 
 def _shared_flags(args: argparse.Namespace) -> list[str]:

@@ -297,6 +297,16 @@ def test_an_isolated_rows_progress_reaches_the_parent_as_it_comes(tmp_path, capf
     assert row["status"] == "compiled" and row["wall_s"] > row["compile_s"] > 0
 
 
+def test_a_crashed_childs_reason_is_its_exception_not_its_teardown_noise():
+    lines = ["Traceback (most recent call last):", '  File "x.py", line 1, in <module>',
+             "jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory",
+             "I0000 00:00:1.0 1 tfrt_cpu_pjrt_client.cc:1] TfrtCpuClient destroyed."]
+    assert bench._child_error(lines) == lines[2]
+    assert bench._child_error(["bench: error: --seq 2048 exceeds gpt2-tiny's 128 positions",
+                               "W0000 teardown"]).startswith("bench: error: --seq")
+    assert bench._child_error(["Killed"]) == "Killed" and bench._child_error([]) == ""
+
+
 def test_random_batch_masks_the_prompt():
     batch = bench.random_batch(jax.random.PRNGKey(0), 3, 10, 4, 50, "precomputed")
     for key in ("input_ids", "attention_mask", "loss_mask"):
