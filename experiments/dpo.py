@@ -465,8 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         common = dict(loss=args.loss, loss_kwargs=loss_kwargs, chunk_size=args.chunk_size, reference=reference,
                       head_dtype=args.head_dtype)
         grad_fn = optim.accumulate_gradients(
-            objectives.make_grad_fn(cfg, mode=args.grad, rho=args.rho,
-                                    remat=args.remat or args.remat_policy is not None, **common),
+            objectives.make_grad_fn(cfg, mode=args.grad, rho=args.rho, remat=args.remat,
+                                    **common),
             args.grad_accum, batch_sharding=batch_sharding(mesh),
         )
         eval_fn = eval_from_grad_fn(objectives.make_grad_fn(cfg, mode="plain", **common))

@@ -146,9 +146,11 @@ def make_grad_fn(
 ) -> GradFn:
     """:func:`make_model_grad_fn` for the :mod:`lm.models` decoder with config ``cfg``.
 
-    ``remat`` rematerialises each trunk block in the backward pass; the other arguments
-    are those of :func:`make_model_grad_fn`.
+    ``remat`` rematerialises each trunk block in the backward pass, as does a
+    ``cfg.remat_policy`` (which says what a block keeps besides its input); the other
+    arguments are those of :func:`make_model_grad_fn`.
     """
+    remat = remat or cfg.remat_policy is not None
     return make_model_grad_fn(
         functools.partial(_decoder_hidden, cfg, remat), functools.partial(output_head, cfg),
         loss=loss, loss_kwargs=loss_kwargs, mode=mode, rho=rho, chunk_size=chunk_size,
