@@ -67,11 +67,10 @@ def main() -> int:
         errors = {path: relative_error(g, reference[path]) for path, g in grads.items()
                   if not path.endswith("['k']['bias']")}
         worst = max(errors, key=errors.get)
-        key_bias = max((float(np.linalg.norm(np.asarray(g, np.float32))
-                              / np.linalg.norm(np.asarray(grads[path[:-len("['bias']")]
-                                                                + "['kernel']"], np.float32)))
-                        for path, g in grads.items() if path.endswith("['k']['bias']")),
-                       default=0.0)
+        norm = {path: float(np.linalg.norm(np.asarray(g, np.float32)))
+                for path, g in grads.items()}
+        key_bias = max((norm[path] / norm[path.replace("['bias']", "['kernel']")]
+                        for path in grads if path.endswith("['k']['bias']")), default=0.0)
         ok = finite and finite_hidden and errors[worst] < 5e-2 and key_bias < 1e-2
         print(f"{name}: attention {impl or 'xla'} vs xla: gradients finite {finite}, hidden "
               f"states finite {finite_hidden}, largest relative gradient difference "
