@@ -9,7 +9,7 @@ jitted with the state donated, compiles it from abstract shapes (timed on its ow
 ``--warmup`` steps, then times ``--steps`` steps one at a time (``block_until_ready`` after
 each; nothing inside the step talks to the host) and reports:
 
-  compile_s       lowering + XLA compilation of the step.
+  compile_s       tracing, lowering and XLA compilation of the step.
   step_ms         median over the timed steps (min and max too).
   tokens_per_s    pairs · 2 · seq tokens per step (both sequences of a pair, prompt
                   included) over the median step time.
@@ -21,7 +21,12 @@ each; nothing inside the step talks to the host) and reports:
                   needs — so SAM's second pass and logits-SAM's head work show up as MFU lost.
   mfu             model_flops / step time / peak, with peak from :data:`PEAK_FLOPS` (dense
                   bf16) or ``--peak-flops``; "n/a" when neither applies (CPU).
-  xla_flops       XLA's cost analysis of the compiled step: an independent cross-check.
+  matmul_flops    every matmul the step runs, counted from its jaxpr
+                  (:func:`experiments.flops.jaxpr_matmul_flops`): remat's recomputation, SAM's
+                  second pass, a chunked head's recomputed logits and attention included.
+  hfu             matmul_flops / step time / peak: how busy the step keeps the matrix units,
+                  whatever work it chose to do; mfu / hfu is the share of that work a DPO
+                  step needs.
   memory          the compile-time estimate argument + output + temp − alias of the compiled
                   step (every backend, CPU included, so modes compare without a GPU) and,
                   where the device reports it, ``peak_bytes_in_use``.
@@ -32,7 +37,8 @@ each; nothing inside the step talks to the host) and reports:
                   ``--chunk-size`` (the head gradient recomputes its chunk's logits); with
                   ``--head-dtype split``, 8 · N · V · d + 4 · P_trunk · tokens (the split
                   head's extra matmuls and the trunk's second backward pass,
-                  :func:`logits_sam_extra_flops`).
+                  :func:`experiments.flops.logits_sam_extra_flops`); and the extra matmul
+                  work counted from both programs (``counted_extra_flops_vs_adamw``).
 
 ``--profile`` traces a few more steps after the timed ones and reports where their time goes
 (:mod:`experiments.step_profile`): per kind of op (matmul, attention, other fusions, copies,
@@ -67,7 +73,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import _cli, step_profile
+from experiments import _cli, flops, step_profile
 from lm import models
 from lm import objectives
 from lm import optim
@@ -126,70 +132,6 @@ class Case:
 # ----------------------------------------------------------------------------- accounting
 
 
-def count_params(tree: Any) -> int:
-    """Number of scalars in a pytree of arrays or ``ShapeDtypeStruct``s."""
-    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
-
-
-def tokens_per_step(pairs: int, seq: int) -> int:
-    """Tokens a step processes: both sequences of every pair, prompt and padding included."""
-    return pairs * 2 * seq
-
-
-def model_flops(n_params: int, tokens: int, reference: str) -> float:
-    """8 · P · tokens (frozen reference) or 6 · P · tokens (precomputed reference).
-
-    2 · P FLOPs per token for a forward, 4 · P for its backward; the frozen reference adds
-    one forward. Attention-score FLOPs are left out, as in the usual MFU convention.
-    """
-    per_token = 6 + (2 if reference == "frozen" else 0)
-    return float(per_token) * n_params * tokens
-
-
-def is_chunked(seq: int, chunk_size: int | None) -> bool:
-    """Whether :func:`lm.losses.token_logps` runs the head chunk by chunk at this length."""
-    return chunk_size is not None and chunk_size < seq - 1
-
-
-def head_positions(pairs: int, seq: int, prompt: int, chunk_size: int | None) -> int:
-    """Positions that go through the policy head, N.
-
-    Unchunked: every next-token prediction, B·2·(T−1). Chunked (:func:`lm.losses.token_logps`):
-    whole chunks of c target positions, less the ``prompt // c`` leading chunks whose
-    targets are all prompt tokens, which skip the head.
-    """
-    if not is_chunked(seq, chunk_size):
-        return pairs * 2 * (seq - 1)
-    chunks = -(-seq // chunk_size)
-    return pairs * 2 * (chunks - prompt // chunk_size) * chunk_size
-
-
-def logits_sam_extra_flops(positions: int, vocab: int, width: int, *, chunked: bool = False,
-                           split: bool = False, trunk_params: int = 0, tokens: int = 0) -> float:
-    """Logits-SAM's extra work, 4 · N · V · d: the inner head forward ``h Wᵀ`` (2NVd) and the
-    head gradient ``gᵀ h`` (2NVd) that set the perturbation (paper §3.3, Algorithm 1).
-
-    ``chunked``: 6 · N · V · d. The head gradient needs every sequence's log-prob first (the
-    DPO cotangent of a token is its sequence's), so the inner pass runs the chunks twice,
-    forward and then backward, and the backward recomputes each chunk's logits rather than
-    keep all N × V of them: one more 2NVd, which a logits-SAM that never stores the logits
-    cannot avoid (tests/lm/test_objectives.py counts every matmul of both steps).
-
-    ``split`` (``--head-dtype split``, :func:`lm.losses.split_token_logps`): the head's
-    matmuls are the inner gradient gᵀ h, the forward h Wᵀ (which the inner pass can share:
-    the same product) and h eᵀ, and the backward g0 W, Δg W, g' e and Δgᵀ h, 14 · N · V · d
-    against plain's 6 (16 unshared), so at least 8 · N · V · d extra, plus the trunk's
-    second backward pass, 4 · P_trunk · tokens (P_trunk: the parameters outside the
-    embedding and head matrices). Chunked, nothing is shared and every chunk's forward
-    (inner h Wᵀ; perturbed h Wᵀ and h eᵀ) is recomputed for its backward: 22 · N · V · d
-    against plain's 8, 14 extra.
-    """
-    if split:
-        return ((14.0 if chunked else 8.0) * positions * vocab * width
-                + 4.0 * trunk_params * tokens)
-    return (6.0 if chunked else 4.0) * positions * vocab * width
-
-
 def peak_flops(device: Any, override: float | None) -> float | None:
     """The device's dense bf16 peak FLOP/s: ``override``, else the table, else None."""
     if override is not None:
@@ -217,16 +159,6 @@ def compiled_memory(compiled: Any) -> dict[str, int]:
     out["estimate_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
                              - out["alias_bytes"])
     return out
-
-
-def xla_flops(compiled: Any) -> float | None:
-    """FLOPs of the compiled step by XLA's cost analysis (None where the backend has none)."""
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    return float(cost["flops"])
 
 
 def device_memory_limit(device: Any) -> int | None:
@@ -302,11 +234,11 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     cfg = model_config(case.shape, args, mode)
     if case.remat in models.REMAT_POLICIES:
         cfg = dataclasses.replace(cfg, remat_policy=case.remat)
-    tokens = tokens_per_step(case.pairs, case.seq)
+    tokens = flops.tokens_per_step(case.pairs, case.seq)
     key = jax.random.PRNGKey(args.seed)
     params_abs = jax.eval_shape(lambda k: models.init_params(cfg, k), key)
-    n_params = count_params(params_abs)
-    flops = model_flops(n_params, tokens, args.reference)
+    n_params = flops.count_params(params_abs)
+    work = flops.model_flops(n_params, tokens, args.reference)
     row: dict[str, Any] = {
         **dataclasses.asdict(case), "mode": mode, "head_dtype": args.head_dtype,
         "scan_layers": args.scan_layers,
@@ -314,16 +246,16 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
         "attention": cfg.attention_impl or "xla",
         "n_params": n_params,
         "vocab": cfg.vocab_size, "width": cfg.hidden_size,
-        "tokens_per_step": tokens, "model_flops_per_step": flops,
+        "tokens_per_step": tokens, "model_flops_per_step": work,
     }
     if mode == "logits-sam":
         head_matrices = (1 if cfg.tie_word_embeddings else 2) * cfg.vocab_size * cfg.hidden_size
-        positions = head_positions(case.pairs, case.seq, case.prompt, args.chunk_size)
-        extra = logits_sam_extra_flops(positions, cfg.vocab_size, cfg.hidden_size,
-                                       chunked=is_chunked(case.seq, args.chunk_size),
-                                       split=args.head_dtype == "split",
-                                       trunk_params=n_params - head_matrices, tokens=tokens)
-        row["flop_bound"] = extra / model_flops(n_params, tokens, args.reference)
+        positions = flops.head_positions(case.pairs, case.seq, case.prompt, args.chunk_size)
+        extra = flops.logits_sam_extra_flops(
+            positions, cfg.vocab_size, cfg.hidden_size,
+            chunked=flops.is_chunked(case.seq, args.chunk_size), split=args.head_dtype == "split",
+            trunk_params=n_params - head_matrices, tokens=tokens)
+        row["flop_bound"] = extra / work
 
     step, tx = build_step(cfg, mode, args, case.remat)
     batch = random_batch(key, case.pairs, case.seq, case.prompt, cfg.vocab_size,
@@ -335,11 +267,13 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
 
     def compiled_with(step):
         t0 = time.perf_counter()
-        return step.lower(state_abs, batch_abs, ref_abs).compile(), time.perf_counter() - t0
+        traced = step.trace(state_abs, batch_abs, ref_abs)
+        compiled = traced.lower().compile()
+        return compiled, time.perf_counter() - t0, traced.jaxpr
 
     try:
         try:
-            compiled, row["compile_s"] = compiled_with(step)
+            compiled, row["compile_s"], jaxpr = compiled_with(step)
         except Exception as e:
             # "auto" means the best attention that runs here: where cuDNN's cannot take the
             # step (its version, this GPU) the row runs XLA's and says so, not lost.
@@ -349,11 +283,14 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
             cfg = dataclasses.replace(cfg, attention_impl="xla")
             row.update(attention="xla",
                        attention_fallback=f"cuDNN's attention did not compile: {_first_line(e)}")
-            compiled, row["compile_s"] = compiled_with(build_step(cfg, mode, args, case.remat)[0])
+            compiled, row["compile_s"], jaxpr = compiled_with(
+                build_step(cfg, mode, args, case.remat)[0])
     except jax.errors.JaxRuntimeError as e:
         return {**row, "status": "skipped", "reason": f"compilation failed: {_first_line(e)}"}
     row["memory"] = compiled_memory(compiled)
-    row["xla_flops_per_step"] = xla_flops(compiled)
+    # The batch's prompt-only head chunks skip their matmuls.
+    row["matmul_flops_per_step"] = flops.jaxpr_matmul_flops(
+        jaxpr, cond_share=flops.head_chunk_share(case.seq, case.prompt, args.chunk_size))
     _progress(f"{case.shape}/{mode}: compiled in {row['compile_s']:.1f} s")
     if args.compile_only:
         return {**row, "status": "compiled"}
@@ -382,8 +319,9 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     return {
         **row, "status": "ok", "timed_steps": len(times),
         "step_ms": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
-        "tokens_per_s": tokens / step_s, "model_flops_per_s": flops / step_s,
-        "mfu": flops / step_s / peak if peak else None,
+        "tokens_per_s": tokens / step_s, "model_flops_per_s": work / step_s,
+        "mfu": work / step_s / peak if peak else None,
+        "hfu": row["matmul_flops_per_step"] / step_s / peak if peak else None,
     }
 
 
@@ -513,10 +451,9 @@ def add_overheads(rows: list[dict]) -> None:
         if r["mode"] == "adamw" or b is None or r["status"] not in ("ok", "compiled"):
             continue
         r["memory_ratio_vs_adamw"] = r["memory"]["estimate_bytes"] / b["memory"]["estimate_bytes"]
-        if r.get("xla_flops_per_step") and b.get("xla_flops_per_step"):
-            # XLA's count of the extra work, comparable with flop_bound.
-            r["xla_extra_flops_vs_adamw"] = (
-                (r["xla_flops_per_step"] - b["xla_flops_per_step"]) / b["model_flops_per_step"])
+        # The extra matmul work counted from the two programs, comparable with flop_bound.
+        r["counted_extra_flops_vs_adamw"] = (
+            (r["matmul_flops_per_step"] - b["matmul_flops_per_step"]) / b["model_flops_per_step"])
         if r["status"] == "ok" and b["status"] == "ok":
             r["time_overhead_vs_adamw"] = r["step_ms"] / b["step_ms"] - 1.0
 
@@ -541,7 +478,8 @@ def toy_speed(grid: int = 9, repeats: int = 3) -> dict:
 def format_table(rows: Sequence[dict]) -> str:
     """The results as a fixed-width text table."""
     head = ("shape", "mode", "B", "T", "remat", "attention", "status", "compile s", "step ms",
-            "tok/s", "MFU", "mem est GiB", "peak GiB", "vs adamw", "FLOP bound")
+            "tok/s", "MFU", "HFU", "mem est GiB", "peak GiB", "vs adamw", "FLOP bound",
+            "counted extra")
     lines = [head]
     for r in rows:
         mem = r.get("memory", {})
@@ -551,9 +489,11 @@ def format_table(rows: Sequence[dict]) -> str:
             r.get("attention", "-"), r["status"],
             _fmt(r.get("compile_s"), "{:.1f}"), _fmt(r.get("step_ms"), "{:.1f}"),
             _fmt(r.get("tokens_per_s"), "{:,.0f}"), _fmt(r.get("mfu"), "{:.1%}"),
+            _fmt(r.get("hfu"), "{:.1%}"),
             _fmt(mem.get("estimate_bytes") and _gib(mem["estimate_bytes"]), "{:.3f}"),
             _fmt(peak and _gib(peak), "{:.2f}"), _overhead(r),
-            _fmt(r.get("flop_bound"), "{:.2%}")))
+            _fmt(r.get("flop_bound"), "{:.2%}"),
+            _fmt(r.get("counted_extra_flops_vs_adamw"), "{:.2%}")))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     text += [f"  {r['shape']}/{r['mode']}: skipped: {r['reason']}"
@@ -599,6 +539,11 @@ def environment(args: argparse.Namespace) -> dict:
                            "6 * params * tokens with a precomputed reference); attention-score "
                            "FLOPs excluded; same count for every mode",
             "mfu": "model_flops / median step time / device dense bf16 peak",
+            "matmul_flops": "2 * M * N * K of every matmul in the step's jaxpr (scans by trip "
+                            "count; remat, SAM passes, recomputed head chunks and attention "
+                            "included, cuDNN's counted as XLA's dense attention; the batch's "
+                            "prompt-only head chunks skipped)",
+            "hfu": "matmul_flops / median step time / device dense bf16 peak",
             "memory.estimate_bytes": "XLA compile-time argument + output + temp - alias",
             "flop_bound": "logits-SAM extra 4 * N * V * d over the adamw model_flops; N = "
                           "pairs * 2 * (seq - 1) head positions, or with --chunk-size c "
@@ -725,8 +670,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 rows.append(run(case, mode, args))
                 # The whole row: process start, compile, init, steps, profile.
                 rows[-1]["wall_s"] = time.perf_counter() - t0
+                add_overheads(rows)
                 # The row, its skip reason and its profile as soon as they are known, and the
-                # JSON so far: a run cut off by a time limit keeps the rows it finished.
+                # JSON so far: a run cut off by a time limit keeps the rows it finished, with
+                # their overheads.
                 if not args.child:
                     print("\n".join(format_table(rows[-1:]).splitlines()[1:]),
                           file=sys.stderr, flush=True)
@@ -735,7 +682,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     write_text_atomic(args.out, json.dumps(so_far, indent=1))
     except BenchError as e:
         _cli.fail(str(e), prog=PROG)
-    add_overheads(rows)
     result = {**environment(args), "rows": rows}
     if args.toy:
         result["toy"] = toy_speed()

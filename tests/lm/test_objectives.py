@@ -20,7 +20,8 @@ from lm import losses
 from lm import objectives as O
 from lm.models import (abstract_params, builtin_config, forward_hidden, init_params, logits,
                        output_head)
-from matmuls import matmul_flops, matmul_input_dtypes
+from experiments import flops
+from matmuls import matmul_input_dtypes
 
 B, T, V, D = 2, 8, 32, 8
 TM = jax.tree_util.tree_map
@@ -522,36 +523,33 @@ def test_chunked_logits_sam_stores_no_float32_perturbed_head():
     assert temp_bytes("logits-sam") - temp_bytes("adamw") <= 0.6 * float32_head
 
 
-@pytest.mark.parametrize("chunk_size", [None, 16])
-def test_logits_sams_extra_matmul_work_is_the_benchs_bound(chunk_size):
+@pytest.mark.parametrize("chunk_size,prompt", [(None, 3), (16, 3), (16, 40)])
+def test_logits_sams_extra_matmul_work_is_the_benchs_bound(chunk_size, prompt):
     """Every matmul of the logits-SAM step less adamw's, counted from the jaxpr (loops by
     their trip count): 4·N·V·d unchunked, 6·N·V·d chunked (the inner pass's backward
-    recomputes its chunk's logits), as experiments.bench's flop_bound says."""
-    from experiments import bench
-
+    recomputes its chunk's logits), as experiments.flops.logits_sam_extra_flops says. With
+    a 40-token prompt the first 2 of 4 chunks skip the head: the count's cond share."""
     cfg = builtin_config("gpt2-tiny")
     params = init_params(cfg, jax.random.key(7))
-    pairs, seq, prompt = 2, 64, 3
+    pairs, seq = 2, 64
     ids = np.random.default_rng(7).integers(0, cfg.vocab_size, (pairs, 2, seq), np.int32)
-    # Every chunk holds a response target, so none skips the head (a cond the count can't
-    # see: it counts the costlier branch).
     loss_mask = np.ones_like(ids)
     loss_mask[..., :prompt] = 0
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss_mask}
-    work = {mode: matmul_flops(O.make_grad_fn(cfg, mode=mode, chunk_size=chunk_size),
-                               params, batch, params) for mode in ("adamw", "logits-sam")}
-    positions = bench.head_positions(pairs, seq, prompt, chunk_size)
-    assert work["logits-sam"] - work["adamw"] == bench.logits_sam_extra_flops(
+    share = flops.head_chunk_share(seq, prompt, chunk_size)
+    work = {mode: flops.matmul_flops(O.make_grad_fn(cfg, mode=mode, chunk_size=chunk_size),
+                                     params, batch, params, cond_share=share)
+            for mode in ("adamw", "logits-sam")}
+    positions = flops.head_positions(pairs, seq, prompt, chunk_size)
+    assert work["logits-sam"] - work["adamw"] == flops.logits_sam_extra_flops(
         positions, cfg.vocab_size, cfg.hidden_size,
-        chunked=bench.is_chunked(seq, chunk_size))
+        chunked=flops.is_chunked(seq, chunk_size))
 
 
 def test_chunked_split_heads_extra_matmul_work_is_the_benchs_bound():
     """The split head's extra work that scales with the vocabulary, counted from the jaxpr
     at two vocabulary sizes: 16·N·d per token of V, the bench's 14 plus the forward that
     the plain share's ``jax.vjp`` traces and XLA drops (its result is unused)."""
-    from experiments import bench
-
     pairs, seq, prompt, chunk = 2, 32, 3, 8
     ids = np.random.default_rng(8).integers(0, 64, (pairs, 2, seq), np.int32)
     loss_mask = np.ones_like(ids)
@@ -561,14 +559,14 @@ def test_chunked_split_heads_extra_matmul_work_is_the_benchs_bound():
     def extra(vocab):
         cfg = builtin_config("gpt2-tiny", vocab_size=vocab, num_layers=1)
         params = init_params(cfg, jax.random.key(9))
-        split = matmul_flops(O.make_grad_fn(cfg, mode="logits-sam", chunk_size=chunk,
+        split = flops.matmul_flops(O.make_grad_fn(cfg, mode="logits-sam", chunk_size=chunk,
                                             head_dtype="split"), params, batch, params)
-        plain = matmul_flops(O.make_grad_fn(cfg, mode="adamw", chunk_size=chunk),
+        plain = flops.matmul_flops(O.make_grad_fn(cfg, mode="adamw", chunk_size=chunk),
                              params, batch, params)
         return split - plain, cfg.hidden_size
 
     (small, d), (large, _) = extra(128), extra(256)
-    positions = bench.head_positions(pairs, seq, prompt, chunk)
-    bound = (bench.logits_sam_extra_flops(positions, 256, d, chunked=True, split=True)
-             - bench.logits_sam_extra_flops(positions, 128, d, chunked=True, split=True))
+    positions = flops.head_positions(pairs, seq, prompt, chunk)
+    bound = (flops.logits_sam_extra_flops(positions, 256, d, chunked=True, split=True)
+             - flops.logits_sam_extra_flops(positions, 128, d, chunked=True, split=True))
     assert large - small == bound + 2 * positions * (256 - 128) * d
