@@ -13,8 +13,11 @@ HLO (by the event's ``hlo_op`` stat, else its name) and timed exclusively (a ``w
                       GPU, what is missing is launch overhead and host round trips (a
                       ``conditional``'s predicate or a ``while``'s condition read back).
   ms                  exclusive op time per :data:`CATEGORIES` entry.
-  top                 the ops that took longest, with their category and the JAX source of
-                      each (the HLO ``op_name``, less the ``jit(...)/`` prefix).
+  top                 the ops that took longest, with their category, the JAX source of
+                      each (the HLO ``op_name``, less the ``jit(...)/`` prefix) and the line
+                      of Python that made it (``lm/losses.py:87 fn``).
+  by_location         the lines of Python whose ops took longest, every op of a line summed
+                      (a kernel in each of 32 layers, a matmul's forward and backward).
   device_to_host      device-to-host copies (memcpy events) per step, GPU only.
 
 On a GPU the events are the kernels and copies on the device planes' stream lines
@@ -40,22 +43,35 @@ import os
 import re
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 
 CATEGORIES = ("matmul", "attention", "fusion", "copy", "collective", "control", "other")
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*)$")
+# The compiled module's source tables (``FileNames``, ``FunctionNames``, ``FileLocations``,
+# ``StackFrames``): entries "<id> <value>", one per line, before the first computation.
+_TABLE_ENTRY = re.compile(r"^(\d+) (.*)$")
 _OPCODE = re.compile(r"\s([a-z][a-z0-9\-]*)\(")
 _DEVICE_TO_HOST = re.compile(r"memcpy ?d(evice)?to ?h|memcpyd2h", re.IGNORECASE)
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
                 "all-to-all", "send", "recv")
 
 
-def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
-    """Each instruction of a compiled HLO module (``compiled.as_text()``) by name:
-    (category, source), the category one of :data:`CATEGORIES`.
+class Op(NamedTuple):
+    """An instruction of the compiled step: its kind, its JAX source (the ``op_name``:
+    transforms and module path, less ``jit(...)/``) and the line of Python that made it
+    (``file:line function``, the innermost frame XLA kept; "" where it kept none)."""
+
+    category: str
+    source: str
+    location: str = ""
+
+
+def hlo_ops(hlo_text: str) -> dict[str, Op]:
+    """Each instruction of a compiled HLO module (``compiled.as_text()``) by name, as an
+    :class:`Op`, the category one of :data:`CATEGORIES`.
 
     matmul: dot and convolution, cuBLAS/cuBLASLt custom calls, and fusions whose fused
     computation holds a dot (XLA:GPU's Triton GEMMs, XLA:CPU's library fusions); attention:
@@ -65,8 +81,16 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
     """
     computations: dict[str, list[str]] = {}
     current: list[str] = []
+    tables: dict[str, dict[int, str]] = {}
+    table: dict[int, str] | None = None
     for line in hlo_text.splitlines():
-        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+        entry = _TABLE_ENTRY.match(line)
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            table = tables.setdefault(line, {})
+        elif table is not None and entry:
+            table[int(entry.group(1))] = entry.group(2)
+        elif line and not line[0].isspace() and line.rstrip().endswith("{"):
+            table = None
             head = line.split()[1] if line.startswith("ENTRY") else line.split()[0]
             current = computations.setdefault(head.lstrip("%"), [])
         elif _INSTRUCTION.match(line):
@@ -80,7 +104,8 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
     for lines in computations.values():
         for line in lines:
             name, rest = _INSTRUCTION.match(line).groups()
-            ops[name] = (_category(_opcode(line), rest, holds_dot), _source(rest))
+            ops[name] = Op(_category(_opcode(line), rest, holds_dot), _source(rest),
+                           _location(rest, tables))
     return ops
 
 
@@ -118,6 +143,35 @@ def _category(opcode: str, rest: str, holds_dot: Callable[[str], bool]) -> str:
 def _source(rest: str) -> str:
     found = re.search(r'op_name="([^"]*)"', rest)
     return re.sub(r"^jit\([^)]*\)/", "", found.group(1)) if found else ""
+
+
+def _location(rest: str, tables: dict[str, dict[int, str]]) -> str:
+    """``file:line function`` of an instruction's innermost stack frame (``stack_frame_id``
+    into the module's tables), or of its ``source_file``/``source_line`` (older XLA)."""
+    frame = re.search(r"stack_frame_id=(\d+)", rest)
+    if frame:
+        def field(entry: str, key: str) -> int:
+            found = re.search(rf"\b{key}=(\d+)", entry)
+            return int(found.group(1)) if found else -1
+
+        location = tables.get("FileLocations", {}).get(
+            field(tables.get("StackFrames", {}).get(int(frame.group(1)), ""), "file_location_id"), "")
+        path = tables.get("FileNames", {}).get(field(location, "file_name_id"), "").strip('"')
+        function = tables.get("FunctionNames", {}).get(field(location, "function_name_id"), "")
+        line = field(location, "line")
+        if path and line >= 0:
+            return f"{_short_path(path)}:{line} {function.strip(chr(34))}".rstrip()
+    found = re.search(r'source_file="([^"]*)" source_line=(\d+)', rest)
+    return f"{_short_path(found.group(1))}:{found.group(2)}" if found else ""
+
+
+def _short_path(path: str) -> str:
+    """A path as the reader knows it: an installed package's from the package, this
+    checkout's relative to it."""
+    if "site-packages/" in path:
+        return path.rsplit("site-packages/", 1)[1]
+    here = os.getcwd() + os.sep
+    return path[len(here):] if path.startswith(here) else path
 
 
 # Below this a training step's trace is likely missing kernels (the first H200 trace: 0.2%,
@@ -184,7 +238,7 @@ _KERNEL_CATEGORIES = (
 )
 
 
-def op_events(profile: Any, ops: dict[str, tuple[str, str]]) -> dict:
+def op_events(profile: Any, ops: dict[str, Op]) -> dict:
     """The trace's op events of the module: exclusive ns per op name, busy intervals
     (start, end) in ns, the count of device-to-host memcpy events, and ``ops`` with the
     library kernels that no instruction claims added under their own names."""
@@ -204,7 +258,7 @@ def op_events(profile: Any, ops: dict[str, tuple[str, str]]) -> dict:
             "ops": ops, "device": False, "lines": {}}
 
 
-def _device_events(planes: list[Any], ops: dict[str, tuple[str, str]]) -> dict:
+def _device_events(planes: list[Any], ops: dict[str, Op]) -> dict:
     ops = dict(ops)
     by_kernel_name = {re.sub(r"[.\-]", "_", name): name for name in ops}
     exclusive: collections.Counter = collections.Counter()
@@ -226,7 +280,7 @@ def _device_events(planes: list[Any], ops: dict[str, tuple[str, str]]) -> dict:
             "ops": ops, "device": True, "lines": lines}
 
 
-def _kernel_op(event: Any, ops: dict[str, tuple[str, str]], by_kernel_name: dict) -> str:
+def _kernel_op(event: Any, ops: dict[str, Op], by_kernel_name: dict) -> str:
     """The instruction a kernel ran for: its ``hlo_op``, unless that is missing or a
     control op (a command buffer's call runs many kernels: each is charged by its own name),
     else the instruction its name spells, else the kernel's own name (added to ``ops`` in
@@ -235,7 +289,7 @@ def _kernel_op(event: Any, ops: dict[str, tuple[str, str]], by_kernel_name: dict
     if name in ops and ops[name][0] != "control":
         return name
     name = by_kernel_name.get(event.name) or event.name
-    ops.setdefault(name, (_kernel_category(name), ""))
+    ops.setdefault(name, Op(_kernel_category(name), ""))
     return name
 
 
@@ -280,21 +334,28 @@ def summarize(events: dict, wall_s: float, steps: int, top: int = 10) -> dict:
     by_category = dict.fromkeys(CATEGORIES, 0.0)
     for name, ns in exclusive.items():
         by_category[ops[name][0]] += ns * per_step_ms
+    by_location: collections.Counter = collections.Counter()
+    for name, ns in exclusive.items():
+        by_location[ops[name].location or f"({ops[name].category}, no source line)"] += ns
     return {
         "steps": steps,
         "wall_ms": 1e3 * wall_s / steps,
         "busy": _covered(events["intervals"]) * 1e-9 / wall_s,
         "ms": by_category,
-        "top": [{"op": name, "category": ops[name][0], "ms": ns * per_step_ms,
-                 "source": ops[name][1]}
+        "top": [{"op": name, "category": ops[name].category, "ms": ns * per_step_ms,
+                 "source": ops[name].source, "location": ops[name].location}
                 for name, ns in exclusive.most_common(top)],
+        # Every op a line of Python made, summed: the 12 or 32 layers' copies of one kernel,
+        # the forward and backward of one matmul, add up where the code can be changed.
+        "by_location": [{"location": location, "ms": ns * per_step_ms}
+                        for location, ns in by_location.most_common(top)],
         "device_to_host": events["device_to_host"] / steps if events["device"] else None,
     }
 
 
 def format_summary(label: str, summary: dict) -> str:
-    """Two lines: the time per category and busy fraction, then the three longest ops (or
-    one line: why there is no profile)."""
+    """Three lines: the time per category and busy fraction, the three longest ops, the
+    three lines of Python whose ops took longest (or one line: why there is no profile)."""
     if "error" in summary:
         return f"  {label}: no profile: {summary['error']}"
     wall = summary["wall_ms"]
@@ -308,4 +369,6 @@ def format_summary(label: str, summary: dict) -> str:
     lines.append("    longest: " + "; ".join(
         f"{op['op']} ({op['category']}, {op['ms']:.2f} ms) {op['source'][-60:]}"
         for op in summary["top"][:3]))
+    lines.append("    by line: " + "; ".join(
+        f"{entry['location']} {entry['ms']:.2f} ms" for entry in summary["by_location"][:3]))
     return "\n".join(lines)

@@ -61,7 +61,7 @@ def test_cli_writes_every_mode_with_the_expected_keys(result):
 
 def test_profile_reads_the_cpu_trace_of_every_mode(result):
     """A real trace (XLA:CPU's thunks) matched to the compiled HLO: the matmuls and other
-    fusions are found, and the longest ops carry their JAX source."""
+    fusions are found, and the longest ops carry their JAX source and line of Python."""
     for r in result["rows"]:
         profile = r["profile"]
         assert profile["steps"] == bench.PROFILE_STEPS and profile["wall_ms"] > 0
@@ -71,6 +71,10 @@ def test_profile_reads_the_cpu_trace_of_every_mode(result):
         tops = [op["ms"] for op in profile["top"]]
         assert tops == sorted(tops, reverse=True) and len(tops) == 10
         assert any("Decoder" in op["source"] for op in profile["top"])
+        # Summed per line of Python: the model's lines, named relative to the checkout.
+        lines = [entry["location"] for entry in profile["by_location"]]
+        assert sum(entry["ms"] for entry in profile["by_location"]) <= sum(profile["ms"].values())
+        assert any(line.startswith("lm/models/layers.py:") for line in lines), lines
 
 
 def test_each_finished_row_is_written_and_shown_before_the_next_starts(tmp_path, monkeypatch,

@@ -7,6 +7,7 @@ a real CPU trace is read in tests/experiments/test_bench.py.
 """
 
 import collections
+import os
 import re
 from types import SimpleNamespace
 
@@ -14,8 +15,34 @@ import pytest
 
 from experiments import step_profile as sp
 
+# The module's source tables: frame 2 is lm/models/layers.py:204 in this checkout, frame 3
+# a line of flax's, frame 4 one of a file outside both.
+SOURCE_TABLES = f"""\
+FileNames
+1 "{os.getcwd()}/lm/models/layers.py"
+2 "/usr/lib/python3/site-packages/flax/linen/linear.py"
+3 "/elsewhere/script.py"
+
+FunctionNames
+1 "__call__"
+2 "<module>"
+
+FileLocations
+1 {{file_name_id=1 function_name_id=1 line=204 end_line=204 column=4 end_column=9}}
+2 {{file_name_id=2 function_name_id=1 line=7 end_line=7 column=1 end_column=2}}
+3 {{file_name_id=3 function_name_id=2 line=3 end_line=3 column=1 end_column=2}}
+
+StackFrames
+1 {{file_location_id=3 parent_frame_id=1}}
+2 {{file_location_id=1 parent_frame_id=2}}
+3 {{file_location_id=2 parent_frame_id=2}}
+
+"""
+
 GPU_HLO = """\
 HloModule jit_step, is_scheduled=true, entry_computation_layout={(f32[8]{0})->f32[8]{0}}
+
+""" + SOURCE_TABLES + """
 
 %fused_add (p0: f32[8]) -> f32[8] {
   %p0 = f32[8]{0} parameter(0)
@@ -30,18 +57,19 @@ HloModule jit_step, is_scheduled=true, entry_computation_layout={(f32[8]{0})->f3
 
 %body (t: (s32[], f32[8])) -> (s32[], f32[8]) {
   %t = (s32[], f32[8]{0}) parameter(0)
-  ROOT %loop_fusion.2 = (s32[], f32[8]{0}) fusion(%t), kind=kLoop, calls=%fused_add
+  ROOT %loop_fusion.2 = (s32[], f32[8]{0}) fusion(%t), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/while/body/add" stack_frame_id=2}
 }
 
 ENTRY %main.9 (x: f32[8], w: bf16[8,8]) -> f32[8] {
   %x = f32[8]{0} parameter(0)
   %w = bf16[8,8]{1,0} parameter(1)
-  %gemm.1 = (bf16[8,8]{1,0}, s8[0]{0}) custom-call(%w, %w), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/jvp(Decoder)/layers_0/mlp/fc_in/dot_general"}
+  %gemm.1 = (bf16[8,8]{1,0}, s8[0]{0}) custom-call(%w, %w), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/jvp(Decoder)/layers_0/mlp/fc_in/dot_general" stack_frame_id=2}
   %gemm_fusion.3 = f32[8,8]{1,0} fusion(%w, %w), kind=kCustom, calls=%fused_dot, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
-  %custom-call.4 = (bf16[1,8,1,8]{3,2,1,0}, u8[0]{0}) custom-call(%w, %w, %w), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(step)/jvp(Decoder)/layers_0/attn/dot_product_attention"}
+  %custom-call.4 = (bf16[1,8,1,8]{3,2,1,0}, u8[0]{0}) custom-call(%w, %w, %w), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(step)/jvp(Decoder)/layers_0/attn/dot_product_attention" source_file="/opt/site-packages/jax/_src/nn/functions.py" source_line=12}
   %loop_fusion.1 = f32[8]{0} fusion(%x), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/jvp(Decoder)/final_norm/add"}
   %all-reduce-start = f32[8]{0} all-reduce-start(%x), replica_groups={}
-  %copy.7 = f32[8]{0} copy(%x)
+  %copy.7 = f32[8]{0} copy(%x), metadata={op_name="jit(step)/copy" stack_frame_id=3}
+  %copy.8 = f32[8]{0} copy(%x), metadata={op_name="jit(step)/copy" stack_frame_id=1}
   %transpose.2 = bf16[8,8]{0,1} transpose(%w), dimensions={1,0}
   %while.3 = (s32[], f32[8]{0}) while(%t), condition=%cond, body=%body
   %conditional.1 = (f32[8]{0}) conditional(%p, %a, %b), branch_computations={%b0, %b1}
@@ -58,8 +86,20 @@ def test_hlo_ops_sorts_gpu_instructions_into_categories():
                 "copy.7": "copy", "transpose.2": "copy", "while.3": "control",
                 "conditional.1": "control", "slice.9": "other", "add.1": "other"}
     assert {name: ops[name][0] for name in expected} == expected
-    assert ops["custom-call.4"][1] == "jvp(Decoder)/layers_0/attn/dot_product_attention"
-    assert ops["copy.7"][1] == ""
+    assert ops["custom-call.4"].source == "jvp(Decoder)/layers_0/attn/dot_product_attention"
+    assert ops["copy.7"].source == "copy" and ops["transpose.2"].source == ""
+
+
+def test_hlo_ops_name_the_line_of_python_of_each_instruction():
+    """The innermost stack frame, from the module's tables: this checkout's files relative
+    to it, an installed package's from the package; the older source_file/source_line."""
+    ops = sp.hlo_ops(GPU_HLO)
+    assert ops["gemm.1"].location == "lm/models/layers.py:204 __call__"
+    assert ops["loop_fusion.2"].location == "lm/models/layers.py:204 __call__"
+    assert ops["copy.7"].location == "flax/linen/linear.py:7 __call__"
+    assert ops["copy.8"].location == "/elsewhere/script.py:3 <module>"
+    assert ops["custom-call.4"].location == "jax/_src/nn/functions.py:12"
+    assert ops["transpose.2"].location == ""
 
 
 def _event(name, start, duration, **stats):
@@ -100,6 +140,11 @@ def test_gpu_trace_reads_the_stream_lines_once_and_not_the_lines_derived_from_th
     assert summary["device_to_host"] == 1
     assert [op["op"] for op in summary["top"][:3]] == ["loop_fusion.2", "gemm.1", "custom-call.4"]
     assert summary["top"][1]["source"] == "jvp(Decoder)/layers_0/mlp/fc_in/dot_general"
+    # The loop's fusion and the matmul are one line's: 60 + 50 ns over 2 steps.
+    assert summary["by_location"][0] == {"location": "lm/models/layers.py:204 __call__",
+                                         "ms": pytest.approx(55e-6)}
+    assert {"location": "(copy, no source line)", "ms": pytest.approx(7.5e-6)} in (
+        summary["by_location"])
 
 
 def test_kernels_run_in_a_command_buffer_are_placed_by_their_names():
@@ -127,7 +172,8 @@ def test_kernels_run_in_a_command_buffer_are_placed_by_their_names():
     assert top["loop_fusion.1"]["source"] == "jvp(Decoder)/final_norm/add"
     assert top["gemm_fusion.3"]["category"] == "matmul"
     assert top["some_library_kernel"] == {"op": "some_library_kernel", "category": "other",
-                                          "ms": pytest.approx(5e-6), "source": ""}
+                                          "ms": pytest.approx(5e-6), "source": "",
+                                          "location": ""}
 
 
 def test_without_derived_lines_the_stream_events_are_read_by_their_hlo_op():
