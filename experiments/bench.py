@@ -43,7 +43,11 @@ each; nothing inside the step talks to the host) and reports:
 ``--profile`` traces a few more steps after the timed ones and reports where their time goes
 (:mod:`experiments.step_profile`): per kind of op (matmul, attention, other fusions, copies,
 collectives, control flow), the fraction of the wall time in which the device was busy, the
-longest ops with their JAX source, and device-to-host copies per step.
+longest ops with their JAX source, the lines of Python whose ops took longest, and
+device-to-host copies per step. ``--breakdown`` times the step's parts alone
+(:mod:`experiments.step_parts`: optimizer, reference forward, policy trunk, policy head,
+and the rest), which needs no profiler; logits-SAM's rows time their head, next to
+adamw's.
 
 ``peak_bytes_in_use`` only grows within a process, so on devices that report it each
 (case, mode) runs in its own child process (``--isolate auto``). Cases that do not fit are
@@ -73,7 +77,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import _cli, flops, step_profile
+from experiments import _cli, flops, step_parts, step_profile
 from lm import models
 from lm import objectives
 from lm import optim
@@ -301,8 +305,8 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
         return {**row, "status": "skipped",
                 "reason": f"needs {_gib(need):.1f} GiB > {_gib(limit):.1f} GiB available"}
     try:
-        times, halted_at, profile, phases = _time_steps(compiled, tx, cfg, key, batch, args,
-                                                        label=f"{case.shape}/{mode}")
+        times, halted_at, profile, phases, params, ref = _time_steps(
+            compiled, tx, cfg, key, batch, args, label=f"{case.shape}/{mode}")
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -316,6 +320,16 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     row["phase_s"] = phases
     if profile is not None:
         row["profile"] = profile
+    if args.breakdown:
+        t0 = time.perf_counter()
+        options = step_parts.StepOptions(mode=mode, rho=args.rho, chunk_size=args.chunk_size,
+                                         head_dtype=args.head_dtype, remat=case.remat != "none")
+        parts = step_parts.time_parts(cfg, options, tx, params, ref, batch, args.steps,
+                                      1e3 * step_s)
+        if parts:
+            row["parts_ms"] = parts
+            phases["parts"] = time.perf_counter() - t0
+            _progress(f"{case.shape}/{mode}: parts timed in {phases['parts']:.1f} s")
     return {
         **row, "status": "ok", "timed_steps": len(times),
         "step_ms": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
@@ -325,12 +339,13 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     }
 
 
-def _time_steps(compiled, tx, cfg, key, batch, args,
-                label: str) -> tuple[list[float], int, dict | None, dict[str, float]]:
+def _time_steps(compiled, tx, cfg, key, batch, args, label: str
+                ) -> tuple[list[float], int, dict | None, dict[str, float], Any, Any]:
     """Per-step seconds of the timed steps, the trainer's ``halted_at`` (−1: all finite),
-    with ``--profile`` :func:`experiments.step_profile.profile_steps` of more steps, and the
+    with ``--profile`` :func:`experiments.step_profile.profile_steps` of more steps, the
     seconds each phase took (``init``: parameters, reference and optimizer state on the
-    device; ``steps``: warm-up and timed steps; ``profile``): where a short GPU loan went."""
+    device; ``steps``: warm-up and timed steps; ``profile``): where a short GPU loan went;
+    and the trained parameters and the reference (the optimizer state is freed)."""
     t0 = time.perf_counter()
     params = models.init_params(cfg, key)
     # The reference is a copy: the policy arrays are donated to the step.
@@ -367,7 +382,7 @@ def _time_steps(compiled, tx, cfg, key, batch, args,
         except Exception as e:
             profile = {"error": f"{type(e).__name__}: {_first_line(e)}"}
         phases["profile"] = time.perf_counter() - t0
-    return times, int(state.halted_at), profile, phases
+    return times, int(state.halted_at), profile, phases, state.params, ref
 
 
 def _progress(line: str) -> None:
@@ -432,6 +447,8 @@ def _shared_flags(args: argparse.Namespace) -> list[str]:
         flags.append("--compile-only")
     if args.profile:
         flags.append("--profile")
+    if args.breakdown:
+        flags.append("--breakdown")
     if args.scan_layers:
         flags.append("--scan-layers")
     return flags
@@ -456,6 +473,10 @@ def add_overheads(rows: list[dict]) -> None:
             (r["matmul_flops_per_step"] - b["matmul_flops_per_step"]) / b["model_flops_per_step"])
         if r["status"] == "ok" and b["status"] == "ok":
             r["time_overhead_vs_adamw"] = r["step_ms"] / b["step_ms"] - 1.0
+            if "head" in r.get("parts_ms", {}) and "head" in b.get("parts_ms", {}):
+                # How much of the step's extra time the head alone shows.
+                r["head_extra_ms_vs_adamw"] = r["parts_ms"]["head"] - b["parts_ms"]["head"]
+                r["step_extra_ms_vs_adamw"] = r["step_ms"] - b["step_ms"]
 
 
 def toy_speed(grid: int = 9, repeats: int = 3) -> dict:
@@ -502,7 +523,17 @@ def format_table(rows: Sequence[dict]) -> str:
              for r in rows if "attention_fallback" in r]
     text += [step_profile.format_summary(f"{r['shape']}/{r['mode']}", r["profile"])
              for r in rows if "profile" in r]
+    text += [_parts_line(r) for r in rows if "parts_ms" in r]
     return "\n".join(text)
+
+
+def _parts_line(r: dict) -> str:
+    parts = ", ".join(f"{name.removesuffix('_ms')} {ms:.2f}" for name, ms in r["parts_ms"].items())
+    line = f"  {r['shape']}/{r['mode']}: parts alone (ms): {parts}; step {r['step_ms']:.2f}"
+    if "head_extra_ms_vs_adamw" in r:
+        line += (f"; head {r['head_extra_ms_vs_adamw']:+.2f} ms of the step's "
+                 f"{r['step_extra_ms_vs_adamw']:+.2f} ms over adamw")
+    return line
 
 
 def _overhead(r: dict) -> str:
@@ -607,6 +638,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help=f"after timing, trace {PROFILE_STEPS} more steps and report where the "
                         "time goes: per kind of op, the busy fraction, the longest ops")
+    p.add_argument("--breakdown", action="store_true",
+                   help="after timing, time the step's parts alone (optimizer, reference, "
+                        "policy trunk, policy head; experiments.step_parts): where the time "
+                        "goes without a profiler")
     p.add_argument("--toy", action="store_true",
                    help="also time the Figure-1 toy sweep (vmapped JAX vs NumPy loop)")
     p.add_argument("--seed", type=int, default=0)

@@ -26,7 +26,9 @@ kernel is matched to its HLO instruction by its ``hlo_op`` stat, else by its nam
 names a fusion's kernel after the fusion, ``.`` and ``-`` written ``_``). A kernel that
 ran inside a command buffer (a CUDA graph, XLA:GPU's default for most of a step) may
 carry no ``hlo_op``, or the command buffer's, and then be missing from ``XLA Ops``: the
-first H200 trace matched no kernel there. A library kernel (cuBLAS, cuDNN) matched to no
+first H200 trace matched no kernel there. (XLA runs command buffers op by op while a
+profiler is active, unless ``--xla_enable_command_buffers_during_profiling=true``: then
+the traced steps have the launch gaps of a step without graphs.) A library kernel (cuBLAS, cuDNN) matched to no
 instruction is put in its category by its own name and listed under that name. Where the
 device events cover under :data:`MIN_DEVICE_BUSY` of the wall time the summary carries a
 ``warning`` with each device line's event count.

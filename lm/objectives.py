@@ -66,6 +66,13 @@ def _decoder_hidden(cfg, remat, params, input_ids, attention_mask):
     return batch_hidden(cfg, params, input_ids, attention_mask, remat=remat)
 
 
+def decoder_trunk(cfg, *, remat: bool = False) -> Callable[[Params, jax.Array, jax.Array], jax.Array]:
+    """``hidden_fn(params, input_ids, attention_mask)`` of the decoder, as training runs it:
+    each block rematerialised in the backward pass under ``remat``, or whenever
+    ``cfg.remat_policy`` says what a block keeps."""
+    return functools.partial(_decoder_hidden, cfg, remat or cfg.remat_policy is not None)
+
+
 def _head_in(dtype, hidden_fn, head_fn):
     """``hidden_fn`` and ``head_fn`` with outputs cast to ``dtype`` (None: unchanged), so
     the head matmuls, their gradients and logits-SAM's W + e run in that dtype.
@@ -150,9 +157,8 @@ def make_grad_fn(
     ``cfg.remat_policy`` (which says what a block keeps besides its input); the other
     arguments are those of :func:`make_model_grad_fn`.
     """
-    remat = remat or cfg.remat_policy is not None
     return make_model_grad_fn(
-        functools.partial(_decoder_hidden, cfg, remat), functools.partial(output_head, cfg),
+        decoder_trunk(cfg, remat=remat), functools.partial(output_head, cfg),
         loss=loss, loss_kwargs=loss_kwargs, mode=mode, rho=rho, chunk_size=chunk_size,
         reference=reference, head_dtype=head_dtype)
 

@@ -24,7 +24,7 @@ MODES = ("adamw", "logits-sam", "sam")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "cpu.json"
     bench.main(["--steps", "2", "--warmup", "0", "--isolate", "never", "--profile",
-                "--out", str(out)])
+                "--breakdown", "--out", str(out)])
     with open(out) as f:
         return json.load(f)
 
@@ -45,7 +45,8 @@ def test_cli_writes_every_mode_with_the_expected_keys(result):
                     "model_flops_per_s", "matmul_flops_per_step"):
             assert np.isfinite(r[key]) and r[key] > 0, key
         assert r["mfu"] is None and r["hfu"] is None  # no peak for a CPU without --peak-flops
-        assert set(r["phase_s"]) == {"init", "steps", "profile"}
+        assert set(r["phase_s"]) == {"init", "steps", "profile"} | (
+            {"parts"} if r["mode"] != "sam" else set())
         assert r["phase_s"]["steps"] >= r["timed_steps"] * r["step_ms_min"] * 1e-3
         assert r["wall_s"] > r["compile_s"] + sum(r["phase_s"].values())
         mem = r["memory"]
@@ -57,6 +58,16 @@ def test_cli_writes_every_mode_with_the_expected_keys(result):
         assert "time_overhead_vs_adamw" in by_mode[mode]
         assert "memory_ratio_vs_adamw" in by_mode[mode]
     assert "flop_bound" in by_mode["logits-sam"]
+    # --breakdown: adamw's four parts and the rest; logits-SAM's head next to adamw's.
+    parts = by_mode["adamw"]["parts_ms"]
+    assert list(parts) == ["reference", "trunk", "head", "optimizer", "rest_ms"]
+    assert parts["rest_ms"] == pytest.approx(by_mode["adamw"]["step_ms"] - sum(
+        ms for name, ms in parts.items() if name != "rest_ms"))
+    lsam = by_mode["logits-sam"]
+    assert list(lsam["parts_ms"]) == ["head"]
+    assert lsam["head_extra_ms_vs_adamw"] == pytest.approx(
+        lsam["parts_ms"]["head"] - parts["head"])
+    assert "parts_ms" not in by_mode["sam"]
 
 
 def test_profile_reads_the_cpu_trace_of_every_mode(result):
