@@ -109,7 +109,8 @@ def parse_args(argv: list[str] | None = None):
                    help="reference log-probs: the frozen initial model in every step, or "
                         "computed once before training (no reference weights on device)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"),
-                   help="compute dtype (default: float32; bfloat16 on GPU)")
+                   help="compute dtype (default: float32, on every device; bfloat16 is the "
+                        "GPU's fast path, with cuDNN's flash attention)")
     g.add_argument("--param-dtype", choices=("float32", "bfloat16"),
                    help="parameter storage dtype (default: float32)")
     g.add_argument("--chunk-size", type=positive_int, help="tokens per chunk of vocabulary logits")

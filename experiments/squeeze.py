@@ -582,6 +582,10 @@ def plot(runs: dict[str, dict[str, Any]], path: str, title: str) -> None:
     plt.close(fig)
 
 
+# A held-out DPO margin (nats) below which the baseline has not learned the preference.
+MIN_LEARNED_MARGIN = 0.01
+
+
 def report(result: dict[str, Any]) -> list[str]:
     """The printed summary: one line of numbers per run, then one plain verdict each."""
     lines = []
@@ -598,9 +602,14 @@ def report(result: dict[str, Any]) -> list[str]:
             f"accuracy {s['heldout_accuracy']:.3f}")
     base = result["summary"]["baseline"]
     squeezed = base["heldout_logps_chosen_change"] < -0.1
-    lines.append(f"baseline: the chosen log-prob {'FALLS' if squeezed else 'does not fall'} "
-                 f"({base['heldout_logps_chosen_change']:+.2f} nats held-out) while the margin grows "
-                 f"to {base['heldout_margin']:.3f}" + (" (squeezing)" if squeezed else ""))
+    if base["heldout_margin"] < MIN_LEARNED_MARGIN:
+        lines.append(f"baseline: did not learn the preference (held-out margin "
+                     f"{base['heldout_margin']:.3f}, accuracy {base['heldout_accuracy']:.3f}): "
+                     f"nothing to squeeze or mitigate; raise --lr or --steps")
+    else:
+        lines.append(f"baseline: the chosen log-prob {'FALLS' if squeezed else 'does not fall'} "
+                     f"({base['heldout_logps_chosen_change']:+.2f} nats held-out) while the margin "
+                     f"grows to {base['heldout_margin']:.3f}" + (" (squeezing)" if squeezed else ""))
     lines += [verdict(name, s, base) for name, s in result["summary"].items() if name != "baseline"]
     if "probe" in result:
         lines.append(probe_line(result["probe"]))

@@ -209,7 +209,11 @@ def test_a_baseline_margin_that_is_not_positive_gives_no_comparison():
     assert base["matched_margin_chosen_change"] is x["matched_margin_chosen_change"] is None
     assert "the baseline's final train margin is not positive, so no like-for-like comparison" in squeeze.verdict(
         "x", x, base)
-    assert "none (the baseline's train margin is not positive)" in squeeze.report({"summary": {"baseline": base, "x": x}})[1]
+    lines = squeeze.report({"summary": {"baseline": base, "x": x}})
+    assert "none (the baseline's train margin is not positive)" in lines[1]
+    # Not "the margin grows to -0.100": the baseline learned nothing (SGD at too small a rate).
+    assert lines[2] == ("baseline: did not learn the preference (held-out margin -0.100, accuracy "
+                        "0.400): nothing to squeeze or mitigate; raise --lr or --steps")
     agg = squeeze.across_seeds([{"summary": {"baseline": base, "x": x}}])
     assert agg["x"]["matched_margin"]["values"] == [] and agg["x"]["end"]["values"] == [0.0]
     assert "train at equal margin no seed to compare" in squeeze.across_seeds_lines(agg, 1)[1]

@@ -1,6 +1,5 @@
-"""experiments.step_parts: each part is the step's own work, and the parts add up."""
-
-import dataclasses
+"""experiments.step_parts: each part is the step's own work (the parts of every mode and
+what is left of the step are checked on the bench's own run, tests/experiments/test_bench.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +9,6 @@ import pytest
 from experiments import step_parts
 from lm import models
 from lm import objectives as O
-from lm import optim
 
 
 @pytest.fixture(scope="module")
@@ -50,26 +48,6 @@ def test_the_head_part_is_the_steps_head(tiny, mode):
                                      head_vjp(head_grads["head"])[0])
     for got, want in zip(jax.tree_util.tree_leaves(rebuilt), jax.tree_util.tree_leaves(grads)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-8)
-
-
-def test_parts_of_each_mode_and_what_is_left(tiny):
-    cfg, params, batch = tiny
-    tx = optim.make_optimizer(1e-6, total_steps=1, schedule="constant")
-    ref = O.frozen_reference(cfg, params)
-    options = step_parts.StepOptions(mode="adamw", rho=1e-4, chunk_size=8, head_dtype=None,
-                                     remat=True)
-    copy = jax.tree_util.tree_map(jnp.copy, params)
-    parts = step_parts.time_parts(cfg, options, tx, copy, ref, batch, steps=2, step_ms=100.0)
-    assert list(parts) == ["reference", "trunk", "head", "optimizer", "rest_ms"]
-    assert all(ms > 0 for name, ms in parts.items() if name != "rest_ms")
-    assert parts["rest_ms"] == pytest.approx(100.0 - sum(
-        ms for name, ms in parts.items() if name != "rest_ms"))
-    lsam = step_parts.time_parts(cfg, dataclasses.replace(options, mode="logits-sam"), tx,
-                                 params, ref, batch, steps=2, step_ms=100.0)
-    assert list(lsam) == ["head"]
-    sam = step_parts.time_parts(cfg, dataclasses.replace(options, mode="sam"), tx, params,
-                                ref, batch, steps=2, step_ms=100.0)
-    assert sam == {}
 
 
 def test_median_ms_blocks_on_every_call():
