@@ -63,9 +63,9 @@ run() {  # run NAME LIMIT_S BENCH_FLAGS...
 run gpt2-124m 220 "${small[@]}" "${common[@]}" --chunk-size 128 --modes adamw,logits-sam,sam \
   --breakdown
 # The 2.65B candidate: block remat that keeps every matmul output without a batch dimension
-# (+2.9 GiB of residuals as the jaxpr counts them) recomputes no matmul of the trunk: 44.9
-# TFLOP a step against block remat's 51.8 (experiments.flops), the whole block's
-# recomputation less its matmuls.
+# (+2.9 GiB of residuals as the jaxpr counts them) recomputes only attention and the
+# elementwise ops: 44.9 TFLOP a step against block remat's 51.8 and no remat's 44.6
+# (experiments.flops).
 run gpt2-2.65b-dots 300 "${large[@]}" "${common[@]}" --chunk-size 128 --modes adamw,logits-sam \
   --remat dots_with_no_batch_dims_saveable --breakdown
 # Correctness, short: two small models' gradients, cuDNN's attention against XLA's (gpt2's
@@ -80,7 +80,7 @@ run gpt2-124m-unchunked 120 "${small[@]}" "${common[@]}" --modes adamw,logits-sa
 run gpt2-2.65b 240 "${large[@]}" "${common[@]}" --chunk-size 128 --modes adamw,logits-sam
 run gpt2-2.65b-scanned 180 "${large[@]}" "${common[@]}" --chunk-size 128 --modes adamw,logits-sam --scan-layers
 # No remat: 44.6 TFLOP, but 20 GiB of residuals as the jaxpr counts them (XLA keeps less:
-# 124M's count is 7.1 GiB against a 6.6 GB peak); over 54 GB unless XLA keeps under ~60%.
+# 124M's count is 7.1 GiB against a 6.6 GB peak); over 54 GB unless XLA keeps under about half.
 run gpt2-2.65b-noremat 150 "${large[@]}" "${common[@]}" --chunk-size 128 --modes adamw --remat none
 run gpt2-124m-split-head 90 "${small[@]}" "${common[@]}" --chunk-size 128 --modes logits-sam --head-dtype split
 echo "== done at $SECONDS s" | tee -a "$log"

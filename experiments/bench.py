@@ -320,16 +320,19 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     row["phase_s"] = phases
     if profile is not None:
         row["profile"] = profile
-    if args.breakdown:
+    options = step_parts.StepOptions(mode=mode, rho=args.rho, chunk_size=args.chunk_size,
+                                     head_dtype=args.head_dtype, remat=case.remat != "none",
+                                     reference=args.reference)
+    if args.breakdown and step_parts.part_names(options):
         t0 = time.perf_counter()
-        options = step_parts.StepOptions(mode=mode, rho=args.rho, chunk_size=args.chunk_size,
-                                         head_dtype=args.head_dtype, remat=case.remat != "none")
-        parts = step_parts.time_parts(cfg, options, tx, params, ref, batch, args.steps,
-                                      1e3 * step_s)
-        if parts:
-            row["parts_ms"] = parts
-            phases["parts"] = time.perf_counter() - t0
-            _progress(f"{case.shape}/{mode}: parts timed in {phases['parts']:.1f} s")
+        # Extra, like the profile: the step's timing stands whatever the parts do.
+        try:
+            row["parts_ms"] = step_parts.time_parts(cfg, options, tx, params, ref, batch,
+                                                    args.steps, 1e3 * step_s)
+        except Exception as e:
+            row["parts_ms"] = {"error": f"{type(e).__name__}: {_first_line(e)}"}
+        phases["parts"] = time.perf_counter() - t0
+        _progress(f"{case.shape}/{mode}: parts timed in {phases['parts']:.1f} s")
     return {
         **row, "status": "ok", "timed_steps": len(times),
         "step_ms": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
@@ -528,8 +531,11 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 def _parts_line(r: dict) -> str:
-    parts = ", ".join(f"{name.removesuffix('_ms')} {ms:.2f}" for name, ms in r["parts_ms"].items())
-    line = f"  {r['shape']}/{r['mode']}: parts alone (ms): {parts}; step {r['step_ms']:.2f}"
+    label = f"  {r['shape']}/{r['mode']}"
+    if "error" in r["parts_ms"]:
+        return f"{label}: no parts: {r['parts_ms']['error']}"
+    parts = ", ".join(f"{name} {ms:.2f}" for name, ms in r["parts_ms"].items())
+    line = f"{label}: parts alone (ms): {parts}; step {r['step_ms']:.2f}"
     if "head_extra_ms_vs_adamw" in r:
         line += (f"; head {r['head_extra_ms_vs_adamw']:+.2f} ms of the step's "
                  f"{r['step_extra_ms_vs_adamw']:+.2f} ms over adamw")

@@ -25,9 +25,9 @@ from jax.extend.core import jaxprs_in_params
 
 # cuDNN's fused attention (jax.nn.dot_product_attention(implementation="cudnn")): one
 # primitive each way, whose matmuls the jaxpr does not show.
-_ATTENTION_FORWARD = ("dot_product_attention_fwd_wrapper", "dot_product_attention_fwd")
-_ATTENTION_BACKWARD = ("dot_product_attention_bwd_wrapper", "dot_product_attention_bwd")
-_BNTH = 1  # jax's AttentionLayout.BNTH; 0 is BTNH
+_ATTENTION_FORWARD = "dot_product_attention_fwd_wrapper"
+_ATTENTION_BACKWARD = "dot_product_attention_bwd_wrapper"
+_BTNH = 0  # jax's AttentionLayout.BTNH, the one jax.nn.dot_product_attention passes
 
 
 def count_params(tree: Any) -> int:
@@ -132,8 +132,8 @@ def jaxpr_matmul_flops(closed_jaxpr: Any, *, cond_share: float = 1.0) -> float:
                 lhs = eqn.invars[0].aval.shape
                 total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
                     lhs[i] for i in contracting)
-            elif name in _ATTENTION_FORWARD or name in _ATTENTION_BACKWARD:
-                total += _attention_flops(eqn, backward=name in _ATTENTION_BACKWARD)
+            elif name in (_ATTENTION_FORWARD, _ATTENTION_BACKWARD):
+                total += _attention_flops(eqn, backward=name == _ATTENTION_BACKWARD)
             elif name == "scan":
                 total += eqn.params["length"] * walk(eqn.params["jaxpr"].jaxpr)
             elif name == "cond":
@@ -147,10 +147,9 @@ def jaxpr_matmul_flops(closed_jaxpr: Any, *, cond_share: float = 1.0) -> float:
 
 
 def _attention_flops(eqn: Any, *, backward: bool) -> float:
-    query, key, value = (v.aval.shape for v in eqn.invars[:3])
-    if eqn.params["layout"] == _BNTH:
-        (b, n, t, h_qk), s, h_v = query, key[2], value[3]
-    else:
-        (b, t, n, h_qk), s, h_v = query, key[1], value[3]
+    if eqn.params["layout"] != _BTNH:
+        raise ValueError(f"{eqn.primitive.name}: layout {eqn.params['layout']}, not BTNH "
+                         f"({_BTNH}), which is all jax.nn.dot_product_attention passes")
+    (b, t, n, h_qk), (_, s, _, _), (*_, h_v) = (v.aval.shape for v in eqn.invars[:3])
     forward = 2.0 * b * n * t * s * (h_qk + h_v)
     return 2.0 * forward if backward else forward

@@ -1,23 +1,24 @@
 """Where a DPO step's time goes, by timing its parts alone: no profiler needed.
 
-    parts = time_parts(cfg, mode, case, options, params, ref_params, batch, steps)
+    parts = time_parts(cfg, options, tx, params, ref_params, batch, steps, step_ms)
 
 Each part is the trainer's own code, compiled and timed on its own (median of ``steps``
-calls, ``block_until_ready`` after each), so the parts of one step are
+calls, ``block_until_ready`` after each; :func:`part_calls` builds them, from
+:func:`head_call` and :func:`optimizer_call` among others), so the parts of one step are
 
   optimizer   global-norm clipping, AdamW and the finite-step bookkeeping:
               :func:`lm.train.make_train_step` with a gradient read from its input.
   reference   the frozen reference's forward, trunk and head
-              (:func:`lm.objectives.reference_logps`).
+              (:func:`lm.objectives.reference_logps`); none with a precomputed reference.
   trunk       the policy trunk's forward and backward, to the final norm, with the
               step's remat (the gradient of ⟨h(θ), c⟩ for a fixed cotangent c).
   head        the policy head's forward and backward and the DPO loss from fixed final
               hidden states h: :func:`lm.objectives.make_model_grad_fn` with h and W as its
               only parameters, so logits-SAM's inner pass and perturbation are in it too.
 
-and ``rest_ms`` = step − their sum: what only the whole step does (the trunk's backward
+and ``rest`` = step − their sum: what only the whole step does (the trunk's backward
 meeting the head's, buffers the parts pass between them, scheduling across the parts).
-A part XLA runs faster inside the whole step than alone makes ``rest_ms`` negative.
+A part XLA runs faster inside the whole step than alone makes ``rest`` negative.
 Logits-SAM changes only the head, so its rows time the head alone (its extra time next
 to the head's: :func:`experiments.bench.add_overheads`); full SAM runs every part but
 the optimizer and the reference twice, and its rows time none.
@@ -52,6 +53,7 @@ class StepOptions:
     chunk_size: int | None
     head_dtype: str | None
     remat: bool
+    reference: str = "frozen"
 
 
 def median_ms(call: Callable[[], Any], steps: int, warmup: int = 1) -> float:
@@ -66,39 +68,54 @@ def median_ms(call: Callable[[], Any], steps: int, warmup: int = 1) -> float:
     return 1e3 * statistics.median(times)
 
 
-def time_parts(cfg: Any, options: StepOptions, tx: optax.GradientTransformation,
-               params: Any, ref_params: Any, batch: dict, steps: int, step_ms: float) -> dict:
-    """Median ms of each of :data:`PARTS` [``options.mode``] and, with all four, ``rest_ms``
-    (module docstring). ``params`` is consumed: the optimizer part donates a state built
-    on it."""
+def part_names(options: StepOptions) -> tuple[str, ...]:
+    """The parts a step of ``options`` has that its row times (module docstring)."""
+    return tuple(part for part in PARTS[options.mode]
+                 if part != "reference" or options.reference == "frozen")
+
+
+def part_calls(cfg: Any, options: StepOptions, tx: optax.GradientTransformation,
+               params: Any, ref_params: Any, batch: dict) -> dict[str, Callable[[], Any]]:
+    """Each of :func:`part_names` as a call of no arguments that runs it once (jitted; the
+    first call compiles). The optimizer's donates a state built on ``params``, so it is
+    the last to run: after it, ``params`` are gone."""
     ids, attn, _ = objectives.flatten_pairs(batch)
     trunk = objectives.decoder_trunk(cfg, remat=options.remat)
     hidden = jax.eval_shape(lambda p: trunk(p, ids, attn), params)
-    key = jax.random.PRNGKey(1)
-    # Random values of the hidden states' shape and dtype: a head on zeros could run faster.
-    h = (0.5 * jax.random.normal(key, hidden.shape, jnp.float32)).astype(hidden.dtype)
-    out: dict[str, float] = {}
-    for part in PARTS[options.mode]:
-        if part == "optimizer":
-            out[part] = _optimizer_ms(tx, params, steps)
-        elif part == "reference":
+    # Random values of the hidden states' shape: a head on zeros could run faster.
+    noise = 0.5 * jax.random.normal(jax.random.PRNGKey(1), hidden.shape, jnp.float32)
+    h = noise.astype(hidden.dtype)
+    calls: dict[str, Callable[[], Any]] = {}
+    for part in part_names(options):
+        if part == "reference":
             reference = objectives.make_reference_fn(cfg, chunk_size=options.chunk_size,
                                                      head_dtype=options.head_dtype)
-            out[part] = median_ms(lambda: reference(ref_params, batch), steps)
+            calls[part] = lambda: reference(ref_params, batch)
         elif part == "trunk":
             trunk_grad = jax.jit(jax.grad(
                 lambda p, c: jnp.vdot(trunk(p, ids, attn).astype(jnp.float32), c)))
-            out[part] = median_ms(lambda: trunk_grad(params, h.astype(jnp.float32)), steps)
+            calls[part] = lambda: trunk_grad(params, noise)
+        elif part == "head":
+            calls[part] = head_call(cfg, options, params, h, batch)
         else:
-            out[part] = _head_ms(cfg, options, params, h, batch, steps)
-    if len(out) == len(PARTS["adamw"]):
-        out["rest_ms"] = step_ms - sum(out.values())
+            calls[part] = optimizer_call(tx, params)
+    return calls
+
+
+def time_parts(cfg: Any, options: StepOptions, tx: optax.GradientTransformation,
+               params: Any, ref_params: Any, batch: dict, steps: int, step_ms: float) -> dict:
+    """Median ms of each part (:func:`part_calls`) and, with every part of an adamw step,
+    ``rest`` (module docstring). ``params`` is consumed."""
+    out = {part: median_ms(call, steps)
+           for part, call in part_calls(cfg, options, tx, params, ref_params, batch).items()}
+    if options.mode == "adamw":
+        out["rest"] = step_ms - sum(out.values())
     return out
 
 
-def _optimizer_ms(tx, params, steps: int) -> float:
+def optimizer_call(tx, params) -> Callable[[], Any]:
     """The step's update alone: a gradient of the parameters' shapes (a scaled copy, so
-    clipping and AdamW see ordinary values) taken as the ``batch``."""
+    clipping and AdamW see ordinary values) taken as the ``batch``; returns the state."""
     grads = jax.tree_util.tree_map(lambda p: 1e-3 * p, params)
     step = jax.jit(make_train_step(lambda p, g, _: (jnp.float32(0), {}, g), tx),
                    donate_argnums=0)
@@ -109,18 +126,20 @@ def _optimizer_ms(tx, params, steps: int) -> float:
         state, _ = step(state, grads, None)
         return state
 
-    return median_ms(call, steps)
+    return call
 
 
-def _head_ms(cfg, options: StepOptions, params, h, batch, steps: int) -> float:
+def head_call(cfg, options: StepOptions, params, h, batch) -> Callable[[], Any]:
     """The policy head's fwd + bwd (and logits-SAM's inner pass) on fixed hidden states,
-    with precomputed reference log-probs: the step's head work, nothing of the trunk."""
-    head = output_head(cfg, params)
+    with precomputed reference log-probs: the step's head work, nothing of the trunk.
+    Returns ``(loss, metrics, grads)`` with grads ``{"hidden", "head"}``."""
     grad_fn = objectives.make_model_grad_fn(
         lambda p, _ids, _attn: p["hidden"], lambda p: p["head"], mode=options.mode,
         rho=options.rho, chunk_size=options.chunk_size, reference="precomputed",
         head_dtype=options.head_dtype)
     pairs = batch["input_ids"].shape[0]
-    batch = {**batch, "ref_logps": jnp.full((pairs, 2), -100.0, jnp.float32)}
+    batch = {**batch, "ref_logps": batch.get("ref_logps",
+                                             jnp.full((pairs, 2), -100.0, jnp.float32))}
     head_grad = jax.jit(grad_fn)
-    return median_ms(lambda: head_grad({"hidden": h, "head": head}, batch, None), steps)
+    inputs = {"hidden": h, "head": output_head(cfg, params)}
+    return lambda: head_grad(inputs, batch, None)

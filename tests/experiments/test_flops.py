@@ -115,6 +115,14 @@ def test_cudnn_attention_counts_as_xlas(cudnn_traceable, kv_heads):
     assert cudnn == xla
 
 
+def test_an_attention_layout_the_count_does_not_know_is_an_error():
+    from types import SimpleNamespace
+    eqn = SimpleNamespace(primitive=SimpleNamespace(name="dot_product_attention_fwd_wrapper"),
+                          params={"layout": 1}, invars=[])
+    with pytest.raises(ValueError, match="layout 1, not BTNH"):
+        flops._attention_flops(eqn, backward=False)
+
+
 @pytest.fixture(scope="module")
 def tiny_step():
     cfg = models.builtin_config("gpt2-tiny")

@@ -1,5 +1,6 @@
-"""experiments.step_parts: each part is the step's own work (the parts of every mode and
-what is left of the step are checked on the bench's own run, tests/experiments/test_bench.py)."""
+"""experiments.step_parts: the head part is the step's head, each step has its parts, and
+every timed call is waited for. (The bench's own run checks its rows' parts and rest:
+tests/experiments/test_bench.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import pytest
 from experiments import step_parts
 from lm import models
 from lm import objectives as O
+from lm import optim
 
 
 @pytest.fixture(scope="module")
@@ -26,23 +28,22 @@ def tiny():
 
 @pytest.mark.parametrize("mode", ["adamw", "logits-sam"])
 def test_the_head_part_is_the_steps_head(tiny, mode):
-    """The head part's program (make_model_grad_fn on fixed hidden states) gives the step's
-    loss, and its gradients are the step's head share: with the trunk's, the whole."""
+    """step_parts.head_call on the trunk's real output gives the step's loss, and its
+    gradients are the step's head share: with the trunk's, the whole gradient."""
     cfg, params, batch = tiny
-    ref = O.reference_logps(cfg, params, batch)
+    batch = {**batch, "ref_logps": O.reference_logps(cfg, params, batch)}
     step = O.make_grad_fn(cfg, mode=mode, reference="precomputed", chunk_size=8)
-    loss, _, grads = step(params, {**batch, "ref_logps": ref}, None)
+    loss, _, grads = step(params, batch, None)
     ids, attn, _ = O.flatten_pairs(batch)
-    hidden = O.decoder_trunk(cfg)(params, ids, attn)
-    head_part = O.make_model_grad_fn(lambda p, _i, _a: p["hidden"], lambda p: p["head"],
-                                     mode=mode, reference="precomputed", chunk_size=8)
-    head = models.output_head(cfg, params)
-    head_loss, _, head_grads = head_part({"hidden": hidden, "head": head},
-                                         {**batch, "ref_logps": ref}, None)
+    trunk = O.decoder_trunk(cfg)
+    hidden = trunk(params, ids, attn)
+    options = step_parts.StepOptions(mode=mode, rho=1e-4, chunk_size=8, head_dtype=None,
+                                     remat=False, reference="precomputed")
+    head_loss, _, head_grads = step_parts.head_call(cfg, options, params, hidden, batch)()
     np.testing.assert_allclose(head_loss, loss, rtol=1e-6)
     # The chain rule puts the step back together: the hidden states' gradient through the
     # trunk plus the head's through the output layer (here the tied embedding).
-    _, trunk_vjp = jax.vjp(lambda p: O.decoder_trunk(cfg)(p, ids, attn), params)
+    _, trunk_vjp = jax.vjp(lambda p: trunk(p, ids, attn), params)
     _, head_vjp = jax.vjp(lambda p: models.output_head(cfg, p), params)
     rebuilt = jax.tree_util.tree_map(jnp.add, trunk_vjp(head_grads["hidden"])[0],
                                      head_vjp(head_grads["head"])[0])
@@ -50,12 +51,29 @@ def test_the_head_part_is_the_steps_head(tiny, mode):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-8)
 
 
-def test_median_ms_blocks_on_every_call():
-    calls = []
+def test_a_step_without_a_reference_forward_has_no_reference_part(tiny):
+    cfg, params, batch = tiny
+    tx = optim.make_optimizer(1e-6, total_steps=1, schedule="constant")
+    options = step_parts.StepOptions(mode="adamw", rho=1e-4, chunk_size=8, head_dtype=None,
+                                     remat=True, reference="precomputed")
+    parts = step_parts.time_parts(cfg, options, tx, jax.tree_util.tree_map(jnp.copy, params),
+                                  None, batch, steps=1, step_ms=50.0)
+    assert list(parts) == ["trunk", "head", "optimizer", "rest"]
+    assert parts["rest"] == pytest.approx(50.0 - parts["trunk"] - parts["head"]
+                                          - parts["optimizer"])
+    frozen = step_parts.StepOptions(mode="adamw", rho=1e-4, chunk_size=8, head_dtype=None,
+                                    remat=True)
+    assert step_parts.part_names(frozen) == ("reference", "trunk", "head", "optimizer")
+    assert step_parts.part_names(step_parts.StepOptions("sam", 1e-4, None, None, False)) == ()
+
+
+def test_median_ms_waits_for_every_call(monkeypatch):
+    waited, results = [], []
 
     def call():
-        calls.append(1)
-        return jnp.ones(3) * len(calls)
+        results.append(jnp.ones(3) * len(results))
+        return results[-1]
 
-    assert step_parts.median_ms(call, steps=3, warmup=2) > 0
-    assert len(calls) == 5
+    monkeypatch.setattr(step_parts.jax, "block_until_ready", lambda x: waited.append(x) or x)
+    assert step_parts.median_ms(call, steps=3, warmup=2) >= 0
+    assert len(waited) == 5 and all(w is r for w, r in zip(waited, results))
