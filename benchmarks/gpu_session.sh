@@ -32,7 +32,8 @@ device=$("$py" -c "import jax; k = jax.devices()[0].device_kind.split(); print((
 device=${device:-gpu}
 date=$(date +%F)
 
-common=(--dtype bfloat16 --steps 20 --warmup 3)
+timing=(--dtype bfloat16 --steps 20 --warmup 3)
+common=("${timing[@]}")
 [[ ${PROFILE:-1} == 0 ]] || common+=(--profile)
 # SMALL / LARGE replace the two shapes, e.g. for a dry run of the whole session on a CPU:
 #   SMALL="--shapes gpt2-tiny --pairs 2 --seq 64 --prompt 16" LARGE="$SMALL" \
@@ -66,8 +67,8 @@ run gpt2-124m 220 "${small[@]}" "${common[@]}" --chunk-size 128 --modes adamw,lo
 # (+2.9 GiB of residuals as the jaxpr counts them) recomputes only attention and the
 # elementwise ops: 44.9 TFLOP a step against block remat's 51.8 and no remat's 44.6
 # (experiments.flops).
-run gpt2-2.65b-dots 300 "${large[@]}" "${common[@]}" --chunk-size 128 --modes adamw,logits-sam \
-  --remat dots_with_no_batch_dims_saveable --breakdown
+dots=(--chunk-size 128 --remat dots_with_no_batch_dims_saveable)
+run gpt2-2.65b-dots 240 "${large[@]}" "${common[@]}" "${dots[@]}" --modes adamw,logits-sam
 # Correctness, short: two small models' gradients, cuDNN's attention against XLA's (gpt2's
 # passed on the first H200; llama-tiny's sliding window was not reached).
 if picked gpu_check && (( SECONDS + 60 < budget )); then
@@ -76,11 +77,13 @@ if picked gpu_check && (( SECONDS + 60 < budget )); then
     | tee -a "$log"
 fi
 run gpt2-124m-unchunked 120 "${small[@]}" "${common[@]}" --modes adamw,logits-sam --breakdown
+# The candidate's parts, apart from its rows above so that compiling them (a 32-layer trunk's
+# backward, the reference's forward) cannot cost the logits-sam row; its step is cached.
+run gpt2-2.65b-dots-parts 180 "${large[@]}" "${timing[@]}" "${dots[@]}" --modes adamw --breakdown
 # TRL's configuration (block remat): adamw ran on the first H200 (149 ms), logits-sam not.
 run gpt2-2.65b 240 "${large[@]}" "${common[@]}" --chunk-size 128 --modes adamw,logits-sam
 run gpt2-2.65b-scanned 180 "${large[@]}" "${common[@]}" --chunk-size 128 --modes adamw,logits-sam --scan-layers
 # No remat: 44.6 TFLOP, but 20 GiB of residuals as the jaxpr counts them (XLA keeps less:
 # 124M's count is 7.1 GiB against a 6.6 GB peak); over 54 GB unless XLA keeps under about half.
 run gpt2-2.65b-noremat 150 "${large[@]}" "${common[@]}" --chunk-size 128 --modes adamw --remat none
-run gpt2-124m-split-head 90 "${small[@]}" "${common[@]}" --chunk-size 128 --modes logits-sam --head-dtype split
 echo "== done at $SECONDS s" | tee -a "$log"
