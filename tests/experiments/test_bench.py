@@ -348,3 +348,28 @@ def test_toy_speed_row_times_the_toy_engineers_sweep():
     t = bench.toy_speed(grid=3, repeats=1)
     assert t["trajectories"] == 9 and t["jax_run_s"] > 0 and t["numpy_run_s"] > 0
     assert t["max_abs_diff"] < 1e-3  # float32 vmapped sweep vs the float64 NumPy loop
+
+
+def test_gpu_session_runs_a_picked_case_and_returns_at_most_eight_files(tmp_path):
+    """benchmarks/gpu_session.sh at a tiny shape, one case picked by name: the case's JSON and
+    the log, nothing else started. Its runs and the log fit the 8 files the device tool
+    brings back."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = os.path.join(root, "benchmarks", "gpu_session.sh")
+    tiny = "--shapes gpt2-tiny --pairs 1 --seq 32 --prompt 8"
+    env = {**os.environ, "SMALL": tiny, "LARGE": tiny, "PROFILE": "0",
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", script, str(out), "gpt2-2.65b-noremat"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) == 2 and files[1] == "session.log", files
+    assert files[0].startswith(f"{jax.devices()[0].platform}-gpt2-2.65b-noremat-")
+    (row,) = json.loads((out / files[0]).read_text())["rows"]
+    assert row["status"] == "ok" and row["remat"] == "none" and row["shape"] == "gpt2-tiny"
+    log = (out / "session.log").read_text()
+    assert "== gpt2-2.65b-noremat" in log and "== gpt2-124m " not in log
+    with open(script) as f:
+        runs = [line.split()[1] for line in f if line.startswith("run ")]
+    assert len(set(runs)) == len(runs) and len(runs) + 1 <= 8, runs
