@@ -357,7 +357,9 @@ def test_gpu_session_runs_a_picked_case_and_returns_at_most_eight_files(tmp_path
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     script = os.path.join(root, "benchmarks", "gpu_session.sh")
     tiny = "--shapes gpt2-tiny --pairs 1 --seq 32 --prompt 8"
-    env = {**os.environ, "SMALL": tiny, "LARGE": tiny, "PROFILE": "0",
+    # The script runs the first python3 on PATH: this interpreter's.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {**os.environ, "SMALL": tiny, "LARGE": tiny, "PROFILE": "0", "PATH": path,
            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
     out = tmp_path / "out"
     done = subprocess.run(["bash", script, str(out), "gpt2-2.65b-noremat"], cwd=root, env=env,
