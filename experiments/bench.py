@@ -225,7 +225,8 @@ def build_step(cfg: Any, mode: str, args: argparse.Namespace, remat: str):
     grad_fn = objectives.make_grad_fn(
         cfg, loss="dpo", mode=mode, rho=args.rho, chunk_size=args.chunk_size,
         reference=args.reference, remat=remat != "none", head_dtype=args.head_dtype)
-    tx = optim.make_optimizer(args.lr, total_steps=1, schedule="constant")
+    tx = optim.make_optimizer(args.lr, total_steps=1, schedule="constant",
+                              mu_dtype=args.mu_dtype)
     return jax.jit(make_train_step(grad_fn, tx), donate_argnums=0), tx
 
 
@@ -444,6 +445,8 @@ def _shared_flags(args: argparse.Namespace) -> list[str]:
         flags += ["--chunk-size", str(args.chunk_size)]
     if args.head_dtype is not None:
         flags += ["--head-dtype", args.head_dtype]
+    if args.mu_dtype is not None:
+        flags += ["--mu-dtype", args.mu_dtype]
     if args.peak_flops is not None:
         flags += ["--peak-flops", repr(args.peak_flops)]
     if args.compile_only:
@@ -629,6 +632,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="frozen: reference forward inside the step; precomputed: none")
     p.add_argument("--rho", type=float, default=1e-4, help="(logits-)SAM radius")
     p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate")
+    p.add_argument("--mu-dtype", choices=[d for d in optim.MU_DTYPES if d],
+                   help="AdamW's first-moment storage (default: the parameters' dtype)")
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
                    help="attention implementation (auto: cuDNN's flash attention where it runs, "
                         "see lm.models.attention_for; XLA's elsewhere)")

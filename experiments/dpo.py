@@ -137,6 +137,9 @@ def parse_args(argv: list[str] | None = None):
     g.add_argument("--schedule", default="cosine", choices=optim.SCHEDULES)
     g.add_argument("--weight-decay", type=finite_float, default=0.0)
     g.add_argument("--clip-norm", type=positive_float, default=1.0)
+    g.add_argument("--mu-dtype", choices=[d for d in optim.MU_DTYPES if d],
+                   help="AdamW's first-moment storage (default: the parameters' dtype); "
+                        "bfloat16 moves 4 fewer bytes per parameter a step (lm.optim)")
     g = p.add_argument_group("run")
     g.add_argument("--batch-size", type=positive_int, default=8, help="preference pairs per step (global)")
     g.add_argument("--steps", type=positive_int, default=100)
@@ -289,7 +292,7 @@ TRAJECTORY_FLAGS = (
     "model", "data", "tokenizer", "eos_token", "format", "template", "on_error", "max_len",
     "max_prompt_len", "held_out", "loss", "beta", "lam", "delta", "gamma", "label_smoothing", "grad",
     "rho", "reference", "dtype", "param_dtype", "head_dtype", "grad_accum", "lr", "warmup_steps",
-    "schedule", "weight_decay", "clip_norm",
+    "schedule", "weight_decay", "clip_norm", "mu_dtype",
 )
 # Those of them that name files: recorded resolved, and compared as the files they name
 # (another spelling, working directory or symlink of the same file resumes); a built-in
@@ -473,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_fn = eval_from_grad_fn(objectives.make_grad_fn(cfg, mode="plain", **common))
         tx = optim.make_optimizer(
             args.lr, total_steps=args.steps, warmup_steps=args.warmup_steps, schedule=args.schedule,
-            weight_decay=args.weight_decay, clip_norm=args.clip_norm,
+            weight_decay=args.weight_decay, clip_norm=args.clip_norm, mu_dtype=args.mu_dtype,
         )
     except ValueError as err:
         fail(str(err))

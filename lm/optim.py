@@ -5,6 +5,13 @@ chain here is
 
     clip_by_global_norm(clip_norm) → adamw(schedule, b1, b2, eps, weight_decay, mask)
 
+The first moment is stored in ``mu_dtype`` (default: the parameters' dtype). bfloat16
+halves its bytes, which every step reads and writes (4 of the 28–32 bytes a float32 AdamW
+step moves per parameter). Each step rounds the running mean of the gradients to bf16's 8
+bits, and the errors decay by β₁ rather than vanish: after 60 steps of noisy gradients the
+updates differ from float32's by 1.5% (relative, in norm; tests/lm/test_optim.py). The
+second moment, whose square root sets the step size, keeps the parameters' dtype.
+
 Weight decay (decoupled, AdamW) applies to matrices only: every leaf with ``ndim ≥ 2``
 (kernels, embeddings, the output layer) decays; biases and norm scales (``ndim ≤ 1``) do
 not, the Hugging Face Trainer convention. The default ``weight_decay`` is 0 (TRL's).
@@ -29,6 +36,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 SCHEDULES = ("cosine", "linear", "constant")
+MU_DTYPES = (None, "float32", "bfloat16")
 
 
 def make_schedule(
@@ -89,10 +97,12 @@ def make_optimizer(
     b2: float = 0.999,
     eps: float = 1e-8,
     clip_norm: float | None = 1.0,
+    mu_dtype: str | None = None,
 ) -> optax.GradientTransformation:
     """Clipped AdamW on :func:`make_schedule` (see the module docstring).
 
-    ``clip_norm`` None turns clipping off. Raises ValueError naming the flag.
+    ``clip_norm`` None turns clipping off; ``mu_dtype`` ("float32", "bfloat16"; None: the
+    parameters') stores the first moment. Raises ValueError naming the flag.
     """
     lr = make_schedule(learning_rate, total_steps=total_steps, warmup_steps=warmup_steps,
                        schedule=schedule, final_lr_ratio=final_lr_ratio)
@@ -103,7 +113,11 @@ def make_optimizer(
             raise ValueError(f"{flag} must be in [0, 1), got {v}")
     if not eps > 0:
         raise ValueError(f"--eps must be > 0, got {eps}")
-    adamw = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+    if mu_dtype not in MU_DTYPES:
+        raise ValueError(f"--mu-dtype must be one of {', '.join(map(str, MU_DTYPES))}, "
+                         f"got {mu_dtype!r}")
+    adamw = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask,
+                        mu_dtype=None if mu_dtype is None else jnp.dtype(mu_dtype))
     if clip_norm is None:
         return adamw
     if not (math.isfinite(clip_norm) and clip_norm > 0):

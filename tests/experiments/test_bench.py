@@ -350,6 +350,19 @@ def test_toy_speed_row_times_the_toy_engineers_sweep():
     assert t["max_abs_diff"] < 1e-3  # float32 vmapped sweep vs the float64 NumPy loop
 
 
+def test_a_bfloat16_first_moment_stores_two_bytes_less_per_parameter(tmp_path):
+    def argument_bytes(*flags):
+        out = tmp_path / f"mu{len(flags)}.json"
+        bench.main(["--modes", "adamw", "--isolate", "never", "--compile-only", *flags,
+                    "--out", str(out)])
+        (row,) = json.loads(out.read_text())["rows"]
+        return row["memory"]["argument_bytes"], row["n_params"]
+
+    full, n_params = argument_bytes()
+    half, _ = argument_bytes("--mu-dtype", "bfloat16")
+    assert full - half == 2 * n_params
+
+
 def test_gpu_session_runs_a_picked_case_and_returns_at_most_eight_files(tmp_path):
     """benchmarks/gpu_session.sh at a tiny shape, one case picked by name: the case's JSON and
     the log, nothing else started. Its runs and the log fit the 8 files the device tool

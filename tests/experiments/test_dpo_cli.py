@@ -237,6 +237,7 @@ def test_a_refused_command_leaves_the_run_folder_as_it_was(tmp_path, capsys):
         (["--model", "gpt2-tiny", "--resume"], f"--model gpt2-tiny (checkpoint: {HF / 'gpt2'})"),
         (model + ["--resume", "--lr", "1e-3", "--seed", "3"], "--lr 0.001 (checkpoint: 0.01), --seed 3 (checkpoint: 0)"),
         (model + ["--resume", "--steps", "3"], "--steps 3 (checkpoint: 2)"),  # cosine decays over --steps
+        (model + ["--resume", "--mu-dtype", "bfloat16"], "--mu-dtype bfloat16 (checkpoint: unset)"),
     ]:
         code, lines = errors(capsys, flags + extra)
         assert code == 2 and len(lines) == 1, lines

@@ -141,12 +141,38 @@ def test_accumulation_keeps_bfloat16_grads_in_their_dtype():
         ({"weight_decay": -0.1}, "--weight-decay"),
         ({"clip_norm": 0.0}, "--clip-norm"),
         ({"b2": 1.0}, "--b2"),
+        ({"mu_dtype": "float16"}, "--mu-dtype"),
     ],
 )
 def test_bad_optimizer_flags(kwargs, flag):
     args = {"learning_rate": 1e-3, "total_steps": 10, **kwargs}
     with pytest.raises(ValueError, match=flag):
         optim.make_optimizer(**args)
+
+
+def test_bfloat16_first_moment_is_stored_in_bfloat16_and_moves_the_updates_little():
+    """Over 60 steps of noisy gradients: the first moment in bf16, the second in float32,
+    and the updates within a few percent of float32 AdamW's (1.5% in norm at step 60),
+    but not equal to them (the rounding is real)."""
+    params = {"w": jax.random.normal(jax.random.PRNGKey(0), (64, 64)), "b": jnp.zeros(64)}
+
+    def updates(mu_dtype):
+        tx = optim.make_optimizer(1e-3, total_steps=100, schedule="constant", clip_norm=None,
+                                  mu_dtype=mu_dtype)
+        state = tx.init(params)
+        for i in range(60):
+            grads = jax.tree_util.tree_map(
+                lambda p: jax.random.normal(jax.random.PRNGKey(i + 1), p.shape) + 0.3, params)
+            update, state = tx.update(grads, state, params)
+        return update, state
+
+    exact, _ = updates(None)
+    rounded, state = updates("bfloat16")
+    adam = state[0]
+    assert {x.dtype for x in jax.tree_util.tree_leaves(adam.mu)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree_util.tree_leaves(adam.nu)} == {jnp.dtype(jnp.float32)}
+    rel = float(jnp.linalg.norm(rounded["w"] - exact["w"]) / jnp.linalg.norm(exact["w"]))
+    assert 1e-4 < rel < 0.05, rel
 
 
 def test_bad_grad_accum():
