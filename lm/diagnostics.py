@@ -53,7 +53,7 @@ from dynamics.sam import sam_perturbation
 from dynamics.softmax_regression import logit_hessian_vp
 from lm import losses
 from lm.models import logits_from_hidden, output_head
-from lm.objectives import batch_hidden, flatten_pairs, reference_logps, split_pairs
+from lm.objectives import batch_hidden, flatten_pairs, pair_logps, reference_logps, split_pairs
 
 PyTree = Any
 
@@ -217,8 +217,7 @@ def _pair_objective(cfg, params, batch, ref_params, loss, loss_kwargs, head_dtyp
     ref = jax.lax.stop_gradient(ref)
 
     def loss_of_logps(logps):
-        pairs = losses.PairLogps(*split_pairs(logps), *split_pairs(ref), *split_pairs(counts))
-        return jnp.mean(objective(pairs))
+        return jnp.mean(objective(pair_logps(logps, ref, counts)))
 
     return loss_of_logps
 

@@ -57,6 +57,12 @@ def split_pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x[:, 0], x[:, 1]
 
 
+def pair_logps(logps: jax.Array, ref: jax.Array, counts: jax.Array) -> losses.PairLogps:
+    """Policy and reference log-probs and response lengths of the 2B flattened sequences
+    (:func:`flatten_pairs`' order) as the B pairs a loss of :data:`lm.losses.LOSSES` takes."""
+    return losses.PairLogps(*split_pairs(logps), *split_pairs(ref), *split_pairs(counts))
+
+
 #: ``forward_hidden`` on a batch of :mod:`lm.data`, which is right-padded: attention takes
 #: each row's length (what every objective, the diagnostics and squeeze run).
 batch_hidden = functools.partial(forward_hidden, right_padded=True)
@@ -232,7 +238,7 @@ def make_model_grad_fn(
     def tokens_loss(token_logps, mask, ref):
         """Mean loss and metrics of the pairs from masked per-token log-probs (2B, T − 1)."""
         logps, counts = jnp.sum(token_logps, axis=-1), losses.response_lengths(mask)
-        pairs = losses.PairLogps(*split_pairs(logps), *split_pairs(ref), *split_pairs(counts))
+        pairs = pair_logps(logps, ref, counts)
         per_pair = objective(pairs)
         return jnp.mean(per_pair), objective.metrics(pairs, per_pair)
 
