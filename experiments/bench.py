@@ -107,6 +107,18 @@ TARGETS = {
     "sam": "full SAM, for contrast: a second forward/backward of the whole policy",
 }
 
+# Hugging Face TRL 1.16 DPOTrainer on one H100 at the comparison's shapes (issue 6), and
+# the goals against it (TARGETS says them in words; goal_checks tests the rows).
+TRL = {
+    "gpt2-124m": {"pairs": 8, "seq": 512, "prompt": 128, "tokens_per_s": 102e3, "peak_gb": 9.2},
+    "gpt2-2.65b": {"pairs": 2, "seq": 512, "prompt": 128, "tokens_per_s": 7.0e3, "peak_gb": 54.0},
+}
+SPEEDUP_GOAL = 3.0           # gpt2-124m tokens/s over TRL's
+MFU_GOAL = 0.40              # gpt2-2.65b
+OVERHEAD_GOAL_PP = 0.01      # logits-SAM's time overhead above its FLOP bound, every shape
+OVERHEAD_GOAL_2_65B = 0.02   # and its overhead itself at gpt2-2.65b
+MEMORY_GOAL = 1.02           # logits-SAM's peak memory over adamw's
+
 # The cases of the TRL comparison: (shape, pairs, seq, prompt, remat).
 PRESETS = {
     "trl": (("gpt2-124m", 8, 512, 128, "none"), ("gpt2-2.65b", 2, 512, 128, "block")),
@@ -474,15 +486,55 @@ def add_overheads(rows: list[dict]) -> None:
         if r["mode"] == "adamw" or b is None or r["status"] not in ("ok", "compiled"):
             continue
         r["memory_ratio_vs_adamw"] = r["memory"]["estimate_bytes"] / b["memory"]["estimate_bytes"]
-        # The extra matmul work counted from the two programs, comparable with flop_bound.
-        r["counted_extra_flops_vs_adamw"] = (
-            (r["matmul_flops_per_step"] - b["matmul_flops_per_step"]) / b["model_flops_per_step"])
+        if "matmul_flops_per_step" in r and "matmul_flops_per_step" in b:  # not in old files
+            # The extra matmul work counted from the two programs, comparable with flop_bound.
+            r["counted_extra_flops_vs_adamw"] = (
+                (r["matmul_flops_per_step"] - b["matmul_flops_per_step"])
+                / b["model_flops_per_step"])
+        peaks = (r["memory"].get("peak_bytes_in_use"), b["memory"].get("peak_bytes_in_use"))
+        if all(peaks):
+            r["peak_memory_ratio_vs_adamw"] = peaks[0] / peaks[1]
         if r["status"] == "ok" and b["status"] == "ok":
             r["time_overhead_vs_adamw"] = r["step_ms"] / b["step_ms"] - 1.0
             if "head" in r.get("parts_ms", {}) and "head" in b.get("parts_ms", {}):
                 # How much of the step's extra time the head alone shows.
                 r["head_extra_ms_vs_adamw"] = r["parts_ms"]["head"] - b["parts_ms"]["head"]
                 r["step_extra_ms_vs_adamw"] = r["step_ms"] - b["step_ms"]
+
+
+def goal_checks(rows: Sequence[dict]) -> list[dict]:
+    """Each goal of issue 6 that a finished row can be held to: ``{"row", "goal", "value",
+    "target", "at_most", "met"}``. TRL's goals only at TRL's shapes (:data:`TRL`), MFU only where the
+    device has a peak, memory by ``peak_bytes_in_use`` where the device reports it (else
+    XLA's estimate)."""
+    checks = []
+
+    def check(r, goal, value, target, at_most):
+        checks.append({"row": f"{r['shape']}/{r['mode']}", "goal": goal, "value": value,
+                       "target": target, "at_most": at_most,
+                       "met": value <= target if at_most else value >= target})
+
+    for r in (r for r in rows if r["status"] == "ok"):
+        trl = TRL.get(r["shape"])
+        at_trl = trl is not None and all(r[k] == trl[k] for k in ("pairs", "seq", "prompt"))
+        peak = r["memory"].get("peak_bytes_in_use")
+        if r["mode"] == "adamw" and at_trl:
+            if r["shape"] == "gpt2-124m":
+                check(r, "tokens/s over TRL's", r["tokens_per_s"] / trl["tokens_per_s"],
+                      SPEEDUP_GOAL, at_most=False)
+            elif r.get("mfu") is not None:
+                check(r, "MFU", r["mfu"], MFU_GOAL, at_most=False)
+            if peak:
+                check(r, "peak GB (TRL's)", peak / 1e9, trl["peak_gb"], at_most=True)
+        if r["mode"] == "logits-sam" and "time_overhead_vs_adamw" in r:
+            check(r, "time overhead above its FLOP bound",
+                  r["time_overhead_vs_adamw"] - r["flop_bound"], OVERHEAD_GOAL_PP, at_most=True)
+            if r["shape"] == "gpt2-2.65b":
+                check(r, "time overhead", r["time_overhead_vs_adamw"], OVERHEAD_GOAL_2_65B,
+                      at_most=True)
+            ratio = r.get("peak_memory_ratio_vs_adamw", r["memory_ratio_vs_adamw"])
+            check(r, "memory over adamw's", ratio, MEMORY_GOAL, at_most=True)
+    return checks
 
 
 def toy_speed(grid: int = 9, repeats: int = 3) -> dict:
@@ -530,6 +582,9 @@ def format_table(rows: Sequence[dict]) -> str:
     text += [step_profile.format_summary(f"{r['shape']}/{r['mode']}", r["profile"])
              for r in rows if "profile" in r]
     text += [_parts_line(r) for r in rows if "parts_ms" in r]
+    text += [f"  goal {'met' if c['met'] else 'MISSED'}: {c['row']} {c['goal']} "
+             f"{c['value']:.4g} (goal {'<=' if c['at_most'] else '>='} {c['target']:g})"
+             for c in goal_checks(rows)]
     return "\n".join(text)
 
 
@@ -724,11 +779,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     print("\n".join(format_table(rows[-1:]).splitlines()[1:]),
                           file=sys.stderr, flush=True)
                 if args.out:
-                    so_far = {**environment(args), "rows": rows}
+                    so_far = {**environment(args), "rows": rows, "goals": goal_checks(rows)}
                     write_text_atomic(args.out, json.dumps(so_far, indent=1))
     except BenchError as e:
         _cli.fail(str(e), prog=PROG)
-    result = {**environment(args), "rows": rows}
+    result = {**environment(args), "rows": rows, "goals": goal_checks(rows)}
     if args.toy:
         result["toy"] = toy_speed()
     print(format_table(rows))

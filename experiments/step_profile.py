@@ -371,6 +371,7 @@ def format_summary(label: str, summary: dict) -> str:
     lines.append("    longest: " + "; ".join(
         f"{op['op']} ({op['category']}, {op['ms']:.2f} ms) {op['source'][-60:]}"
         for op in summary["top"][:3]))
-    lines.append("    by line: " + "; ".join(
-        f"{entry['location']} {entry['ms']:.2f} ms" for entry in summary["by_location"][:3]))
+    if summary.get("by_location"):  # not in profiles written before it was
+        lines.append("    by line: " + "; ".join(
+            f"{entry['location']} {entry['ms']:.2f} ms" for entry in summary["by_location"][:3]))
     return "\n".join(lines)

@@ -68,6 +68,9 @@ def test_cli_writes_every_mode_with_the_expected_keys(result):
     assert lsam["head_extra_ms_vs_adamw"] == pytest.approx(
         lsam["parts_ms"]["head"] - parts["head"])
     assert "parts_ms" not in by_mode["sam"]
+    # Issue 6's goals that a CPU run at gpt2-tiny can be held to: logits-SAM's.
+    assert {c["goal"] for c in result["goals"]} == {"time overhead above its FLOP bound",
+                                                    "memory over adamw's"}
 
 
 def test_profile_reads_the_cpu_trace_of_every_mode(result):
@@ -194,6 +197,34 @@ def test_overheads_compare_rows_that_ran_the_same_attention():
     assert rows[1]["time_overhead_vs_adamw"] == pytest.approx(0.1)
     assert rows[1]["counted_extra_flops_vs_adamw"] == pytest.approx(0.1)
     assert "time_overhead_vs_adamw" not in rows[2]  # no adamw row with XLA's attention
+
+
+def test_goal_checks_hold_each_row_to_its_goals():
+    def row(shape, mode, pairs, **kw):
+        return {"shape": shape, "mode": mode, "pairs": pairs, "seq": 512, "prompt": 128,
+                "remat": "none", "attention": "cudnn", "status": "ok",
+                "model_flops_per_step": 1.0, "matmul_flops_per_step": 1.0, **kw}
+
+    gb = 1e9
+    rows = [row("gpt2-124m", "adamw", 8, step_ms=25.0, tokens_per_s=310e3, mfu=0.3,
+                memory={"estimate_bytes": 6 * gb, "peak_bytes_in_use": 6.5 * gb}),
+            row("gpt2-124m", "logits-sam", 8, step_ms=30.0, tokens_per_s=270e3, mfu=0.25,
+                flop_bound=0.174, memory={"estimate_bytes": 6 * gb, "peak_bytes_in_use": 6.6 * gb}),
+            row("gpt2-2.65b", "adamw", 2, step_ms=120.0, tokens_per_s=17e3, mfu=0.36,
+                memory={"estimate_bytes": 50 * gb, "peak_bytes_in_use": 55 * gb}),
+            # Not TRL's shape: only logits-SAM's goals would apply.
+            row("gpt2-124m", "adamw", 4, step_ms=15.0, tokens_per_s=270e3, mfu=0.3,
+                memory={"estimate_bytes": 3 * gb})]
+    bench.add_overheads(rows)
+    checks = {(c["row"], c["goal"]): (c["value"], c["met"]) for c in bench.goal_checks(rows)}
+    assert checks == {
+        ("gpt2-124m/adamw", "tokens/s over TRL's"): (pytest.approx(310 / 102), True),
+        ("gpt2-124m/adamw", "peak GB (TRL's)"): (pytest.approx(6.5), True),
+        ("gpt2-124m/logits-sam", "time overhead above its FLOP bound"): (pytest.approx(0.026), False),
+        ("gpt2-124m/logits-sam", "memory over adamw's"): (pytest.approx(6.6 / 6.5), True),
+        ("gpt2-2.65b/adamw", "MFU"): (0.36, False),
+        ("gpt2-2.65b/adamw", "peak GB (TRL's)"): (pytest.approx(55.0), False),
+    }
 
 
 def test_a_run_cut_off_keeps_the_overheads_of_the_rows_it_finished(monkeypatch, tmp_path):
