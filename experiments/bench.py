@@ -370,22 +370,21 @@ def _time_steps(compiled, tx, cfg, key, batch, args, label: str
            if args.reference == "frozen" else None)
     state = create_train_state(params, tx, args.seed)
 
-    def run_steps(n: int) -> None:
+    def one_step():
         nonlocal state
+        state, _ = compiled(state, batch, ref)
+        return state
+
+    def run_steps(n: int) -> None:
         for _ in range(n):
-            state, metrics = compiled(state, batch, ref)
+            one_step()
         jax.block_until_ready(state)
 
     jax.block_until_ready((state, ref))
     phases = {"init": time.perf_counter() - t0}
     _progress(f"{label}: parameters and state on the device in {phases['init']:.1f} s")
     steps_start = time.perf_counter()
-    run_steps(args.warmup)
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        run_steps(1)
-        times.append(time.perf_counter() - t0)
+    times = step_parts.call_seconds(one_step, args.steps, args.warmup)
     phases["steps"] = time.perf_counter() - steps_start
     _progress(f"{label}: {args.warmup} + {args.steps} steps in {phases['steps']:.1f} s")
     profile = None

@@ -56,8 +56,9 @@ class StepOptions:
     reference: str = "frozen"
 
 
-def median_ms(call: Callable[[], Any], steps: int, warmup: int = 1) -> float:
-    """Median wall time of ``call()`` in ms, ``block_until_ready`` on each result."""
+def call_seconds(call: Callable[[], Any], steps: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of each of ``steps`` calls ``call()`` after ``warmup`` untimed ones,
+    ``block_until_ready`` on each result (the bench times its whole step the same way)."""
     for _ in range(warmup):
         jax.block_until_ready(call())
     times = []
@@ -65,7 +66,12 @@ def median_ms(call: Callable[[], Any], steps: int, warmup: int = 1) -> float:
         t0 = time.perf_counter()
         jax.block_until_ready(call())
         times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return times
+
+
+def median_ms(call: Callable[[], Any], steps: int, warmup: int = 1) -> float:
+    """Median of :func:`call_seconds`, in ms."""
+    return 1e3 * statistics.median(call_seconds(call, steps, warmup))
 
 
 def part_names(options: StepOptions) -> tuple[str, ...]:

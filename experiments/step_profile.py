@@ -102,12 +102,13 @@ def hlo_ops(hlo_text: str) -> dict[str, Op]:
         return any(_opcode(line) in ("dot", "convolution")
                    for line in computations.get(computation, ()))
 
+    frames = _frame_locations(tables)
     ops = {}
     for lines in computations.values():
         for line in lines:
             name, rest = _INSTRUCTION.match(line).groups()
             ops[name] = Op(_category(_opcode(line), rest, holds_dot), _source(rest),
-                           _location(rest, tables))
+                           _location(rest, frames))
     return ops
 
 
@@ -147,22 +148,30 @@ def _source(rest: str) -> str:
     return re.sub(r"^jit\([^)]*\)/", "", found.group(1)) if found else ""
 
 
-def _location(rest: str, tables: dict[str, dict[int, str]]) -> str:
-    """``file:line function`` of an instruction's innermost stack frame (``stack_frame_id``
-    into the module's tables), or of its ``source_file``/``source_line`` (older XLA)."""
-    frame = re.search(r"stack_frame_id=(\d+)", rest)
-    if frame:
-        def field(entry: str, key: str) -> int:
-            found = re.search(rf"\b{key}=(\d+)", entry)
-            return int(found.group(1)) if found else -1
+def _frame_locations(tables: dict[str, dict[int, str]]) -> dict[int, str]:
+    """``file:line function`` of every stack frame of the module's source tables, by id:
+    the frame's own location (its innermost; the parents are left out)."""
+    def field(entry: str, key: str) -> int:
+        found = re.search(rf"\b{key}=(\d+)", entry)
+        return int(found.group(1)) if found else -1
 
-        location = tables.get("FileLocations", {}).get(
-            field(tables.get("StackFrames", {}).get(int(frame.group(1)), ""), "file_location_id"), "")
+    out = {}
+    for frame_id, frame in tables.get("StackFrames", {}).items():
+        location = tables.get("FileLocations", {}).get(field(frame, "file_location_id"), "")
         path = tables.get("FileNames", {}).get(field(location, "file_name_id"), "").strip('"')
         function = tables.get("FunctionNames", {}).get(field(location, "function_name_id"), "")
         line = field(location, "line")
         if path and line >= 0:
-            return f"{_short_path(path)}:{line} {function.strip(chr(34))}".rstrip()
+            out[frame_id] = f"{_short_path(path)}:{line} {function.strip(chr(34))}".rstrip()
+    return out
+
+
+def _location(rest: str, frames: dict[int, str]) -> str:
+    """``file:line function`` of an instruction: its ``stack_frame_id``'s
+    (:func:`_frame_locations`), or its ``source_file``/``source_line`` (older XLA)."""
+    frame = re.search(r"stack_frame_id=(\d+)", rest)
+    if frame and int(frame.group(1)) in frames:
+        return frames[int(frame.group(1))]
     found = re.search(r'source_file="([^"]*)" source_line=(\d+)', rest)
     return f"{_short_path(found.group(1))}:{found.group(2)}" if found else ""
 
