@@ -280,7 +280,7 @@ def _device_events(planes: list[Any], ops: dict[str, Op]) -> dict:
         # other lines (its bookkeeping, under names not listed above) are left out.
         streams = [line for line in kernel_lines if line.name.startswith("Stream")]
         for line in plane.lines:
-            lines[line.name] = lines.get(line.name, 0) + len(line.events)
+            lines[line.name] = lines.get(line.name, 0) + sum(1 for _ in line.events)  # jaxlib 0.11: no len()
         for line in streams or kernel_lines:
             for event in line.events:
                 name = _kernel_op(event, ops, by_kernel_name)

@@ -107,9 +107,20 @@ def _event(name, start, duration, **stats):
                            stats=list(stats.items()))
 
 
+class _Events:
+    """A line's events as jaxlib 0.11's ``ProfileData`` holds them: iterable, without ``len``
+    (the first profiles on an H200 failed on a ``len``)."""
+
+    def __init__(self, events):
+        self._events = list(events)
+
+    def __iter__(self):
+        return iter(self._events)
+
+
 def _profile(*planes):
     return SimpleNamespace(planes=[SimpleNamespace(name=name, lines=[
-        SimpleNamespace(name=line, events=events) for line, events in lines])
+        SimpleNamespace(name=line, events=_Events(events)) for line, events in lines])
         for name, lines in planes])
 
 
