@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of benchmarks/README.md in one command, most important first, for
+# The GPU measurements that benchmarks/README.md still lacks in one command, most important first, for
 # a lent GPU with little time: each run is cut off at its own limit and the whole session
 # stops starting runs after $BUDGET seconds, so what finished is always written.
 #
@@ -35,55 +35,64 @@ date=$(date +%F)
 timing=(--dtype bfloat16 --steps 20 --warmup 3)
 common=("${timing[@]}")
 [[ ${PROFILE:-1} == 0 ]] || common+=(--profile)
-# SMALL / LARGE replace the two shapes, e.g. for a dry run of the whole session on a CPU:
-#   SMALL="--shapes gpt2-tiny --pairs 2 --seq 64 --prompt 16" LARGE="$SMALL" \
-#     bash benchmarks/gpu_session.sh /tmp/dry     (with --chunk-size 128 > seq: unchunked)
+# SMALL / LARGE / MID / BIG replace the shapes, e.g. for a dry run of the whole session on a
+# CPU: SMALL="--shapes gpt2-tiny --pairs 2 --seq 64 --prompt 16" LARGE="$SMALL" MID="$SMALL" \
+#   BIG="$SMALL" bash benchmarks/gpu_session.sh /tmp/dry   (--chunk-size 128 > seq: unchunked)
 read -ra small <<<"${SMALL:---shapes gpt2-124m --pairs 8 --seq 512 --prompt 128}"
 read -ra large <<<"${LARGE:---shapes gpt2-2.65b --pairs 2 --seq 512 --prompt 128}"
+read -ra mid <<<"${MID:---shapes gpt2-medium,gpt2-large --pairs 8 --seq 512 --prompt 128}"
+read -ra big <<<"${BIG:---shapes pythia-2.8b,mistral-7b --pairs 2 --seq 512 --prompt 128}"
 small+=(--remat none)
 large+=(--remat block)
 
 picked() { [[ $only == "  " || $only == *" $1 "* ]]; }
 
-run() {  # run NAME LIMIT_S BENCH_FLAGS...
-  local name=$1 limit=$2
+run() {  # run NAME LIMIT_S [VAR=VALUE...] BENCH_FLAGS...: VAR=VALUE set for this run only
+  local name=$1 limit=$2 vars=()
   shift 2
+  while [[ ${1:-} == [A-Z]*=* ]]; do vars+=("$1"); shift; done
   picked "$name" || return 0
   if (( SECONDS + 30 > budget )); then
     echo "== $name: not started ($SECONDS s of $budget used)" | tee -a "$log"
     return
   fi
   (( limit > budget - SECONDS )) && limit=$((budget - SECONDS))
-  echo "== $name (limit ${limit} s, at ${SECONDS} s)" | tee -a "$log"
-  timeout "$limit" "$py" -m experiments.bench "$@" --out "$out/$device-$name-$date.json" 2>&1 \
-    | tee -a "$log"
+  echo "== $name (limit ${limit} s, at ${SECONDS} s) ${vars[*]}" | tee -a "$log"
+  timeout "$limit" env "${vars[@]}" "$py" -m experiments.bench "$@" \
+    --out "$out/$device-$name-$date.json" 2>&1 | tee -a "$log"
 }
 
-# The goals' evidence first: each row's time, its profile, and (--breakdown) its parts
-# timed alone, which holds even where the profiler cannot trace the GPU.
-run gpt2-124m 220 "${small[@]}" "${common[@]}" --chunk-size 128 --modes adamw,logits-sam,sam \
+# The second H200 loan measured TRL's cases, their parts and their profiles
+# (benchmarks/README.md). This session measures what those profiles left open, most
+# important first; each case is compared with a baseline row of the same run or session.
+chunked=(--chunk-size 128)
+# The baseline, with its profile and parts (and full SAM's profile, not yet traced).
+run gpt2-124m 200 "${small[@]}" "${common[@]}" "${chunked[@]}" --modes adamw,logits-sam,sam \
   --breakdown
-# The 2.65B candidate: block remat that keeps every matmul output without a batch dimension
-# (+2.9 GiB of residuals as the jaxpr counts them) recomputes only attention and the
-# elementwise ops: 44.9 TFLOP a step against block remat's 51.8 and no remat's 44.6
-# (experiments.flops).
-dots=(--chunk-size 128 --remat dots_with_no_batch_dims_saveable)
-run gpt2-2.65b-dots 240 "${large[@]}" "${common[@]}" "${dots[@]}" --modes adamw,logits-sam
-# Correctness, short: two small models' gradients, cuDNN's attention against XLA's (gpt2's
-# passed on the first H200; llama-tiny's sliding window was not reached).
+# XLA:GPU runs a lax.cond as a host round trip (ConditionalThunk copies the predicate to
+# the host and waits) unless conditionals are recorded into its command buffers; the
+# chunked head has one in every chunk of every pass over the chunks.
+run gpt2-124m-cond-graphs 120 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+CONDITIONAL" \
+  "${small[@]}" "${common[@]}" "${chunked[@]}" --modes adamw,logits-sam
+# The 2.65B step without remat was the fastest (120.9 ms, 51.2 GB of TRL's 54): its
+# logits-SAM row, and the optimizer's first moment in bf16 (5.3 GB and ~3 ms less).
+run gpt2-2.65b-noremat 160 "${large[@]}" "${common[@]}" "${chunked[@]}" --remat none \
+  --modes adamw,logits-sam
+run gpt2-2.65b-noremat-mu-bf16 90 "${large[@]}" "${timing[@]}" "${chunked[@]}" --remat none \
+  --modes adamw --mu-dtype bfloat16
+# The reference forward was 6.2 of 124M's 31.5 ms: precomputed log-probs (TRL's
+# precompute_ref_log_probs) take it out of the step.
+run gpt2-124m-precomputed 90 "${small[@]}" "${timing[@]}" "${chunked[@]}" \
+  --modes adamw,logits-sam --reference precomputed
+# Correctness, short: cuDNN's attention against XLA's on padded batches (passed on both loans).
 if picked gpu_check && (( SECONDS + 60 < budget )); then
   echo "== gpu_check (cuDNN attention on padded batches against XLA's, at ${SECONDS} s)" | tee -a "$log"
   timeout $((budget - SECONDS < 90 ? budget - SECONDS : 90)) "$py" benchmarks/gpu_check.py 2>&1 \
     | tee -a "$log"
 fi
-run gpt2-124m-unchunked 120 "${small[@]}" "${common[@]}" --modes adamw,logits-sam --breakdown
-# The candidate's parts, apart from its rows above so that compiling them (a 32-layer trunk's
-# backward, the reference's forward) cannot cost the logits-sam row; its step is cached.
-run gpt2-2.65b-dots-parts 180 "${large[@]}" "${timing[@]}" "${dots[@]}" --modes adamw --breakdown
-# TRL's configuration (block remat): adamw ran on the first H200 (149 ms), logits-sam not.
-run gpt2-2.65b 240 "${large[@]}" "${common[@]}" --chunk-size 128 --modes adamw,logits-sam
-run gpt2-2.65b-scanned 180 "${large[@]}" "${common[@]}" --chunk-size 128 --modes adamw,logits-sam --scan-layers
-# No remat: 44.6 TFLOP, but 20 GiB of residuals as the jaxpr counts them (XLA keeps less:
-# 124M's count is 7.1 GiB against a 6.6 GB peak); over 54 GB unless XLA keeps under about half.
-run gpt2-2.65b-noremat 150 "${large[@]}" "${common[@]}" --chunk-size 128 --modes adamw --remat none
+# The issue's other shapes, where memory allows (a shape that does not fit is a skipped row).
+run gpt2-medium-large 150 "${mid[@]}" "${timing[@]}" "${chunked[@]}" --remat none \
+  --modes adamw,logits-sam
+run pythia-mistral 240 "${big[@]}" "${timing[@]}" "${chunked[@]}" \
+  --remat dots_with_no_batch_dims_saveable --modes adamw,logits-sam
 echo "== done at $SECONDS s" | tee -a "$log"

@@ -258,7 +258,7 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     work = flops.model_flops(n_params, tokens, args.reference)
     row: dict[str, Any] = {
         **dataclasses.asdict(case), "mode": mode, "head_dtype": args.head_dtype,
-        "scan_layers": args.scan_layers,
+        "scan_layers": args.scan_layers, "reference": args.reference, "mu_dtype": args.mu_dtype,
         # None is XLA's (jax.nn.dot_product_attention's default).
         "attention": cfg.attention_impl or "xla",
         "n_params": n_params,

@@ -394,10 +394,10 @@ def test_a_bfloat16_first_moment_stores_two_bytes_less_per_parameter(tmp_path):
     assert full - half == 2 * n_params
 
 
-def test_gpu_session_runs_a_picked_case_and_returns_at_most_eight_files(tmp_path):
-    """benchmarks/gpu_session.sh at a tiny shape, one case picked by name: the case's JSON and
-    the log, nothing else started. Its runs and the log fit the 8 files the device tool
-    brings back."""
+def test_gpu_session_runs_the_picked_cases_and_returns_at_most_eight_files(tmp_path):
+    """benchmarks/gpu_session.sh at a tiny shape, two cases picked by name: their JSONs and
+    the log, nothing else started, a case's VAR=VALUE in its run's environment only. Its runs
+    and the log fit the 8 files the device tool brings back."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     script = os.path.join(root, "benchmarks", "gpu_session.sh")
     tiny = "--shapes gpt2-tiny --pairs 1 --seq 32 --prompt 8"
@@ -405,17 +405,25 @@ def test_gpu_session_runs_a_picked_case_and_returns_at_most_eight_files(tmp_path
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     env = {**os.environ, "SMALL": tiny, "LARGE": tiny, "PROFILE": "0", "PATH": path,
            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("XLA_FLAGS", None)
     out = tmp_path / "out"
-    done = subprocess.run(["bash", script, str(out), "gpt2-2.65b-noremat"], cwd=root, env=env,
+    done = subprocess.run(["bash", script, str(out), "gpt2-2.65b-noremat-mu-bf16",
+                           "gpt2-124m-cond-graphs"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     files = sorted(p.name for p in out.iterdir())
-    assert len(files) == 2 and files[1] == "session.log", files
-    assert files[0].startswith(f"{jax.devices()[0].platform}-gpt2-2.65b-noremat-")
-    (row,) = json.loads((out / files[0]).read_text())["rows"]
-    assert row["status"] == "ok" and row["remat"] == "none" and row["shape"] == "gpt2-tiny"
+    platform = jax.devices()[0].platform
+    assert len(files) == 3 and files[2] == "session.log", files
+    assert files[0].startswith(f"{platform}-gpt2-124m-cond-graphs-")
+    assert files[1].startswith(f"{platform}-gpt2-2.65b-noremat-mu-bf16-")
+    graphs, mu = (json.loads((out / name).read_text()) for name in files[:2])
+    assert graphs["xla_flags"].split() == ["--xla_gpu_enable_command_buffer=+CONDITIONAL"]
+    assert mu["xla_flags"] == ""
+    (row,) = mu["rows"]
+    assert row["status"] == "ok" and row["shape"] == "gpt2-tiny"
+    assert row["remat"] == "none" and row["mu_dtype"] == "bfloat16"
     log = (out / "session.log").read_text()
-    assert "== gpt2-2.65b-noremat" in log and "== gpt2-124m " not in log
+    assert "== gpt2-2.65b-noremat-mu-bf16" in log and "== gpt2-124m " not in log
     with open(script) as f:
         runs = [line.split()[1] for line in f if line.startswith("run ")]
     assert len(set(runs)) == len(runs) and len(runs) + 1 <= 8, runs
