@@ -10,7 +10,8 @@
 # about a minute).
 #
 # Writes <device>-<case>-<date>.json per run (experiments.bench --out) and session.log (with
-# benchmarks/gpu_check.py's lines): 8 files at most, all that the device tool brings back.
+# benchmarks/gpu_check.py's lines); where that is more than the 8 files the device tool brings
+# back, the JSON files end up packed into one runs-<device>-<date>.tar (MAX_JSON: 7).
 set -u
 out=${1:-${OUT:-benchmarks}}
 shift $(( $# > 0 ))
@@ -74,12 +75,21 @@ run gpt2-124m 200 "${small[@]}" "${common[@]}" "${chunked[@]}" --modes adamw,log
 # chunked head has one in every chunk of every pass over the chunks.
 run gpt2-124m-cond-graphs 120 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+CONDITIONAL" \
   "${small[@]}" "${common[@]}" "${chunked[@]}" --modes adamw,logits-sam
+# GPT-2's vocabulary, 50257, makes every head matmul's V dimension odd; its Triton GEMM
+# fusions ran at ~44% of peak (profile). 50304 = 393 * 128 (nanoGPT's padding) shows what
+# the alignment costs, in the head part and the step.
+run gpt2-124m-vocab-50304 100 "${small[@]}" "${timing[@]}" "${chunked[@]}" --vocab 50304 \
+  --modes adamw,logits-sam --breakdown
 # The 2.65B step without remat was the fastest (120.9 ms, 51.2 GB of TRL's 54): its
 # logits-SAM row, and the optimizer's first moment in bf16 (5.3 GB and ~3 ms less).
 run gpt2-2.65b-noremat 160 "${large[@]}" "${common[@]}" "${chunked[@]}" --remat none \
   --modes adamw,logits-sam
 run gpt2-2.65b-noremat-mu-bf16 90 "${large[@]}" "${timing[@]}" "${chunked[@]}" --remat none \
   --modes adamw --mu-dtype bfloat16
+# Bias adds, GELU and casts beside the matmuls were a fifth of 124M's step: cuBLASLt (off by
+# default in XLA:GPU) can fuse bias and activation epilogues into its GEMMs.
+run gpt2-124m-cublaslt 100 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_cublaslt=true" \
+  "${small[@]}" "${common[@]}" "${chunked[@]}" --modes adamw,logits-sam
 # The reference forward was 6.2 of 124M's 31.5 ms: precomputed log-probs (TRL's
 # precompute_ref_log_probs) take it out of the step.
 run gpt2-124m-precomputed 90 "${small[@]}" "${timing[@]}" "${chunked[@]}" \
@@ -95,4 +105,10 @@ run gpt2-medium-large 150 "${mid[@]}" "${timing[@]}" "${chunked[@]}" --remat non
   --modes adamw,logits-sam
 run pythia-mistral 240 "${big[@]}" "${timing[@]}" "${chunked[@]}" \
   --remat dots_with_no_batch_dims_saveable --modes adamw,logits-sam
+shopt -s nullglob
+runs=("$out"/*.json)
+if (( ${#runs[@]} > ${MAX_JSON:-7} )); then
+  tar -C "$out" -cf "$out/runs-$device-$date.tar" "${runs[@]##*/}" && rm -- "${runs[@]}"
+  echo "== ${#runs[@]} JSON files packed into runs-$device-$date.tar" | tee -a "$log"
+fi
 echo "== done at $SECONDS s" | tee -a "$log"

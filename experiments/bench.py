@@ -221,8 +221,9 @@ def model_config(shape: str, args: argparse.Namespace, mode: str = "adamw"):
     """The built-in config ``shape`` with the benchmark's numerics and ``mode``'s attention
     (only logits-SAM's split head vmaps the trunk's backward pass)."""
     try:
+        vocab = {} if args.vocab is None else {"vocab_size": args.vocab}
         cfg = models.builtin_config(shape, dtype=args.dtype, param_dtype=args.param_dtype,
-                                    scan_layers=args.scan_layers)
+                                    scan_layers=args.scan_layers, **vocab)
         split = args.head_dtype == "split" and mode == "logits-sam"
         return dataclasses.replace(cfg, attention_impl=models.attention_for(
             args.attention, cfg, vmapped_backward=split))
@@ -458,6 +459,8 @@ def _shared_flags(args: argparse.Namespace) -> list[str]:
         flags += ["--head-dtype", args.head_dtype]
     if args.mu_dtype is not None:
         flags += ["--mu-dtype", args.mu_dtype]
+    if args.vocab is not None:
+        flags += ["--vocab", str(args.vocab)]
     if args.peak_flops is not None:
         flags += ["--peak-flops", repr(args.peak_flops)]
     if args.compile_only:
@@ -681,6 +684,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="run the blocks as one lax.scan (compile time independent of depth)")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="tokens per chunk of the vocabulary logits (default: all at once)")
+    p.add_argument("--vocab", type=int, default=None,
+                   help="every shape's vocabulary size replaced by this one (e.g. GPT-2's "
+                        "50257 by 50304, a multiple of 128: what the head's alignment costs)")
     p.add_argument("--head-dtype", choices=objectives.HEAD_DTYPES,
                    help="output-layer numerics (default: the compute dtype); float32 or split "
                         "keep logits-SAM exact under bf16 compute (see lm.objectives)")
@@ -740,6 +746,8 @@ def _check(args: argparse.Namespace) -> None:
         raise BenchError(f"--warmup must be >= 0, got {args.warmup}")
     if not 0 <= args.prompt < args.seq:
         raise BenchError(f"--prompt must be in [0, --seq={args.seq}), got {args.prompt}")
+    if args.vocab is not None and args.vocab < 2:
+        raise BenchError(f"--vocab must be >= 2, got {args.vocab}")
     if args.chunk_size is not None and args.chunk_size < 1:
         raise BenchError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     if args.peak_flops is not None and not args.peak_flops > 0:
