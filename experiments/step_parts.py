@@ -98,13 +98,15 @@ def part_calls(cfg: Any, options: StepOptions, tx: optax.GradientTransformation,
                                                      head_dtype=options.head_dtype)
             calls[part] = lambda: reference(ref_params, batch)
         elif part == "trunk":
-            trunk_grad = jax.jit(jax.grad(
-                lambda p, c: jnp.vdot(trunk(p, ids, attn).astype(jnp.float32), c)))
+            # Differentiated as the step does: with respect to the matrices it multiplies.
+            trunk_grad = jax.jit(lambda p, c: jax.grad(
+                lambda q: jnp.vdot(trunk(q, ids, attn).astype(jnp.float32), c))(
+                    objectives.multiplied_params(cfg, p)))
             calls[part] = lambda: trunk_grad(params, noise)
         elif part == "head":
             calls[part] = head_call(cfg, options, params, h, batch)
         else:
-            calls[part] = optimizer_call(tx, params)
+            calls[part] = optimizer_call(cfg, tx, params)
     return calls
 
 
@@ -119,10 +121,11 @@ def time_parts(cfg: Any, options: StepOptions, tx: optax.GradientTransformation,
     return out
 
 
-def optimizer_call(tx, params) -> Callable[[], Any]:
-    """The step's update alone: a gradient of the parameters' shapes (a scaled copy, so
+def optimizer_call(cfg, tx, params) -> Callable[[], Any]:
+    """The step's update alone: a gradient of the parameters' shapes and of the dtypes the
+    step's gradient has (:func:`lm.objectives.multiplied_params`; a scaled copy, so
     clipping and AdamW see ordinary values) taken as the ``batch``; returns the state."""
-    grads = jax.tree_util.tree_map(lambda p: 1e-3 * p, params)
+    grads = objectives.multiplied_params(cfg, jax.tree_util.tree_map(lambda p: 1e-3 * p, params))
     step = jax.jit(make_train_step(lambda p, g, _: (jnp.float32(0), {}, g), tx),
                    donate_argnums=0)
     state = create_train_state(params, tx, 0)

@@ -166,7 +166,18 @@ def make_grad_fn(
     return make_model_grad_fn(
         decoder_trunk(cfg, remat=remat), functools.partial(output_head, cfg),
         loss=loss, loss_kwargs=loss_kwargs, mode=mode, rho=rho, chunk_size=chunk_size,
-        reference=reference, head_dtype=head_dtype)
+        reference=reference, head_dtype=head_dtype,
+        compute_params=functools.partial(multiplied_params, cfg))
+
+
+def multiplied_params(cfg, params: Params) -> Params:
+    """``params`` as the decoder multiplies them: every matrix but the output head in the
+    compute dtype (:func:`lm.models.matrices_in`, exact: the decoder casts each at its use).
+
+    The head keeps its storage dtype: its gradient sums over the chunks of the vocabulary
+    logits, and logits-SAM perturbs it (a bf16 W + e would round e away).
+    """
+    return matrices_in(cfg.compute_dtype, params, keep=output_head(cfg, params))
 
 
 def make_model_grad_fn(
@@ -180,6 +191,7 @@ def make_model_grad_fn(
     chunk_size: int | None = None,
     reference: str = "frozen",
     head_dtype: str | None = None,
+    compute_params: Callable[[Params], Params] | None = None,
 ) -> GradFn:
     """A jit-able ``grad_fn(params, batch, ref_params) -> (loss, metrics, grads)``.
 
@@ -204,6 +216,13 @@ def make_model_grad_fn(
         trunk's backward pass separately, so the correction of every gradient is exact to
         its own bf16 precision (with float32 parameters: bf16 gradients cannot hold it);
         other modes are unaffected.
+      compute_params: ``params`` as the model multiplies them (:func:`multiplied_params`:
+        the matrices in the compute dtype). Plain and logits-SAM gradients are taken with
+        respect to this tree, so each matrix's gradient comes back in the dtype it was
+        computed in: the same values as the stored dtype's gradient, without writing and
+        reading a float32 copy of them every step, or casting the weights again in each
+        rematerialised block's backward. SAM and the split head differentiate ``params``:
+        their perturbations must reach the stored weights.
 
     Returns:
       ``grad_fn``; ``loss`` and ``metrics`` (see :meth:`lm.losses.Loss.metrics`) are of
@@ -323,8 +342,9 @@ def make_model_grad_fn(
         elif mode == "logits-sam" and head_dtype == SPLIT:
             metrics, grads = split_logits_sam(params, ids, attn, mask, ref)
         else:
+            multiplied = params if compute_params is None else compute_params(params)
             (_, metrics), grads = jax.value_and_grad(model_loss, has_aux=True)(
-                params, ids, attn, mask, ref)
+                multiplied, ids, attn, mask, ref)
         return metrics["loss"], metrics, grads
 
     return grad_fn

@@ -482,6 +482,35 @@ def test_frozen_reference_in_the_compute_dtype_scores_bit_for_bit_the_same(name)
                                       jax.tree_util.tree_leaves(params)))
 
 
+@pytest.mark.parametrize("name, scan", [("gpt2-tiny", False), ("llama-tiny", True)])
+def test_gradients_of_the_multiplied_matrices_are_the_stored_ones_bit_for_bit(name, scan):
+    """Under bf16 compute, plain and logits-SAM gradients are taken with respect to the
+    matrices as the decoder multiplies them (:func:`O.multiplied_params`): each comes back
+    in bf16 with exactly the value that its float32 parameter's gradient has; vectors and
+    the head (summed over chunks, perturbed by logits-SAM) stay float32 and equal."""
+    cfg = builtin_config(name, dtype="bfloat16", scan_layers=scan)
+    params = init_params(cfg, jax.random.key(7))
+    batch = _batch(vocab=cfg.vocab_size)
+    head = output_head(cfg, params)
+    for mode, chunk_size, remat in (("plain", None, False), ("logits-sam", 4, True)):
+        kwargs = dict(mode=mode, rho=0.05, chunk_size=chunk_size)
+        loss, _, grads = jax.jit(O.make_grad_fn(cfg, remat=remat, **kwargs))(
+            params, batch, params)
+        stored_loss, _, stored = jax.jit(O.make_model_grad_fn(
+            O.decoder_trunk(cfg, remat=remat), functools.partial(output_head, cfg), **kwargs))(
+                params, batch, params)
+        assert loss == stored_loss
+        for (path, g), p, want in zip(jax.tree_util.tree_leaves_with_path(grads),
+                                      jax.tree_util.tree_leaves(params),
+                                      jax.tree_util.tree_leaves(stored)):
+            name_ = jax.tree_util.keystr(path)
+            multiplied = p.ndim >= 2 and p is not head
+            assert g.dtype == (jnp.bfloat16 if multiplied else jnp.float32), (mode, name_)
+            assert want.dtype == jnp.float32
+            np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), np.asarray(want),
+                                          err_msg=f"{mode} {name_}")
+
+
 def test_scanned_frozen_reference_is_stacked_once_not_every_step():
     """Under ``scan_layers`` the frozen reference comes stacked: its log-probs are those of
     the per-layer tree bit for bit, and the step's program stacks only the policy."""
