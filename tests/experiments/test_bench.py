@@ -200,6 +200,24 @@ def test_overheads_compare_rows_that_ran_the_same_attention():
     assert "time_overhead_vs_adamw" not in rows[2]  # no adamw row with XLA's attention
 
 
+def test_a_repeated_adamw_row_bounds_the_overhead_between_processes():
+    """``--modes adamw,logits-sam,adamw``: logits-SAM's time against the mean of the two
+    adamw rows, and against the slowest and the fastest."""
+    def row(mode, step_ms):
+        return {"shape": "gpt2-2.65b", "pairs": 2, "seq": 512, "prompt": 128, "remat": "none",
+                "mode": mode, "attention": "cudnn", "status": "ok", "step_ms": step_ms,
+                "memory": {"estimate_bytes": 100}, "model_flops_per_step": 1.0}
+
+    rows = [row("adamw", 100.0), row("logits-sam", 105.0), row("adamw", 110.0)]
+    bench.add_overheads(rows[:2])
+    assert rows[1]["time_overhead_vs_adamw"] == pytest.approx(0.05)
+    assert "time_overhead_vs_adamw_range" not in rows[1]
+    bench.add_overheads(rows)
+    assert rows[1]["time_overhead_vs_adamw"] == pytest.approx(0.0)
+    assert rows[1]["time_overhead_vs_adamw_range"] == pytest.approx([105 / 110 - 1, 0.05])
+    assert "(-4.5%..+5.0%)" in bench.format_table(rows)
+
+
 def test_goal_checks_hold_each_row_to_its_goals():
     def row(shape, mode, pairs, **kw):
         return {"shape": shape, "mode": mode, "pairs": pairs, "seq": 512, "prompt": 128,
