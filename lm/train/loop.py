@@ -86,8 +86,8 @@ def make_train_step(
     def step(state: TrainState, batch: Any, ref_params: Any):
         loss, metrics, grads = grad_fn(state.params, batch, ref_params)
         # A gradient in the compute dtype (lm.objectives.multiplied_params) is updated in the
-        # parameters' dtype, as it would have been computed; XLA fuses the cast into its
-        # readers (the norm, the update) rather than writing a copy.
+        # parameters' dtype, as it would have been computed; an elementwise cast that XLA can
+        # fuse into its readers (the norm, the update) rather than write out.
         grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
         # One test covers every gradient: ‖g‖ is NaN or inf when any entry is (or when the
         # norm itself overflows, a blow-up too). It is the norm that clipping and the metrics

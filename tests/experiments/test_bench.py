@@ -84,7 +84,8 @@ def test_profile_reads_the_cpu_trace_of_every_mode(result):
         assert profile["ms"]["matmul"] > 0 and profile["ms"]["fusion"] > 0, profile["ms"]
         assert profile["device_to_host"] is None  # counted on GPUs only
         tops = [op["ms"] for op in profile["top"]]
-        assert tops == sorted(tops, reverse=True) and len(tops) == 10
+        assert tops == sorted(tops, reverse=True)
+        assert 10 < len(tops) <= step_profile.TOP
         assert any("Decoder" in op["source"] for op in profile["top"])
         # Summed per line of Python: the model's lines, named relative to the checkout; a
         # line's time holds each of its ops' (the longest op's line at least that op's).
@@ -221,7 +222,7 @@ def test_a_repeated_adamw_row_bounds_the_overhead_between_processes():
 def test_goal_checks_hold_each_row_to_its_goals():
     def row(shape, mode, pairs, **kw):
         return {"shape": shape, "mode": mode, "pairs": pairs, "seq": 512, "prompt": 128,
-                "remat": "none", "attention": "cudnn", "status": "ok",
+                "remat": "none", "attention": "cudnn", "status": "ok", "vocab": 50257,
                 "model_flops_per_step": 1.0, "matmul_flops_per_step": 1.0, **kw}
 
     gb = 1e9
@@ -231,9 +232,15 @@ def test_goal_checks_hold_each_row_to_its_goals():
                 flop_bound=0.174, memory={"estimate_bytes": 6 * gb, "peak_bytes_in_use": 6.6 * gb}),
             row("gpt2-2.65b", "adamw", 2, step_ms=120.0, tokens_per_s=17e3, mfu=0.36,
                 memory={"estimate_bytes": 50 * gb, "peak_bytes_in_use": 55 * gb}),
-            # Not TRL's shape: only logits-SAM's goals would apply.
+            # Not TRL's step: only logits-SAM's goals would apply.
             row("gpt2-124m", "adamw", 4, step_ms=15.0, tokens_per_s=270e3, mfu=0.3,
-                memory={"estimate_bytes": 3 * gb})]
+                memory={"estimate_bytes": 3 * gb}),
+            row("gpt2-124m", "adamw", 8, step_ms=25.0, tokens_per_s=330e3, mfu=0.3,
+                vocab=50304, memory={"estimate_bytes": 6 * gb}),
+            row("gpt2-124m", "adamw", 8, step_ms=25.0, tokens_per_s=330e3, mfu=0.3,
+                reference="precomputed", memory={"estimate_bytes": 6 * gb}),
+            row("gpt2-2.65b", "adamw", 2, step_ms=110.0, tokens_per_s=18e3, mfu=0.41,
+                mu_dtype="bfloat16", memory={"estimate_bytes": 50 * gb})]
     bench.add_overheads(rows)
     checks = {(c["row"], c["goal"]): (c["value"], c["met"]) for c in bench.goal_checks(rows)}
     assert checks == {
@@ -445,12 +452,15 @@ def test_gpu_session_runs_the_picked_cases_and_returns_at_most_eight_files(tmp_p
            "MAX_JSON": "1", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("XLA_FLAGS", None)
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier.json").write_text("{}")  # not this session's: never packed or removed
     done = subprocess.run(["bash", script, str(out), "gpt2-2.65b-noremat-mu-bf16",
                            "gpt2-124m-cond-graphs"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     platform = jax.devices()[0].platform
-    (tar_name, log_name) = sorted(p.name for p in out.iterdir())
+    (earlier, tar_name, log_name) = sorted(p.name for p in out.iterdir())
+    assert earlier == "earlier.json" and (out / earlier).read_text() == "{}"
     assert tar_name.startswith(f"runs-{platform}-") and log_name == "session.log"
     with tarfile.open(out / tar_name) as tar:
         files = sorted(tar.getnames())

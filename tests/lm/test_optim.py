@@ -123,6 +123,29 @@ def test_accumulated_micro_batches_stay_on_their_devices():
         assert result[f"{name}_vs_whole"] < 1e-6, name
 
 
+def test_accumulation_averages_bfloat16_grads_of_float32_params_in_float32():
+    """Gradients computed in bf16 for float32 parameters (lm.objectives.multiplied_params)
+    average in float32 and stay there: the mean of 4 bf16 values is not rounded to bf16."""
+    params, batch = _toy(3)
+
+    def bf16_grads(params, batch, ref_params=None):
+        loss, metrics, grads = _toy_grad_fn(params, batch)
+        return loss, metrics, jax.tree_util.tree_map(lambda g: g.astype(jnp.bfloat16), grads)
+
+    _, _, grads = optim.accumulate_gradients(bf16_grads, 4)(params, batch)
+    micro = optim.split_micro_batches(batch, 4)
+    parts = [bf16_grads(params, jax.tree_util.tree_map(lambda x: x[j], micro))[2]
+             for j in range(4)]
+    rounded_back = True
+    for name in params:
+        assert grads[name].dtype == jnp.float32
+        mean = sum(np.asarray(part[name], np.float32) for part in parts) / 4
+        np.testing.assert_allclose(np.asarray(grads[name]), mean, rtol=1e-6)
+        as_bf16 = np.asarray(jnp.asarray(mean).astype(jnp.bfloat16), np.float32)
+        rounded_back &= np.array_equal(np.asarray(grads[name]), as_bf16)
+    assert not rounded_back
+
+
 def test_accumulation_keeps_bfloat16_grads_in_their_dtype():
     params, batch = _toy(2)
     params = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), params)
