@@ -19,6 +19,7 @@ HLO (by the event's ``hlo_op`` stat, else its name) and timed exclusively (a ``w
   by_location         the lines of Python whose ops took longest, every op of a line summed
                       (a kernel in each of 32 layers, a matmul's forward and backward).
   device_to_host      device-to-host copies (memcpy events) per step, GPU only.
+  memcpy_events       every memcpy and memset event per step by its name, GPU only.
 
 On a GPU the events are the kernels and copies on the device planes' stream lines
 (``/device:GPU:0``; the profiler's derived lines, such as ``XLA Ops``, repeat them). A
@@ -57,6 +58,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*)$")
 _TABLE_ENTRY = re.compile(r"^(\d+) (.*)$")
 _OPCODE = re.compile(r"\s([a-z][a-z0-9\-]*)\(")
 _DEVICE_TO_HOST = re.compile(r"memcpy ?d(evice)?to ?h|memcpyd2h", re.IGNORECASE)
+_MEMCPY = re.compile(r"memcpy|memset", re.IGNORECASE)
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
                 "all-to-all", "send", "recv")
 
@@ -269,29 +271,31 @@ def op_events(profile: Any, ops: dict[str, Op]) -> dict:
             _add_exclusive(events, exclusive)
             intervals += [(start, end) for start, end, _ in events]
     return {"exclusive_ns": exclusive, "intervals": intervals, "device_to_host": 0,
-            "ops": ops, "device": False, "lines": {}}
+            "ops": ops, "device": False, "lines": {}, "memcpys": collections.Counter()}
 
 
 def _device_events(planes: list[Any], ops: dict[str, Op]) -> dict:
     ops = dict(ops)
     by_kernel_name = {re.sub(r"[.\-]", "_", name): name for name in ops}
     exclusive: collections.Counter = collections.Counter()
-    intervals, copies, lines = [], 0, {}
+    intervals, copies, lines, memcpys = [], 0, {}, collections.Counter()
     for plane in planes:
         kernel_lines = [line for line in plane.lines if line.name not in NON_KERNEL_LINES]
         # The CUPTI collector names each stream's line "Stream #<id>(...)"; where it does,
         # other lines (its bookkeeping, under names not listed above) are left out.
         streams = [line for line in kernel_lines if line.name.startswith("Stream")]
-        for line in plane.lines:
-            lines[line.name] = lines.get(line.name, 0) + sum(1 for _ in line.events)  # jaxlib 0.11: no len()
+        for line in plane.lines:  # jaxlib 0.11's events have no len()
+            lines[line.name] = lines.get(line.name, 0) + sum(1 for _ in line.events)
         for line in streams or kernel_lines:
             for event in line.events:
                 name = _kernel_op(event, ops, by_kernel_name)
                 exclusive[name] += event.duration_ns
                 intervals.append((event.start_ns, event.start_ns + event.duration_ns))
                 copies += bool(_DEVICE_TO_HOST.search(event.name))
+                if _MEMCPY.search(event.name):
+                    memcpys[event.name] += 1
     return {"exclusive_ns": exclusive, "intervals": intervals, "device_to_host": copies,
-            "ops": ops, "device": True, "lines": lines}
+            "ops": ops, "device": True, "lines": lines, "memcpys": memcpys}
 
 
 def _kernel_op(event: Any, ops: dict[str, Op], by_kernel_name: dict) -> str:
@@ -364,6 +368,10 @@ def summarize(events: dict, wall_s: float, steps: int, top: int = TOP) -> dict:
         "by_location": [{"location": location, "ms": ns * per_step_ms}
                         for location, ns in by_location.most_common(top)],
         "device_to_host": events["device_to_host"] / steps if events["device"] else None,
+        # Every copy by its own name, however short: whether a lax.cond's predicate crossed
+        # to the host should not hang on one spelling.
+        "memcpy_events": ({name: n / steps for name, n in events["memcpys"].most_common()}
+                          if events["device"] else None),
     }
 
 

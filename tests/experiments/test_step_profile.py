@@ -149,6 +149,7 @@ def test_gpu_trace_reads_the_stream_lines_once_and_not_the_lines_derived_from_th
                                            "other": 0.0})
     assert summary["busy"] == pytest.approx(145 / 400)
     assert summary["device_to_host"] == 1
+    assert summary["memcpy_events"] == {"MemcpyD2H": 1, "Memcpy HtoD": 0.5}
     assert [op["op"] for op in summary["top"][:3]] == ["loop_fusion.2", "gemm.1", "custom-call.4"]
     assert summary["top"][1]["source"] == "jvp(Decoder)/layers_0/mlp/fc_in/dot_general"
     # The loop's fusion and the matmul are one line's: 60 + 50 ns over 2 steps.
@@ -225,7 +226,8 @@ def test_a_gpu_run_whose_trace_holds_no_device_events_is_an_error_not_a_host_sum
     # A few stray kernels are summarised, with a warning that names the lines seen.
     stray = {"exclusive_ns": collections.Counter({"loop_fusion.1": 10}),
              "intervals": [(0, 10)], "device_to_host": 0, "ops": sp.hlo_ops(GPU_HLO),
-             "device": True, "lines": {"XLA Ops": 1, "Stream #7": 0}}
+             "device": True, "lines": {"XLA Ops": 1, "Stream #7": 0},
+             "memcpys": collections.Counter()}
     monkeypatch.setattr(sp, "op_events", lambda profile, ops: stray)
     summary = sp.profile_steps(hlo, run_steps, steps=2, platform="gpu")
     assert re.search(r"cover 0\.0% of the wall time.*'XLA Ops' 1, 'Stream #7' 0",
