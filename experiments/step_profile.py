@@ -256,7 +256,7 @@ _KERNEL_CATEGORIES = (
 
 def op_events(profile: Any, ops: dict[str, Op]) -> dict:
     """The trace's op events of the module: exclusive ns per op name, busy intervals
-    (start, end) in ns, the count of device-to-host memcpy events, and ``ops`` with the
+    (start, end) in ns, the count of each memcpy or memset event's name, and ``ops`` with the
     library kernels that no instruction claims added under their own names."""
     device = [p for p in profile.planes if p.name.startswith("/device:")]
     if device:
@@ -270,15 +270,15 @@ def op_events(profile: Any, ops: dict[str, Op]) -> dict:
             events = sorted((e for e in events if e[2] in ops), key=lambda e: (e[0], -e[1]))
             _add_exclusive(events, exclusive)
             intervals += [(start, end) for start, end, _ in events]
-    return {"exclusive_ns": exclusive, "intervals": intervals, "device_to_host": 0,
-            "ops": ops, "device": False, "lines": {}, "memcpys": collections.Counter()}
+    return {"exclusive_ns": exclusive, "intervals": intervals, "ops": ops, "device": False,
+            "lines": {}, "memcpys": collections.Counter()}
 
 
 def _device_events(planes: list[Any], ops: dict[str, Op]) -> dict:
     ops = dict(ops)
     by_kernel_name = {re.sub(r"[.\-]", "_", name): name for name in ops}
     exclusive: collections.Counter = collections.Counter()
-    intervals, copies, lines, memcpys = [], 0, {}, collections.Counter()
+    intervals, lines, memcpys = [], {}, collections.Counter()
     for plane in planes:
         kernel_lines = [line for line in plane.lines if line.name not in NON_KERNEL_LINES]
         # The CUPTI collector names each stream's line "Stream #<id>(...)"; where it does,
@@ -291,11 +291,10 @@ def _device_events(planes: list[Any], ops: dict[str, Op]) -> dict:
                 name = _kernel_op(event, ops, by_kernel_name)
                 exclusive[name] += event.duration_ns
                 intervals.append((event.start_ns, event.start_ns + event.duration_ns))
-                copies += bool(_DEVICE_TO_HOST.search(event.name))
                 if _MEMCPY.search(event.name):
                     memcpys[event.name] += 1
-    return {"exclusive_ns": exclusive, "intervals": intervals, "device_to_host": copies,
-            "ops": ops, "device": True, "lines": lines, "memcpys": memcpys}
+    return {"exclusive_ns": exclusive, "intervals": intervals, "ops": ops, "device": True,
+            "lines": lines, "memcpys": memcpys}
 
 
 def _kernel_op(event: Any, ops: dict[str, Op], by_kernel_name: dict) -> str:
@@ -367,7 +366,9 @@ def summarize(events: dict, wall_s: float, steps: int, top: int = TOP) -> dict:
         # the forward and backward of one matmul, add up where the code can be changed.
         "by_location": [{"location": location, "ms": ns * per_step_ms}
                         for location, ns in by_location.most_common(top)],
-        "device_to_host": events["device_to_host"] / steps if events["device"] else None,
+        "device_to_host": (sum(n for name, n in events["memcpys"].items()
+                               if _DEVICE_TO_HOST.search(name)) / steps
+                           if events["device"] else None),
         # Every copy by its own name, however short: whether a lax.cond's predicate crossed
         # to the host should not hang on one spelling.
         "memcpy_events": ({name: n / steps for name, n in events["memcpys"].most_common()}

@@ -225,7 +225,7 @@ def test_a_gpu_run_whose_trace_holds_no_device_events_is_an_error_not_a_host_sum
         sp.profile_steps(hlo, run_steps, steps=2, platform="gpu")
     # A few stray kernels are summarised, with a warning that names the lines seen.
     stray = {"exclusive_ns": collections.Counter({"loop_fusion.1": 10}),
-             "intervals": [(0, 10)], "device_to_host": 0, "ops": sp.hlo_ops(GPU_HLO),
+             "intervals": [(0, 10)], "ops": sp.hlo_ops(GPU_HLO),
              "device": True, "lines": {"XLA Ops": 1, "Stream #7": 0},
              "memcpys": collections.Counter()}
     monkeypatch.setattr(sp, "op_events", lambda profile, ops: stray)
