@@ -120,8 +120,8 @@ def jaxpr_matmul_flops(closed_jaxpr: Any, *, cond_share: float = 1.0) -> float:
     other sub-jaxprs once each. A ``cond`` counts its cheapest branch plus ``cond_share``
     of the difference to its costliest: 1.0, an upper bound; for a DPO step, where the
     only branches with matmuls are the head chunks that skip the prompt,
-    :func:`head_chunk_share` makes it exact. A matmul whose result nothing uses is counted
-    though XLA removes it: the split head's backward traces one such forward, 2·N·V·d.
+    :func:`head_chunk_share` makes it exact. A matmul whose result nothing uses would be
+    counted though XLA removes it; the steps of :mod:`lm.objectives` trace none.
     """
     def walk(jaxpr) -> float:
         total = 0.0

@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lm.models import logits_from_hidden, matmul_precision
+from lm.models import head_cotangent, hidden_cotangent, logits_from_hidden, matmul_precision
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -46,9 +46,15 @@ from lm.models import logits_from_hidden, matmul_precision
 
 def target_logps(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """log softmax(z)[target] in float32: logits (..., V), int targets (...) → (...)."""
+    target_logit, lse = _target_logit_and_lse(logits, targets)
+    return target_logit - lse
+
+
+def _target_logit_and_lse(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """z[target] and logsumexp(z), float32 (...), of logits (..., V) and int targets (...)."""
     z = logits.astype(jnp.float32)
     target_logit = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return target_logit - jax.nn.logsumexp(z, axis=-1)
+    return target_logit, jax.nn.logsumexp(z, axis=-1)
 
 
 def _masked(flat_logps: jax.Array, loss_mask: jax.Array) -> jax.Array:
@@ -98,23 +104,107 @@ def token_logps(
     at once, so the chunk axis is never the (data-parallel sharded) row axis, and a chunk
     whose targets are all uncounted — the prompt of a prompt longer than c, the padding of
     a bucket — skips its head matmul entirely (forward and backward: a ``lax.cond``).
+    Chunked, the derivative is :func:`_head_chunks_logps`' own: each chunk's backward
+    recomputes its logits but not their logsumexp. It is reverse mode only (``jax.jvp``
+    of chunked log-probs raises; ``jax.jvp`` of their ``jax.grad`` works); unchunked log-probs
+    are plain JAX, which :mod:`lm.diagnostics` differentiates in both modes.
 
     Args:
       hidden: final hidden states h (N, T, d), any float dtype.
       head: output layer W (V, d) (for tied models, the embedding matrix), or a
-        :class:`PerturbedHead` (W, e): the sum W + e is formed inside each chunk, so no
-        (V, d) array of it outlives the head's matmuls.
+        :class:`PerturbedHead` (W, e): the sum W + e is formed where the head is cast to
+        ``hidden``'s dtype, so no (V, d) array of it in W's dtype outlives that cast.
       input_ids: int (N, T).
       loss_mask: (N, T), 1 on the tokens whose log-probs count (the response, EOS incl.).
       chunk_size: target positions per chunk (each chunk holds N·c·V float32 logits);
         ``None`` = all at once.
     """
-    def fn(h, tg):
-        w = (head.weight + head.perturbation.astype(head.weight.dtype)
-             if isinstance(head, PerturbedHead) else head)
-        return target_logps(logits_from_hidden(h, w), tg)
+    if _chunks(input_ids.shape[1], chunk_size) is None:
+        return _chunked(lambda h, tg: target_logps(logits_from_hidden(h, _multiplied_head(
+            head, h.dtype)), tg), (hidden,), (), input_ids, loss_mask, chunk_size)
+    counted, targets, (h_prev,), _ = _chunk_layout((hidden,), (), input_ids, loss_mask, chunk_size)
+    return _unchunked(_head_chunks_logps(h_prev, head, targets, counted), loss_mask)
 
-    return _chunked(fn, (hidden,), (), input_ids, loss_mask, chunk_size)
+
+def _multiplied_head(head: jax.Array | PerturbedHead, dtype: Any) -> jax.Array:
+    """The head as the logits multiply it: W, or W + e formed in W's dtype, in ``dtype``."""
+    if isinstance(head, PerturbedHead):
+        head = head.weight + head.perturbation.astype(head.weight.dtype)
+    return head.astype(dtype)
+
+
+@jax.custom_vjp
+def _head_chunks_logps(hidden, head, targets, counted):
+    """Unmasked log-probs [K, N, c] of chunked targets: features [K, N, c, d] (each chunk's
+    predecessors, :func:`_chunk_layout`), ``head`` as :func:`token_logps` takes it, int
+    ``targets`` and bool ``counted`` [K, N, c]. A chunk without a counted target is 0.
+
+    Forward, per chunk: z = h Wᵀ, log π = z[target] − lse(z); only lse (N·c floats) is kept.
+    Backward, with c the cotangent of a chunk's log-probs [N, c]:
+
+        G = c (onehot(target) − exp(z − lse)),   ∂h = G W,   ∂W = Σ_chunks Gᵀ h
+
+    z recomputed from h and W: a rematerialised autodiff forward would also recompute lse,
+    two more passes over the chunk's N·c·V float32 logits. The head is cast to ``hidden``'s
+    dtype once per pass, not in every chunk (fused into a GEMM, the cast re-reads float32 W
+    for every tile of rows), and ∂W sums the chunks in float32 (:func:`head_cotangent`).
+    ∂h and ∂W are formed only for the inputs that are differentiated (logits-SAM's inner
+    gradient has no ∂h).
+    """
+    return _head_chunks_forward(hidden, head, targets, counted)[0]
+
+
+def _head_chunks_forward(hidden, head, targets, counted):
+    w = _multiplied_head(head, hidden.dtype)
+
+    def chunk(xs):
+        h, tg, m = xs
+        return jax.lax.cond(jnp.any(m), lambda: _target_logit_and_lse(logits_from_hidden(h, w), tg),
+                            lambda: (jnp.zeros(tg.shape, jnp.float32),) * 2)
+
+    target_logit, lse = jax.lax.map(chunk, (hidden, targets, counted))
+    return target_logit - lse, lse
+
+
+def _head_chunks_fwd(hidden, head, targets, counted):
+    # symbolic_zeros: every leaf comes as a CustomVJPPrimal (value, perturbed).
+    needed = {"hidden": ()} if hidden.perturbed else {}
+    if any(x.perturbed for x in jax.tree_util.tree_leaves(head)):
+        needed["head"] = ()
+    hidden, head, targets, counted = jax.tree_util.tree_map(
+        lambda x: x.value, (hidden, head, targets, counted))
+    logps, lse = _head_chunks_forward(hidden, head, targets, counted)
+    return logps, (hidden, head, targets, counted, lse, needed)
+
+
+def _head_chunks_bwd(res, ct):
+    hidden, head, targets, counted, lse, needed = res
+    w = _multiplied_head(head, hidden.dtype)
+    vocab, width = w.shape
+
+    def chunk(d_head, xs):
+        h, tg, m, lse_k, ct_k = xs
+
+        def run():
+            z = logits_from_hidden(h, w)
+            onehot = (jnp.arange(vocab) == tg[..., None]).astype(jnp.float32)
+            g = ct_k[..., None] * (onehot - jnp.exp(z - lse_k[..., None]))
+            d_h = hidden_cotangent(g, w, h.dtype) if "hidden" in needed else None
+            return (None if d_head is None else d_head + head_cotangent(g, h)), d_h
+
+        def skip():
+            return d_head, (jnp.zeros_like(h) if "hidden" in needed else None)
+
+        return jax.lax.cond(jnp.any(m), run, skip)
+
+    d_head = jnp.zeros((vocab, width), jnp.float32) if "head" in needed else None
+    d_head, d_hidden = jax.lax.scan(chunk, d_head, (hidden, targets, counted, lse, ct))
+    if d_head is not None:
+        d_head = jax.tree_util.tree_map(lambda x: d_head.astype(x.dtype), head)
+    return d_hidden, d_head, None, None
+
+
+_head_chunks_logps.defvjp(_head_chunks_fwd, _head_chunks_bwd, symbolic_zeros=True)
 
 
 def split_token_logps(
@@ -188,14 +278,51 @@ def _split_bwd(res, ct):
     w = head.astype(h.dtype)
     # The plain share exactly as the plain gradient forms it: rounded any other way,
     # logits-SAM minus plain would carry that rounding (≫ the correction) besides the correction.
-    d_h = jax.vjp(lambda x: logits_from_hidden(x, head), h)[1](g0)[0]
+    d_h = hidden_cotangent(g0, head, h.dtype)
     d_corr = (_dot(dg.astype(h.dtype), w, "...v,vd->...d")
               + _dot(g_new.astype(h.dtype), e.astype(h.dtype), "...v,vd->...d")).astype(h.dtype)
-    d_head = _dot(dg.astype(h.dtype), h, "...v,...d->vd").astype(head.dtype)
+    d_head = head_cotangent(dg, h).astype(head.dtype)
     return d_h, d_corr, d_head, jnp.zeros_like(e), jnp.zeros_like(c), None
 
 
 _split_target_logps.defvjp(_split_fwd, _split_bwd)
+
+
+def _chunks(t: int, chunk_size: int | None) -> int | None:
+    """Chunks of ``chunk_size`` target positions in sequences of length ``t``; None when
+    the head runs over every position at once."""
+    if chunk_size is None or chunk_size >= t - 1:
+        return None
+    if chunk_size < 1:
+        raise ValueError(f"--chunk-size must be a positive integer, got {chunk_size}")
+    return -(-t // chunk_size)
+
+
+def _chunk_layout(shifted, aligned, input_ids, loss_mask, chunk_size):
+    """(counted, targets, shifted, aligned) laid out in chunks of target positions
+    [K, N, c, ...] for :func:`_unchunked`; ``shifted`` and ``aligned`` as in :func:`_chunked`."""
+    n, t = input_ids.shape
+    chunks = _chunks(t, chunk_size)
+    pad = chunks * chunk_size - t
+
+    def pad_right(x):
+        return jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+
+    def split(x):
+        return jnp.moveaxis(x.reshape(n, chunks, chunk_size, *x.shape[2:]), 1, 0)
+
+    # Target j is predicted from h_{j−1}: shift h right by one so chunks align with targets.
+    h_prev = [jnp.pad(x, ((0, 0), (1, pad - 1 if pad else 0)) + ((0, 0),) * (x.ndim - 2))
+              [:, : chunks * chunk_size] for x in shifted]
+    counted = pad_right(loss_mask).at[:, 0].set(0) > 0
+    return (split(counted), split(pad_right(input_ids)), [split(x) for x in h_prev],
+            [split(pad_right(x)) for x in aligned])
+
+
+def _unchunked(logps: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Chunked log-probs [K, N, c] back to the masked (N, T − 1) of target positions 1..T − 1."""
+    n, t = loss_mask.shape
+    return _masked(jnp.moveaxis(logps, 0, 1).reshape(n, -1)[:, 1:t], loss_mask)
 
 
 def _chunked(fn, shifted, aligned, input_ids, loss_mask, chunk_size):
@@ -203,28 +330,12 @@ def _chunked(fn, shifted, aligned, input_ids, loss_mask, chunk_size):
 
     ``shifted`` are (N, T, ...) per-position inputs (the features that predict the next
     token: shifted by one onto their targets); ``aligned`` are (N, T, ...) inputs already
-    indexed by target position (entry 0 unused). See :func:`token_logps` for the chunking.
+    indexed by target position (entry 0 unused). See :func:`token_logps` for the chunking;
+    each chunk is rematerialised in the backward pass.
     """
-    n, t = input_ids.shape
-    if chunk_size is None or chunk_size >= t - 1:
+    if _chunks(input_ids.shape[1], chunk_size) is None:
         logps = fn(*(x[:, :-1] for x in shifted), input_ids[:, 1:], *(x[:, 1:] for x in aligned))
         return _masked(logps, loss_mask)
-    if chunk_size < 1:
-        raise ValueError(f"--chunk-size must be a positive integer, got {chunk_size}")
-    chunks = -(-t // chunk_size)
-    pad = chunks * chunk_size - t
-
-    def pad_right(x):
-        return jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
-
-    # Target j is predicted from h_{j−1}: shift h right by one so chunks align with targets.
-    h_prev = [jnp.pad(x, ((0, 0), (1, pad - 1 if pad else 0)) + ((0, 0),) * (x.ndim - 2))
-              [:, : chunks * chunk_size] for x in shifted]
-    targets = pad_right(input_ids)
-    counted = pad_right(loss_mask).at[:, 0].set(0) > 0
-
-    def split(x):
-        return jnp.moveaxis(x.reshape(n, chunks, chunk_size, *x.shape[2:]), 1, 0)
 
     @jax.checkpoint
     def chunk(xs):
@@ -235,10 +346,8 @@ def _chunked(fn, shifted, aligned, input_ids, loss_mask, chunk_size):
             lambda: jnp.zeros(tg_c.shape, jnp.float32),
         )
 
-    logps = jax.lax.map(chunk, (split(counted), split(targets), [split(x) for x in h_prev],
-                                [split(pad_right(x)) for x in aligned]))
-    logps = jnp.moveaxis(logps, 0, 1).reshape(n, chunks * chunk_size)[:, 1:t]
-    return _masked(logps, loss_mask)
+    return _unchunked(jax.lax.map(chunk, _chunk_layout(shifted, aligned, input_ids, loss_mask,
+                                                       chunk_size)), loss_mask)
 
 
 def sequence_logps(

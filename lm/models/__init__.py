@@ -11,13 +11,14 @@ from lm.models.config import (BUILTIN_NAMES, REMAT_POLICIES, ConfigError, ModelC
                               attention_for, builtin_config, config_from_hf, config_to_hf,
                               is_cudnn_attention_error)
 from lm.models.decoder import (Decoder, abstract_params, forward_cached, forward_hidden,
-                               init_cache, init_params, logits, logits_from_hidden, matmul_precision,
-                               matrices_in, output_head, position_ids, stacked_layers)
+                               head_cotangent, hidden_cotangent, init_cache, init_params, logits,
+                               logits_from_hidden, matmul_precision, matrices_in, output_head,
+                               position_ids, stacked_layers)
 
 __all__ = [
     "BUILTIN_NAMES", "REMAT_POLICIES", "ConfigError", "Decoder", "ModelConfig", "abstract_params", "attention_for",
     "builtin_config", "config_from_hf", "config_to_hf", "forward_cached", "forward_hidden",
-    "init_cache", "is_cudnn_attention_error",
+    "head_cotangent", "hidden_cotangent", "init_cache", "is_cudnn_attention_error",
     "init_params", "logits", "logits_from_hidden", "matmul_precision", "matrices_in", "output_head",
     "position_ids", "stacked_layers",
 ]

@@ -198,6 +198,23 @@ def logits_from_hidden(hidden: jax.Array, head: jax.Array) -> jax.Array:
     return _low_precision_logits(hidden, head.astype(hidden.dtype))
 
 
+def hidden_cotangent(g: jax.Array, head: jax.Array, dtype: Any) -> jax.Array:
+    """∂L/∂hidden = g W [..., d] in ``dtype`` (the features' dtype) for the float32 logit
+    cotangent g [..., V] of :func:`logits_from_hidden`: g rounded to ``dtype`` as its
+    derivative rounds it, the very matmul its transpose runs."""
+    return jnp.einsum("...v,vd->...d", g.astype(dtype), head.astype(dtype),
+                      preferred_element_type=dtype, precision=matmul_precision(g.astype(dtype)))
+
+
+def head_cotangent(g: jax.Array, hidden: jax.Array) -> jax.Array:
+    """∂L/∂head = gᵀ h [V, d] in float32 for the float32 logit cotangent g [..., V] of
+    :func:`logits_from_hidden` (g rounded to ``hidden``'s dtype): float32 so that a sum of
+    chunks' gradients rounds once, where the parameter's dtype asks it to."""
+    g = g.astype(hidden.dtype)
+    return jnp.einsum("...v,...d->vd", g, hidden, preferred_element_type=jnp.float32,
+                      precision=matmul_precision(hidden))
+
+
 @jax.custom_jvp
 def _low_precision_logits(hidden: jax.Array, head: jax.Array) -> jax.Array:
     return jnp.einsum("...d,vd->...v", hidden, head, preferred_element_type=jnp.float32)

@@ -60,6 +60,57 @@ def test_chunked_gradients_match_unchunked():
     assert np.all(np.asarray(g_full[0])[2, :5] == 0)
 
 
+@pytest.mark.parametrize("wrt", ["hidden", "head", "perturbed head"])
+def test_chunked_gradient_of_one_input_alone_matches_unchunked(wrt):
+    """The chunked head's backward forms ∂h and ∂W only for the inputs that are
+    differentiated (logits-SAM's inner gradient takes ∂W alone); each must still be the
+    unchunked autodiff gradient, the other input held constant."""
+    hidden, head, ids, mask = _inputs(4)
+    e = 0.1 * jax.random.normal(jax.random.PRNGKey(5), head.shape)
+    w = jnp.arange(N, dtype=jnp.float32) - 1.5
+
+    def f(x, chunk):
+        h, W = (x, head) if wrt == "hidden" else (hidden, x)
+        if wrt == "perturbed head":
+            W = L.PerturbedHead(W, e)
+        return jnp.sum(w * L.sequence_logps(h, W, ids, mask, chunk_size=chunk)[0])
+
+    x = hidden if wrt == "hidden" else head
+    np.testing.assert_allclose(jax.jit(jax.grad(f), static_argnums=1)(x, 3), jax.grad(f)(x, None),
+                               atol=1e-5)
+
+
+def _walk(jaxpr, inside_loop=False):
+    """(equation, whether it runs inside a scan or while body) over a jaxpr and its sub-jaxprs."""
+    from jax.extend.core import jaxprs_in_params
+    for eqn in jaxpr.eqns:
+        yield eqn, inside_loop
+        loop = inside_loop or eqn.primitive.name in ("scan", "while")
+        for sub in jaxprs_in_params(eqn.params):
+            yield from _walk(sub, loop)
+
+
+def test_chunked_backward_recomputes_the_logits_but_not_their_logsumexp():
+    """Per chunk: the forward's h Wᵀ and logsumexp, the backward's recomputed h Wᵀ, G W and
+    Gᵀ h: four matmuls and one max-reduction over the vocabulary (an autodiff backward of
+    a rematerialised chunk reduces again). Under bf16 features the head is cast to bf16
+    outside the chunk loops, where no GEMM re-reads it in float32 for each tile."""
+    hidden, head, ids, mask = _inputs(6)
+    hidden = hidden.astype(jnp.bfloat16)
+
+    def f(h, W):
+        return jnp.sum(L.sequence_logps(h, W, ids, mask, chunk_size=3)[0])
+
+    eqns = list(_walk(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(hidden, head).jaxpr))
+    over_vocab = [e for e, _ in eqns if e.primitive.name == "reduce_max"
+                  and e.invars[0].aval.shape[-1] == V]
+    assert len(over_vocab) == 1
+    assert sum(e.primitive.name == "dot_general" for e, _ in eqns) == 4
+    casts = [loop for e, loop in eqns if e.primitive.name == "convert_element_type"
+             and e.invars[0].aval.shape == (V, D)]
+    assert casts and not any(casts)
+
+
 def test_logps_are_float32_from_bfloat16():
     hidden, head, ids, mask = _inputs(2, jnp.bfloat16)
     seq, _ = L.sequence_logps(hidden, head, ids, mask, chunk_size=5)
