@@ -9,6 +9,12 @@
 # PROFILE=0 leaves out --profile where the profiler cannot trace the GPU (it costs a row
 # about a minute).
 #
+# A change is timed against the code before it in the same session: put that code in
+# $BEFORE (default .bench-before/, git-ignored) and carry it to the device, e.g.
+#   mkdir -p .bench-before && git archive <commit> dynamics lm | tar -x -C .bench-before &&
+#     git archive HEAD experiments | tar -x -C .bench-before     (today's bench, the old model)
+# The "-before" cases run from there (TREE=DIR); every JSON names its code ("source").
+#
 # Writes <device>-<case>-<date>.json per run (experiments.bench --out) and session.log (with
 # benchmarks/gpu_check.py's lines); where that is more than the 8 files the device tool brings
 # back, this session's JSON files end up packed into one runs-<device>-<date>-<pid>.tar
@@ -18,7 +24,9 @@ out=${1:-${OUT:-benchmarks}}
 shift $(( $# > 0 ))
 only=" $* "
 budget=${BUDGET:-540}
+before=${BEFORE:-.bench-before}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # absolute: a TREE= run starts elsewhere
 log="$out/session.log"
 # The GPU image has every dependency but no network: run from the checkout, no install.
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -49,11 +57,20 @@ large+=(--remat block)
 
 picked() { [[ $only == "  " || $only == *" $1 "* ]]; }
 
-run() {  # run NAME LIMIT_S [VAR=VALUE...] BENCH_FLAGS...: VAR=VALUE set for this run only
-  local name=$1 limit=$2 vars=()
+run() {  # run NAME LIMIT_S [VAR=VALUE...] BENCH_FLAGS...: VAR=VALUE set for this run only;
+  # TREE=DIR runs the bench of the code in DIR instead of this checkout's.
+  local name=$1 limit=$2 vars=() tree=$PWD
   shift 2
-  while [[ ${1:-} == [A-Z]*=* ]]; do vars+=("$1"); shift; done
+  while [[ ${1:-} == [A-Z]*=* ]]; do
+    if [[ $1 == TREE=* ]]; then tree=${1#TREE=}; else vars+=("$1"); fi
+    shift
+  done
   picked "$name" || return 0
+  if [[ ! -d $tree/experiments ]]; then
+    echo "== $name: not started (no code in $tree)" | tee -a "$log"
+    return
+  fi
+  tree=$(cd "$tree" && pwd)
   if (( SECONDS + 30 > budget )); then
     echo "== $name: not started ($SECONDS s of $budget used)" | tee -a "$log"
     return
@@ -61,8 +78,8 @@ run() {  # run NAME LIMIT_S [VAR=VALUE...] BENCH_FLAGS...: VAR=VALUE set for thi
   (( limit > budget - SECONDS )) && limit=$((budget - SECONDS))
   echo "== $name (limit ${limit} s, at ${SECONDS} s) ${vars[*]}" | tee -a "$log"
   local json="$device-$name-$date.json"
-  timeout "$limit" env "${vars[@]}" "$py" -m experiments.bench "$@" --out "$out/$json" 2>&1 \
-    | tee -a "$log"
+  (cd "$tree" && timeout "$limit" env PYTHONPATH="$tree" "${vars[@]}" "$py" -m experiments.bench \
+    "$@" --out "$out/$json") 2>&1 | tee -a "$log"
   # Written by this run, not left by an earlier one of the same name.
   [[ -f $out/$json && $(stat -c %Y "$out/$json") -ge $started ]] && written+=("$json")
 }
@@ -73,26 +90,33 @@ started=$(date +%s)
 # (benchmarks/README.md). This session measures what those profiles left open, most
 # important first; each case is compared with a baseline row of the same run or session.
 chunked=(--chunk-size 128)
-# The baseline, with its profile and parts (and full SAM's profile, not yet traced).
-run gpt2-124m 200 "${small[@]}" "${common[@]}" "${chunked[@]}" --modes adamw,logits-sam,sam \
+# The baseline, with its profile and parts. Since that loan the chunked head keeps each
+# chunk's logsumexp for its backward and casts W once per pass (lm.losses), and plain and
+# logits-SAM gradients are taken w.r.t. the bf16 matrices (lm.objectives.multiplied_params).
+run gpt2-124m 160 "${small[@]}" "${common[@]}" "${chunked[@]}" --modes adamw,logits-sam \
   --breakdown
+# The same rows from the code before those changes ($BEFORE), in the same session: what
+# they changed in the head part and in logits-SAM's overhead.
+run gpt2-124m-before 100 TREE="$before" "${small[@]}" "${timing[@]}" "${chunked[@]}" \
+  --modes adamw,logits-sam --breakdown
+# The 2.65B step without remat was the fastest (120.9 ms, 51.2 GB of TRL's 54): its
+# logits-SAM row against adamw run before and after it (the same adamw step measured 126.6 to
+# 134.7 ms in three processes, so one adamw row cannot settle a 2% goal), profiled: the first
+# profile of a 2.65B logits-SAM step.
+run gpt2-2.65b-noremat 240 "${large[@]}" "${common[@]}" "${chunked[@]}" --remat none \
+  --modes adamw,logits-sam,adamw
+# GPT-2's vocabulary, 50257, makes every head matmul's V dimension odd; its Triton GEMM
+# fusions ran at ~44% of peak (profile). 50304 = 393 * 128 (nanoGPT's padding) shows what
+# the alignment costs, in the head part and the step.
+run gpt2-124m-vocab-50304 100 "${small[@]}" "${timing[@]}" "${chunked[@]}" --vocab 50304 \
+  --modes adamw,logits-sam --breakdown
 # Outside a command buffer XLA:GPU's ConditionalThunk copies a lax.cond's predicate to the
 # host and waits (openxla's source), and the chunked head has a cond in every chunk of every
 # pass; the H200 traces showed no device-to-host copy, so whether jax 0.11's defaults
 # already record conditionals into CUDA graphs is open: this case records them.
 run gpt2-124m-cond-graphs 120 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+CONDITIONAL" \
   "${small[@]}" "${common[@]}" "${chunked[@]}" --modes adamw,logits-sam
-# GPT-2's vocabulary, 50257, makes every head matmul's V dimension odd; its Triton GEMM
-# fusions ran at ~44% of peak (profile). 50304 = 393 * 128 (nanoGPT's padding) shows what
-# the alignment costs, in the head part and the step.
-run gpt2-124m-vocab-50304 100 "${small[@]}" "${timing[@]}" "${chunked[@]}" --vocab 50304 \
-  --modes adamw,logits-sam --breakdown
-# The 2.65B step without remat was the fastest (120.9 ms, 51.2 GB of TRL's 54): its
-# logits-SAM row against adamw run before and after it (the same adamw step measured 126.6 to
-# 134.7 ms in three processes, so one adamw row cannot settle a 2% goal), and the
-# optimizer's first moment in bf16 (5.3 GB and ~3 ms less).
-run gpt2-2.65b-noremat 240 "${large[@]}" "${common[@]}" "${chunked[@]}" --remat none \
-  --modes adamw,logits-sam,adamw
+# The optimizer's first moment in bf16 without remat (5.3 GB and ~3 ms less with dots remat).
 run gpt2-2.65b-noremat-mu-bf16 90 "${large[@]}" "${timing[@]}" "${chunked[@]}" --remat none \
   --modes adamw --mu-dtype bfloat16
 # Bias adds (2.7 ms at 2.65B, flax's Dense) and the GELU (1.0 ms at 124M) are fusions of

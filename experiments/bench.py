@@ -62,8 +62,10 @@ import argparse
 import collections
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
+import pathlib
 import platform
 import re
 import statistics
@@ -642,10 +644,25 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else spec.format(v)
 
 
+def source_digest() -> str:
+    """The first 12 hex digits of a SHA-256 over the ``.py`` files of the packages this
+    benchmark ran (dynamics, experiments, lm: paths and contents): which code measured a
+    row, also where no git checkout is (a device's copy of the tree) and between two trees
+    timed in one session (``gpu_session.sh``'s ``TREE=``)."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for package in ("dynamics", "experiments", "lm"):
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def environment(args: argparse.Namespace) -> dict:
     device = jax.devices()[0]
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source_digest(),
         "jax_version": jax.__version__, "platform": device.platform,
         "device_kind": device.device_kind, "device_count": jax.device_count(),
         "host": platform.node(), "cpu_count": os.cpu_count(),

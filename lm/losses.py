@@ -147,19 +147,44 @@ def _head_chunks_logps(hidden, head, targets, counted):
     z recomputed from h and W: a rematerialised autodiff forward would also recompute lse,
     two more passes over the chunk's N·c·V float32 logits. The head is cast to ``hidden``'s
     dtype once per pass, not in every chunk (fused into a GEMM, the cast re-reads float32 W
-    for every tile of rows), and ∂W sums the chunks in float32 (:func:`head_cotangent`).
+    for every tile of rows), with V padded to :data:`HEAD_ALIGNMENT` (exact: the padded
+    logits are −∞, their G is 0), and ∂W sums the chunks in float32 (:func:`head_cotangent`).
     ∂h and ∂W are formed only for the inputs that are differentiated (logits-SAM's inner
     gradient has no ∂h).
     """
     return _head_chunks_forward(hidden, head, targets, counted)[0]
 
 
+#: The chunked head multiplies W with its rows zero-padded to a multiple of this, and the
+#: padded logits masked to −∞: GPT-2's V = 50257 makes every row of the [N·c, V] logits and
+#: of their cotangent an odd number of elements long, which no 16-byte-aligned GEMM tile
+#: can load or store (nanoGPT pads the embedding itself to 50304 for the same reason).
+HEAD_ALIGNMENT = 128
+
+
+def _aligned_head(head: jax.Array | PerturbedHead, dtype: Any) -> tuple[jax.Array, int]:
+    """(:func:`_multiplied_head` with zero rows up to a multiple of :data:`HEAD_ALIGNMENT`,
+    the vocabulary size V)."""
+    w = _multiplied_head(head, dtype)
+    vocab = w.shape[0]
+    return jnp.pad(w, ((0, -vocab % HEAD_ALIGNMENT), (0, 0))), vocab
+
+
+def _aligned_logits(h: jax.Array, w: jax.Array, vocab: int) -> jax.Array:
+    """Logits [..., V'] of an :func:`_aligned_head`, −∞ past V: nothing in a softmax."""
+    z = logits_from_hidden(h, w)
+    if w.shape[0] == vocab:
+        return z
+    return jnp.where(jnp.arange(w.shape[0]) < vocab, z, -jnp.inf)
+
+
 def _head_chunks_forward(hidden, head, targets, counted):
-    w = _multiplied_head(head, hidden.dtype)
+    w, vocab = _aligned_head(head, hidden.dtype)
 
     def chunk(xs):
         h, tg, m = xs
-        return jax.lax.cond(jnp.any(m), lambda: _target_logit_and_lse(logits_from_hidden(h, w), tg),
+        return jax.lax.cond(jnp.any(m),
+                            lambda: _target_logit_and_lse(_aligned_logits(h, w, vocab), tg),
                             lambda: (jnp.zeros(tg.shape, jnp.float32),) * 2)
 
     target_logit, lse = jax.lax.map(chunk, (hidden, targets, counted))
@@ -179,25 +204,25 @@ def _head_chunks_fwd(hidden, head, targets, counted):
 
 def _head_chunks_bwd(res, ct):
     hidden, head, targets, counted, lse, needed = res
-    w = _multiplied_head(head, hidden.dtype)
-    vocab, width = w.shape
+    w, vocab = _aligned_head(head, hidden.dtype)
 
     def chunk(d_head, xs):
         h, tg, m, lse_k, ct_k = xs
 
         def run():
-            z = logits_from_hidden(h, w)
-            onehot = (jnp.arange(vocab) == tg[..., None]).astype(jnp.float32)
+            z = _aligned_logits(h, w, vocab)
+            onehot = (jnp.arange(w.shape[0]) == tg[..., None]).astype(jnp.float32)
             g = ct_k[..., None] * (onehot - jnp.exp(z - lse_k[..., None]))
             d_h = hidden_cotangent(g, w, h.dtype) if "hidden" in needed else None
-            return (None if d_head is None else d_head + head_cotangent(g, h)), d_h
+            # Summed unpadded: a padded sum would need one more (V, d) float32 copy to slice.
+            return (None if d_head is None else d_head + head_cotangent(g, h)[:vocab]), d_h
 
         def skip():
             return d_head, (jnp.zeros_like(h) if "hidden" in needed else None)
 
         return jax.lax.cond(jnp.any(m), run, skip)
 
-    d_head = jnp.zeros((vocab, width), jnp.float32) if "head" in needed else None
+    d_head = jnp.zeros((vocab, w.shape[1]), jnp.float32) if "head" in needed else None
     d_head, d_hidden = jax.lax.scan(chunk, d_head, (hidden, targets, counted, lse, ct))
     if d_head is not None:
         d_head = jax.tree_util.tree_map(lambda x: d_head.astype(x.dtype), head)

@@ -7,6 +7,7 @@ what experiments.flops's formulas say (tests/experiments/test_flops.py checks bo
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -439,10 +440,10 @@ def test_a_bfloat16_first_moment_stores_two_bytes_less_per_parameter(tmp_path):
 
 
 def test_gpu_session_runs_the_picked_cases_and_returns_at_most_eight_files(tmp_path):
-    """benchmarks/gpu_session.sh at a tiny shape, two cases picked by name: their JSONs and
-    the log, nothing else started, a case's VAR=VALUE in its run's environment only. More
-    JSON files than MAX_JSON (7 for the device tool's 8 files with the log) come back as one
-    tar."""
+    """benchmarks/gpu_session.sh at a tiny shape, three cases picked by name: their JSONs and
+    the log, nothing else started, a case's VAR=VALUE in its run's environment only, a
+    "-before" case run from the code in $BEFORE. More JSON files than MAX_JSON (7 for the
+    device tool's 8 files with the log) come back as one tar."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     script = os.path.join(root, "benchmarks", "gpu_session.sh")
     tiny = "--shapes gpt2-tiny --pairs 1 --seq 32 --prompt 8"
@@ -451,11 +452,18 @@ def test_gpu_session_runs_the_picked_cases_and_returns_at_most_eight_files(tmp_p
     env = {**os.environ, "SMALL": tiny, "LARGE": tiny, "PROFILE": "0", "PATH": path,
            "MAX_JSON": "1", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("XLA_FLAGS", None)
+    before = tmp_path / "before"
+    for package in ("dynamics", "experiments", "lm"):
+        shutil.copytree(os.path.join(root, package), before / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    with open(before / "lm" / "losses.py", "a") as f:
+        f.write("# the code before a change\n")
+    env["BEFORE"] = str(before)
     out = tmp_path / "out"
     out.mkdir()
     (out / "earlier.json").write_text("{}")  # not this session's: never packed or removed
     done = subprocess.run(["bash", script, str(out), "gpt2-2.65b-noremat-mu-bf16",
-                           "gpt2-124m-cond-graphs"], cwd=root, env=env,
+                           "gpt2-124m-cond-graphs", "gpt2-124m-before"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     platform = jax.devices()[0].platform
@@ -464,11 +472,14 @@ def test_gpu_session_runs_the_picked_cases_and_returns_at_most_eight_files(tmp_p
     assert tar_name.startswith(f"runs-{platform}-") and log_name == "session.log"
     with tarfile.open(out / tar_name) as tar:
         files = sorted(tar.getnames())
-        graphs, mu = (json.load(tar.extractfile(name)) for name in files)
-    assert files[0].startswith(f"{platform}-gpt2-124m-cond-graphs-")
-    assert files[1].startswith(f"{platform}-gpt2-2.65b-noremat-mu-bf16-")
+        earlier_code, graphs, mu = (json.load(tar.extractfile(name)) for name in files)
+    assert files[0].startswith(f"{platform}-gpt2-124m-before-")
+    assert files[1].startswith(f"{platform}-gpt2-124m-cond-graphs-")
+    assert files[2].startswith(f"{platform}-gpt2-2.65b-noremat-mu-bf16-")
     assert graphs["xla_flags"].split() == ["--xla_gpu_enable_command_buffer=+CONDITIONAL"]
     assert mu["xla_flags"] == ""
+    assert mu["source"] == graphs["source"] == bench.source_digest() != earlier_code["source"]
+    assert [r["mode"] for r in earlier_code["rows"]] == ["adamw", "logits-sam"]
     (row,) = mu["rows"]
     assert row["status"] == "ok" and row["shape"] == "gpt2-tiny"
     assert row["remat"] == "none" and row["mu_dtype"] == "bfloat16"

@@ -93,19 +93,25 @@ def _walk(jaxpr, inside_loop=False):
 def test_chunked_backward_recomputes_the_logits_but_not_their_logsumexp():
     """Per chunk: the forward's h Wᵀ and logsumexp, the backward's recomputed h Wᵀ, G W and
     Gᵀ h: four matmuls and one max-reduction over the vocabulary (an autodiff backward of
-    a rematerialised chunk reduces again). Under bf16 features the head is cast to bf16
-    outside the chunk loops, where no GEMM re-reads it in float32 for each tile."""
+    a rematerialised chunk reduces again), each over V padded to HEAD_ALIGNMENT (the
+    chunked log-probs and gradients match the unpadded ones: the tests above, V = 11).
+    Under bf16 features the head is cast to bf16 outside the chunk loops, where no GEMM
+    re-reads it in float32 for each tile."""
     hidden, head, ids, mask = _inputs(6)
     hidden = hidden.astype(jnp.bfloat16)
+    aligned = L.HEAD_ALIGNMENT
 
     def f(h, W):
         return jnp.sum(L.sequence_logps(h, W, ids, mask, chunk_size=3)[0])
 
     eqns = list(_walk(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(hidden, head).jaxpr))
-    over_vocab = [e for e, _ in eqns if e.primitive.name == "reduce_max"
-                  and e.invars[0].aval.shape[-1] == V]
-    assert len(over_vocab) == 1
-    assert sum(e.primitive.name == "dot_general" for e, _ in eqns) == 4
+    over_vocab = [e for e, _ in eqns if e.primitive.name == "reduce_max"]
+    assert [e.invars[0].aval.shape[-1] for e in over_vocab] == [aligned]
+    matmuls = [e for e, _ in eqns if e.primitive.name == "dot_general"]
+    assert len(matmuls) == 4
+    assert all(aligned in {d for v in (*e.invars, *e.outvars) for d in v.aval.shape}
+               and V not in {d for v in (*e.invars, *e.outvars) for d in v.aval.shape}
+               for e in matmuls)
     casts = [loop for e, loop in eqns if e.primitive.name == "convert_element_type"
              and e.invars[0].aval.shape == (V, D)]
     assert casts and not any(casts)
