@@ -50,11 +50,15 @@ def target_logps(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return target_logit - lse
 
 
-def _target_logit_and_lse(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """z[target] and logsumexp(z), float32 (...), of logits (..., V) and int targets (...)."""
+def _target_logit_and_lse(logits: jax.Array, targets: jax.Array,
+                          vocab: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """z[target] and logsumexp(z), float32 (...), of logits (..., V) and int targets (...);
+    ``vocab``: the logsumexp of the first ``vocab`` columns only (each reduction masks the
+    rest as it reads them: no masked copy of the logits)."""
     z = logits.astype(jnp.float32)
     target_logit = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return target_logit, jax.nn.logsumexp(z, axis=-1)
+    real = None if vocab in (None, z.shape[-1]) else jnp.arange(z.shape[-1]) < vocab
+    return target_logit, jax.nn.logsumexp(z, axis=-1, where=real)
 
 
 def _masked(flat_logps: jax.Array, loss_mask: jax.Array) -> jax.Array:
@@ -147,16 +151,16 @@ def _head_chunks_logps(hidden, head, targets, counted):
     z recomputed from h and W: a rematerialised autodiff forward would also recompute lse,
     two more passes over the chunk's N·c·V float32 logits. The head is cast to ``hidden``'s
     dtype once per pass, not in every chunk (fused into a GEMM, the cast re-reads float32 W
-    for every tile of rows), with V padded to :data:`HEAD_ALIGNMENT` (exact: the padded
-    logits are −∞, their G is 0), and ∂W sums the chunks in float32 (:func:`head_cotangent`).
+    for every tile of rows), with V padded to :data:`HEAD_ALIGNMENT` (exact: the reductions
+    read the real V, the padded columns' G is 0), and ∂W sums the chunks in float32 (:func:`head_cotangent`).
     ∂h and ∂W are formed only for the inputs that are differentiated (logits-SAM's inner
     gradient has no ∂h).
     """
     return _head_chunks_forward(hidden, head, targets, counted)[0]
 
 
-#: The chunked head multiplies W with its rows zero-padded to a multiple of this, and the
-#: padded logits masked to −∞: GPT-2's V = 50257 makes every row of the [N·c, V] logits and
+#: The chunked head multiplies W with its rows zero-padded to a multiple of this, and leaves
+#: the padded logits out of its softmax: GPT-2's V = 50257 makes every row of the [N·c, V] logits and
 #: of their cotangent an odd number of elements long, which no 16-byte-aligned GEMM tile
 #: can load or store (nanoGPT pads the embedding itself to 50304 for the same reason).
 HEAD_ALIGNMENT = 128
@@ -170,21 +174,13 @@ def _aligned_head(head: jax.Array | PerturbedHead, dtype: Any) -> tuple[jax.Arra
     return jnp.pad(w, ((0, -vocab % HEAD_ALIGNMENT), (0, 0))), vocab
 
 
-def _aligned_logits(h: jax.Array, w: jax.Array, vocab: int) -> jax.Array:
-    """Logits [..., V'] of an :func:`_aligned_head`, −∞ past V: nothing in a softmax."""
-    z = logits_from_hidden(h, w)
-    if w.shape[0] == vocab:
-        return z
-    return jnp.where(jnp.arange(w.shape[0]) < vocab, z, -jnp.inf)
-
-
 def _head_chunks_forward(hidden, head, targets, counted):
     w, vocab = _aligned_head(head, hidden.dtype)
 
     def chunk(xs):
         h, tg, m = xs
         return jax.lax.cond(jnp.any(m),
-                            lambda: _target_logit_and_lse(_aligned_logits(h, w, vocab), tg),
+                            lambda: _target_logit_and_lse(logits_from_hidden(h, w), tg, vocab),
                             lambda: (jnp.zeros(tg.shape, jnp.float32),) * 2)
 
     target_logit, lse = jax.lax.map(chunk, (hidden, targets, counted))
@@ -204,15 +200,20 @@ def _head_chunks_fwd(hidden, head, targets, counted):
 
 def _head_chunks_bwd(res, ct):
     hidden, head, targets, counted, lse, needed = res
+    if isinstance(ct, jax.custom_derivatives.SymbolicZero):
+        return None, None, None, None
     w, vocab = _aligned_head(head, hidden.dtype)
 
     def chunk(d_head, xs):
         h, tg, m, lse_k, ct_k = xs
 
         def run():
-            z = _aligned_logits(h, w, vocab)
-            onehot = (jnp.arange(w.shape[0]) == tg[..., None]).astype(jnp.float32)
-            g = ct_k[..., None] * (onehot - jnp.exp(z - lse_k[..., None]))
+            z = logits_from_hidden(h, w)
+            column = jnp.arange(w.shape[0])
+            onehot = (column == tg[..., None]).astype(jnp.float32)
+            # Padded columns (z = 0) get G = 0: their exp(−lse) could overflow to inf.
+            g = jnp.where(column < vocab, ct_k[..., None] * (onehot - jnp.exp(z - lse_k[..., None])),
+                          0.0)
             d_h = hidden_cotangent(g, w, h.dtype) if "hidden" in needed else None
             # Summed unpadded: a padded sum would need one more (V, d) float32 copy to slice.
             return (None if d_head is None else d_head + head_cotangent(g, h)[:vocab]), d_h

@@ -80,6 +80,24 @@ def test_chunked_gradient_of_one_input_alone_matches_unchunked(wrt):
                                atol=1e-5)
 
 
+def test_chunked_log_probs_whose_cotangent_is_a_symbolic_zero():
+    """An outer custom VJP may return no cotangent for the log-probs (None, a symbolic zero):
+    the chunked head's backward then contributes nothing, as the unchunked one does."""
+    hidden, head, ids, mask = _inputs(7)
+
+    @jax.custom_vjp
+    def uses(logps, x):
+        return jnp.sum(logps) + jnp.sum(x)
+
+    uses.defvjp(lambda logps, x: (uses(logps, x), x), lambda x, ct: (None, ct * jnp.ones_like(x)))
+
+    def f(h, W, chunk):
+        return uses(L.token_logps(h, W, ids, mask, chunk_size=chunk), h)
+
+    for a, b in zip(jax.grad(f, (0, 1))(hidden, head, 3), jax.grad(f, (0, 1))(hidden, head, None)):
+        np.testing.assert_array_equal(a, b)
+
+
 def _walk(jaxpr, inside_loop=False):
     """(equation, whether it runs inside a scan or while body) over a jaxpr and its sub-jaxprs."""
     from jax.extend.core import jaxprs_in_params
