@@ -86,7 +86,8 @@ def sequence_logps_from_logits(
 
 class PerturbedHead(NamedTuple):
     """The output layer W + e, kept as its two terms (logits-SAM's, :mod:`lm.objectives`):
-    :func:`token_logps` forms the sum inside each chunk, in ``weight``'s dtype."""
+    :func:`token_logps` forms the sum in ``weight``'s dtype where it casts the head to the
+    compute dtype, so the sum in ``weight``'s dtype is never stored."""
 
     weight: jax.Array
     perturbation: jax.Array
@@ -152,7 +153,8 @@ def _head_chunks_logps(hidden, head, targets, counted):
     two more passes over the chunk's N·c·V float32 logits. The head is cast to ``hidden``'s
     dtype once per pass, not in every chunk (fused into a GEMM, the cast re-reads float32 W
     for every tile of rows), with V padded to :data:`HEAD_ALIGNMENT` (exact: the reductions
-    read the real V, the padded columns' G is 0), and ∂W sums the chunks in float32 (:func:`head_cotangent`).
+    read the real V, the padded columns' G is 0), and ∂W sums the chunks in float32
+    (:func:`head_cotangent`).
     ∂h and ∂W are formed only for the inputs that are differentiated (logits-SAM's inner
     gradient has no ∂h).
     """
@@ -160,9 +162,9 @@ def _head_chunks_logps(hidden, head, targets, counted):
 
 
 #: The chunked head multiplies W with its rows zero-padded to a multiple of this, and leaves
-#: the padded logits out of its softmax: GPT-2's V = 50257 makes every row of the [N·c, V] logits and
-#: of their cotangent an odd number of elements long, which no 16-byte-aligned GEMM tile
-#: can load or store (nanoGPT pads the embedding itself to 50304 for the same reason).
+#: the padded logits out of its softmax: GPT-2's V = 50257 makes every row of the [N·c, V]
+#: logits and of their cotangent an odd number of elements long, which no 16-byte-aligned
+#: GEMM tile can load or store (nanoGPT pads the embedding itself to 50304 for that reason).
 HEAD_ALIGNMENT = 128
 
 
@@ -212,8 +214,8 @@ def _head_chunks_bwd(res, ct):
             column = jnp.arange(w.shape[0])
             onehot = (column == tg[..., None]).astype(jnp.float32)
             # Padded columns (z = 0) get G = 0: their exp(−lse) could overflow to inf.
-            g = jnp.where(column < vocab, ct_k[..., None] * (onehot - jnp.exp(z - lse_k[..., None])),
-                          0.0)
+            softmax = jnp.exp(z - lse_k[..., None])
+            g = jnp.where(column < vocab, ct_k[..., None] * (onehot - softmax), 0.0)
             d_h = hidden_cotangent(g, w, h.dtype) if "hidden" in needed else None
             # Summed unpadded: a padded sum would need one more (V, d) float32 copy to slice.
             return (None if d_head is None else d_head + head_cotangent(g, h)[:vocab]), d_h

@@ -304,9 +304,10 @@ def make_model_grad_fn(
         hidden = hidden_fn(params, ids, attn)
         head = head_fn(params)
         if mode == "logits-sam":
-            # e in the head's compute dtype, added to W inside each chunk: a stored float32
-            # W + e would be one more (V, d) float32 array live through the head's backward
-            # (+2.4% of the step's memory at gpt2-124m, 8 × 512, --chunk-size 128).
+            # e in the head's compute dtype, added to W where the chunked head casts W (once
+            # per pass): a stored float32 W + e would be one more (V, d) float32 array live
+            # through the head's backward (+2.4% of the step's memory at gpt2-124m, 8 × 512,
+            # --chunk-size 128).
             out, metrics = logits_sam_loss(pair_loss, hidden, head, rho, mask, ids, ref,
                                            has_aux=True,
                                            perturb=lambda w, e: losses.PerturbedHead(
