@@ -202,8 +202,9 @@ def hidden_cotangent(g: jax.Array, head: jax.Array, dtype: Any) -> jax.Array:
     """∂L/∂hidden = g W [..., d] in ``dtype`` (the features' dtype) for the float32 logit
     cotangent g [..., V] of :func:`logits_from_hidden`: g rounded to ``dtype`` as its
     derivative rounds it, the very matmul its transpose runs."""
-    return jnp.einsum("...v,vd->...d", g.astype(dtype), head.astype(dtype),
-                      preferred_element_type=dtype, precision=matmul_precision(g.astype(dtype)))
+    g = g.astype(dtype)
+    return jnp.einsum("...v,vd->...d", g, head.astype(dtype), preferred_element_type=dtype,
+                      precision=matmul_precision(g))
 
 
 def head_cotangent(g: jax.Array, hidden: jax.Array) -> jax.Array:
