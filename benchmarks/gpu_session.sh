@@ -87,24 +87,31 @@ written=()  # this session's JSON files: only these are ever packed
 started=$(date +%s)
 
 # The second H200 loan measured TRL's cases, their parts and their profiles
-# (benchmarks/README.md). This session measures what those profiles left open, most
-# important first; each case is compared with a baseline row of the same run or session.
+# (benchmarks/README.md). This session first measures the rows the README's table still
+# lacks (the changes since, the issue's other shapes), then what those profiles left open;
+# each case is compared with a baseline row of the same run or session.
 chunked=(--chunk-size 128)
 # The baseline, with its profile and parts. Since that loan the chunked head keeps each
 # chunk's logsumexp for its backward and casts W once per pass (lm.losses), and plain and
 # logits-SAM gradients are taken w.r.t. the bf16 matrices (lm.objectives.multiplied_params).
 run gpt2-124m 160 "${small[@]}" "${common[@]}" "${chunked[@]}" --modes adamw,logits-sam \
   --breakdown
-# The same rows from the code before those changes ($BEFORE), in the same session: what
-# they changed in the head part and in logits-SAM's overhead.
-run gpt2-124m-before 100 TREE="$before" "${small[@]}" "${timing[@]}" "${chunked[@]}" \
-  --modes adamw,logits-sam --breakdown
 # The 2.65B step without remat was the fastest (120.9 ms, 51.2 GB of TRL's 54): its
 # logits-SAM row against adamw run before and after it (the same adamw step measured 126.6 to
 # 134.7 ms in three processes, so one adamw row cannot settle a 2% goal), profiled: the first
 # profile of a 2.65B logits-SAM step.
 run gpt2-2.65b-noremat 240 "${large[@]}" "${common[@]}" "${chunked[@]}" --remat none \
   --modes adamw,logits-sam,adamw
+# The issue's other shapes, where memory allows (a shape that does not fit is a skipped row):
+# rows the README's table needs, so before every diagnostic below.
+run gpt2-medium-large 150 "${mid[@]}" "${timing[@]}" "${chunked[@]}" --remat none \
+  --modes adamw,logits-sam
+run pythia-mistral 240 "${big[@]}" "${timing[@]}" "${chunked[@]}" \
+  --remat dots_with_no_batch_dims_saveable --modes adamw,logits-sam
+# gpt2-124m's rows from the code before the changes named there ($BEFORE), in the same
+# session: what they changed in the head part and in logits-SAM's overhead.
+run gpt2-124m-before 100 TREE="$before" "${small[@]}" "${timing[@]}" "${chunked[@]}" \
+  --modes adamw,logits-sam --breakdown
 # GPT-2's vocabulary, 50257, makes every head matmul's V dimension odd; its Triton GEMM
 # fusions ran at ~44% of peak (profile). 50304 = 393 * 128 (nanoGPT's padding) shows what
 # the alignment costs, in the head part and the step.
@@ -134,11 +141,6 @@ if picked gpu_check && (( SECONDS + 60 < budget )); then
   timeout $((budget - SECONDS < 90 ? budget - SECONDS : 90)) "$py" benchmarks/gpu_check.py 2>&1 \
     | tee -a "$log"
 fi
-# The issue's other shapes, where memory allows (a shape that does not fit is a skipped row).
-run gpt2-medium-large 150 "${mid[@]}" "${timing[@]}" "${chunked[@]}" --remat none \
-  --modes adamw,logits-sam
-run pythia-mistral 240 "${big[@]}" "${timing[@]}" "${chunked[@]}" \
-  --remat dots_with_no_batch_dims_saveable --modes adamw,logits-sam
 if (( ${#written[@]} > ${MAX_JSON:-7} )); then
   pack="runs-$device-$date-$$.tar"
   tar -C "$out" -cf "$out/$pack" "${written[@]}" && (cd "$out" && rm -- "${written[@]}")
