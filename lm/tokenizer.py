@@ -70,14 +70,24 @@ def _token_id(tok: tokenizers.Tokenizer, value: Any, path: Path, key: str) -> Op
     return token_id
 
 
+def exact(tok: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """``tok`` with the padding and truncation a ``tokenizer.json`` may carry turned off: the
+    data pipeline pads and enforces its length policy itself (:mod:`lm.data.tokenization`),
+    and either setting would put pad tokens inside a prompt or cut a response unreported."""
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
-    """Load ``<directory>/tokenizer.json`` and the special-token ids around it."""
+    """Load ``<directory>/tokenizer.json`` (:func:`exact`: no padding, no truncation) and the
+    special-token ids around it."""
     directory = Path(directory)
     path = directory / "tokenizer.json"
     if not path.exists():
         raise TokenizerError(f"{path}: file not found (only tokenizer.json is supported)")
     try:
-        tok = tokenizers.Tokenizer.from_file(str(path))
+        tok = exact(tokenizers.Tokenizer.from_file(str(path)))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
         raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from None
     ids: dict[str, Optional[int]] = {"bos": None, "eos": None, "pad": None}

@@ -53,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.tokenizer:
             from tokenizers import Tokenizer
 
+            from lm.tokenizer import exact
+
             try:
-                tokenizer = Tokenizer.from_file(args.tokenizer)
+                tokenizer = exact(Tokenizer.from_file(args.tokenizer))
             except Exception as e:  # tokenizers raises a bare Exception on bad files
                 raise DataError(
                     args.tokenizer, None, "bad_file", f"not a tokenizer.json ({e})"

@@ -119,6 +119,11 @@ def read_records(
 
     Returns:
       The records in file order, and the report of what was kept and dropped.
+
+    Raises:
+      DataError: a file that yields no record (empty, or every record dropped under
+        ``"skip"``: most likely the wrong file), one whose records have no recognisable
+        format, or a bad record under ``"fail"``.
     """
     policy: OnError = check_on_error(on_error)
     if format != "auto" and format not in adapters.FORMATS:
@@ -131,6 +136,7 @@ def read_records(
     for path in paths:
         fmt = None if format == "auto" else format
         unrecognised = None  # the first record dropped before the format was known
+        before, dropped_before = len(records), report.num_dropped
         for source, row in iter_rows(path):
             try:
                 if isinstance(row, DataError):
@@ -147,6 +153,11 @@ def read_records(
                 os.fspath(path), None, "unknown_format",
                 f"no record has a recognisable format (first: {unrecognised})",
             )
+        if len(records) == before:
+            dropped = report.num_dropped - dropped_before
+            raise DataError(os.fspath(path), None, "no_records",
+                            f"no usable record (all {dropped} dropped; see the report)"
+                            if dropped else "no records (an empty file)")
     return records, report
 
 

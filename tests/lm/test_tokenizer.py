@@ -21,6 +21,32 @@ def test_loads_and_round_trips_text():
         tok.encode("the cat").ids, tok.encode("hello world").ids]
 
 
+def test_padding_and_truncation_in_tokenizer_json_are_turned_off(tmp_path):
+    """A tokenizer.json saved with padding and truncation on encodes exactly as without them
+    (the pipeline pads and truncates itself); a raw tokenizer with them on is refused."""
+    from tokenizers import Tokenizer
+
+    from lm.data import PreferenceRecord, TokenizeConfig, tokenize_records
+
+    d = Path(shutil.copytree(FIXTURE, tmp_path / "tok"))
+    raw = Tokenizer.from_file(str(d / "tokenizer.json"))
+    raw.enable_padding(pad_id=0, length=16)
+    raw.enable_truncation(max_length=2)
+    raw.save(str(d / "tokenizer.json"))
+    text = "the cat sat on the mat"
+    assert raw.encode(text).ids != load_tokenizer(FIXTURE).encode(text).ids
+    tok = load_tokenizer(d)
+    assert tok.encode(text).ids == load_tokenizer(FIXTURE).encode(text).ids
+    assert tok.tokenizer.padding is None and tok.tokenizer.truncation is None
+    record = PreferenceRecord(text, " the mat", " the cat", "x.jsonl:line 1")
+    config = TokenizeConfig(max_len=64, max_prompt_len=32, eos_id=2)
+    assert len(tokenize_records([record], tok, config)[0]) == 1
+    for setting in ("padding", "truncation"):
+        with pytest.raises(ValueError, match=f"tokenizer: {setting} is on"):
+            tokenize_records([record], raw, config)
+        (raw.no_padding if setting == "padding" else raw.no_truncation)()
+
+
 def test_config_json_ids_take_precedence(tmp_path):
     d = Path(shutil.copytree(FIXTURE, tmp_path / "tok"))
     (d / "config.json").write_text(json.dumps({"eos_token_id": [3, 2], "pad_token_id": None}))

@@ -161,6 +161,23 @@ def test_file_level_errors(tmp_path):
         read_records(tmp_path / "a.json", format="csv")
 
 
+def test_a_file_without_a_usable_record_is_an_error(tmp_path):
+    """Empty, blank, or every record dropped under skip: a file error naming the file, even
+    beside a good file (most likely the wrong file), never zero records in silence."""
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": "P", "chosen": "a", "rejected": "b"}) + "\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    (tmp_path / "bad.jsonl").write_text("{not json\n{\n")
+    for name in ("empty", "blank"):
+        for fmt in ("auto", "generic"):
+            with pytest.raises(DataError, match=rf"{name}\.jsonl: no records \(an empty file\)"):
+                read_records([good, tmp_path / f"{name}.jsonl"], format=fmt, on_error="skip")
+    with pytest.raises(DataError, match=r"bad\.jsonl: no usable record \(all 2 dropped"):
+        read_records([good, tmp_path / "bad.jsonl"], on_error="skip")
+    assert read_records(good)[1].kept == 1
+
+
 def test_prompt_too_long_fail_and_skip(tmp_path, tokenizer, special_ids):
     long_prompt = "word " * 40
     path = _write(tmp_path, GOOD, json.dumps(
