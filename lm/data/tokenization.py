@@ -1,15 +1,23 @@
-"""Tokenising preference records: prompt and responses separately, with a length policy.
+"""Tokenising preference records: responses as their text's tokens after the prompt,
+with a length policy.
 
 For a record ``(x, y+, y-)`` the two sequences are
 
     prompt_ids   = [bos] + enc(x)                 (bos only when ``bos_id`` is set)
-    response_ids = enc(y) + [eos]                 for y in (y+, y-)
+    response_ids = enc(x + y)[len(enc(x)):] + [eos]   for y in (y+, y-)
     sequence     = prompt_ids + response_ids
 
-Encoding the prompt and the responses separately makes the prompt/response boundary
-exact, so the loss mask covers the response tokens and nothing else. ``enc`` is
-``tokenizer.encode(text, add_special_tokens=False).ids`` (a ``tokenizers.Tokenizer`` or
-anything with that method): special tokens are added here, once, not by a post-processor.
+so the loss mask covers the response tokens and nothing else, and they are the tokens the
+model reads and writes after that prompt. Encoding a response alone would differ where the
+tokenizer treats the start of a text specially: Llama-2, Mistral and Zephyr's
+``tokenizer.json`` prepend "▁" to every text they encode, so a response encoded alone
+starts with a word-initial token (a space the text does not have). A record whose prompt
+is not a token prefix of ``x + y`` (its last token merges with the response's first, as a
+byte-level BPE merges a prompt's trailing space into the next word) keeps ``enc(y)``, the
+response's own tokens: the boundary stays where the texts meet.
+``enc`` is ``tokenizer.encode(text, add_special_tokens=False).ids`` (a
+``tokenizers.Tokenizer`` or anything with that method): special tokens are added here,
+once, not by a post-processor.
 
 Length policy (``max_len`` total, ``max_prompt_len`` prompt, both in tokens, BOS
 included):
@@ -148,13 +156,15 @@ def tokenize_records(
     if report is None:
         report = Report(kept=len(records))
     prompts = _encode_all(tokenizer, [r.prompt for r in records])
-    chosen = _encode_all(tokenizer, [r.chosen for r in records])
-    rejected = _encode_all(tokenizer, [r.rejected for r in records])
+    chosen = _encode_all(tokenizer, [r.prompt + r.chosen for r in records])
+    rejected = _encode_all(tokenizer, [r.prompt + r.rejected for r in records])
     bos = [] if config.bos_id is None else [config.bos_id]
     out = TokenizedPairs([], [], [], [])
     for record, p, c, r in zip(records, prompts, chosen, rejected):
         prompt_ids = bos + p
         room = config.max_len - len(prompt_ids)
+        c, r = (_after_prompt(tokenizer, p, ids, text)
+                for ids, text in ((c, record.chosen), (r, record.rejected)))
         responses = [(ids + [config.eos_id])[:room] for ids in (c, r)]
         cut = sum(len(ids) + 1 > room for ids in (c, r))
         try:
@@ -169,6 +179,14 @@ def tokenize_records(
         out.rejected.append(np.asarray(responses[1], dtype=np.int32))
         out.source.append(record.source)
     return out, report
+
+
+def _after_prompt(tokenizer: Any, prompt: list[int], joint: list[int], response: str) -> list[int]:
+    """The response's ids: ``joint`` (the encoded prompt + response) after ``prompt``, or the
+    response encoded alone where the prompt is not a token prefix of ``joint``."""
+    if joint[:len(prompt)] == prompt:
+        return joint[len(prompt):]
+    return _encode_all(tokenizer, [response])[0]
 
 
 def _check_pair(

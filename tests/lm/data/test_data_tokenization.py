@@ -9,7 +9,8 @@ def _ids(tokenizer, text):
     return tokenizer.encode(text, add_special_tokens=False).ids
 
 
-def test_prompt_and_responses_are_encoded_separately(fixtures_dir, tokenizer, special_ids):
+def test_byte_level_responses_are_their_own_tokens(fixtures_dir, tokenizer, special_ids):
+    """With a byte-level BPE, a response's tokens after its prompt are those it has alone."""
     records, _ = read_records(fixtures_dir / "hh.jsonl")
     config = TokenizeConfig(max_len=256, max_prompt_len=128, eos_id=special_ids["eos"],
                             bos_id=special_ids["bos"])
@@ -25,6 +26,51 @@ def test_prompt_and_responses_are_encoded_separately(fixtures_dir, tokenizer, sp
     expected = [len(p) + max(len(c), len(r))
                 for p, c, r in zip(pairs.prompt, pairs.chosen, pairs.rejected)]
     assert pairs.lengths.tolist() == expected
+
+
+def _sentencepiece_style_tokenizer():
+    """Llama-2 / Mistral / Zephyr's tokenizer.json layout: a normalizer that prepends "▁" to
+    every text and writes spaces as "▁", no pre-tokenizer, byte fallback for what the
+    vocabulary lacks (here the newline, as "<0x0A>")."""
+    from tokenizers import Tokenizer, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                           normalizers.Replace(" ", "▁")])
+    corpus = ["Name three colours. Red, yellow and blue. Green, pink and grey."] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=120, special_tokens=["<unk>", "<s>", "</s>", "<0x0A>"], show_progress=False))
+    return tok
+
+
+def test_responses_are_the_tokens_that_follow_their_prompt():
+    """A tokenizer that prepends "▁" to every text would start a response encoded alone with
+    a space it does not have: each response is the tail of its prompt + response."""
+    tok = _sentencepiece_style_tokenizer()
+    record = PreferenceRecord("Name three colours.\n", "Red, yellow and blue.",
+                              "Green, pink and grey.", "mem:1")
+    eos = tok.token_to_id("</s>")
+    alone = _ids(tok, record.chosen)
+    assert tok.id_to_token(alone[0]).startswith("▁")  # what a response encoded alone gets
+    pairs, report = tokenize_records([record], tok, TokenizeConfig(64, 32, eos_id=eos))
+    assert report.kept == 1
+    for ids, response in ((pairs.chosen[0], record.chosen), (pairs.rejected[0], record.rejected)):
+        assert not tok.id_to_token(int(ids[0])).startswith("▁")
+        assert pairs.prompt[0].tolist() + ids.tolist() == (
+            _ids(tok, record.prompt + response) + [eos])
+
+
+def test_a_prompt_that_merges_into_its_response_keeps_the_response_alone(tokenizer,
+                                                                        special_ids):
+    """A prompt ending in a space is no token prefix of prompt + response under a byte-level
+    BPE (the space joins the next word): the response keeps its own tokens."""
+    record = PreferenceRecord("Answer: ", "yes", "no", "mem:1")
+    assert _ids(tokenizer, record.prompt + "yes")[:len(_ids(tokenizer, record.prompt))] != (
+        _ids(tokenizer, record.prompt))
+    eos = special_ids["eos"]
+    pairs, _ = tokenize_records([record], tokenizer, TokenizeConfig(64, 32, eos_id=eos))
+    assert pairs.prompt[0].tolist() == _ids(tokenizer, record.prompt)
+    assert pairs.chosen[0].tolist() == _ids(tokenizer, "yes") + [eos]
 
 
 def test_long_responses_are_cut_from_the_right_without_eos(tokenizer, special_ids):
