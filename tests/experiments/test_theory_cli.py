@@ -73,6 +73,26 @@ def test_slope_check_fails_when_the_sam_correction_is_dropped(monkeypatch):
         rows = {r.check: r for r in cli.check_remainders(data)}
     finally:
         jax.config.update("jax_enable_x64", previous)
-    assert rows["Thm 3.2: r_z log-log slope in η"].passed is False
-    assert abs(rows["Thm 3.2: r_z log-log slope in η"].measured - 1.5) < 0.15
+    assert rows["Thm 3.2: r_z log-log slope in η (worst shape's median)"].passed is False
+    assert abs(rows["Thm 3.2: r_z log-log slope in η (worst shape's median)"].measured - 1.5) < 0.15
     assert rows["Thm 3.2, ρ=0: GD is exact in W (max ‖R_W‖)"].passed is True
+
+
+def test_slope_check_fails_when_one_shape_alone_is_wrong(monkeypatch):
+    """An error confined to one shape fails the rows though the pooled slopes look right:
+    each shape's median is checked."""
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        prediction = theory.predicted_step
+        monkeypatch.setattr(theory, "predicted_step", lambda phi, y, W, eta, rho: prediction(
+            phi, y, W, eta, 0.0 if W.shape[0] == 3 else rho))
+        monkeypatch.setattr(cli, "_sweep_batch", jax.jit(jax.vmap(cli._remainder_sweep)))
+        key = jax.random.PRNGKey(0)
+        data = {(3, 2): cli.sample_instances(key, 2, 3, 2),
+                (5, 3): cli.sample_instances(key, 6, 5, 3)}
+        rows = {r.check: r for r in cli.check_remainders(data)}
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+    row = rows["Thm 3.2: r_z log-log slope in η (worst shape's median)"]
+    assert row.passed is False and "worst shape (3, 2)" in row.detail
