@@ -12,7 +12,7 @@
 # A change is timed against the code before it in the same session: put that code in
 # $BEFORE (default .bench-before/, git-ignored) and carry it to the device, e.g.
 #   mkdir -p .bench-before && git archive <commit> dynamics lm | tar -x -C .bench-before &&
-#     git archive HEAD experiments | tar -x -C .bench-before     (today's bench, the old model)
+#     git archive <commit> experiments | tar -x -C .bench-before   (benchmarks/README.md)
 # The "-before" cases run from there (TREE=DIR); every JSON names its code ("source").
 #
 # Writes <device>-<case>-<date>.json per run (experiments.bench --out) and session.log (with
@@ -91,9 +91,10 @@ started=$(date +%s)
 # lacks (the changes since, the other shapes), then what those profiles left open;
 # each case is compared with a baseline row of the same run or session.
 chunked=(--chunk-size 128)
-# The baseline, with its profile and parts. Since that loan the chunked head keeps each
-# chunk's logsumexp for its backward and casts W once per pass (lm.losses), and plain and
-# logits-SAM gradients are taken w.r.t. the bf16 matrices (lm.objectives.multiplied_params).
+# The baseline, with its profile and parts. Since that loan the chunked head's backward
+# recomputes no logits (its 4 chunks keep their softmax gradients) and it casts W once per
+# pass (lm.losses), and plain and logits-SAM gradients are taken w.r.t. the bf16 matrices
+# (lm.objectives.multiplied_params).
 run gpt2-124m 160 "${small[@]}" "${common[@]}" "${chunked[@]}" --modes adamw,logits-sam \
   --breakdown
 # The 2.65B step without remat was the fastest (120.9 ms, 51.2 GB of TRL's 54): its

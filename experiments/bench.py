@@ -33,11 +33,14 @@ each; nothing inside the step talks to the host) and reports:
   overhead        for logits-sam and sam, step time and memory relative to adamw; for
                   logits-sam next to its FLOP lower bound: the inner head forward and the head
                   gradient, 4 · N · V · d for the N = pairs · 2 · (seq − 1) positions that go
-                  through the policy head, over the adamw model_flops; 6 · N · V · d with
-                  ``--chunk-size`` (the head gradient recomputes its chunk's logits); with
-                  ``--head-dtype split``, 8 · N · V · d + 4 · P_trunk · tokens (the split
-                  head's extra matmuls and the trunk's second backward pass,
-                  :func:`experiments.flops.logits_sam_extra_flops`); and the extra matmul
+                  through the policy head (with ``--chunk-size``, those of the chunks that
+                  hold a response target), over the adamw model_flops; 6 · N · V · d where
+                  the chunked head's backward recomputes its chunk's logits (more chunks
+                  than :func:`lm.losses.keeps_softmax_gradient` keeps); with
+                  ``--head-dtype split``, 8 · N · V · d + 4 · P_trunk · tokens (14 and 16
+                  · N · V · d chunked: the split head's extra matmuls and the trunk's second
+                  backward pass, :func:`experiments.flops.logits_sam_extra_flops`); and the
+                  extra matmul
                   work counted from both programs (``counted_extra_flops_vs_adamw``).
 
 ``--profile`` traces a few more steps after the timed ones and reports where their time goes
@@ -104,8 +107,9 @@ TARGETS = {
     "gpt2-2.65b": "MFU >= 40% on one H100, i.e. <= 110 ms/step (TRL: 15%, 291 ms/step, 54 GB; "
     "2 pairs, seq 512, prompt 128, gradient checkpointing)",
     "logits-sam": "step-time overhead over adamw within 1 pp of its FLOP bound (15.5% at "
-    "gpt2-124m, 2.4% at gpt2-2.65b for 8x512 / 2x512 unchunked; 17.4% and 2.7% with "
-    "--chunk-size 128) and <= 2% at gpt2-2.65b; compile-time memory <= 1.02x adamw",
+    "gpt2-124m, 2.4% at gpt2-2.65b for 8x512 / 2x512 unchunked; 11.6% and 1.8% with "
+    "--chunk-size 128 under bf16, whose prompt chunk skips the head) and <= 2% at gpt2-2.65b; "
+    "compile-time memory <= 1.02x adamw",
     "sam": "full SAM, for contrast: a second forward/backward of the whole policy",
 }
 
@@ -271,12 +275,14 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
         "tokens_per_step": tokens, "model_flops_per_step": work,
     }
     if mode == "logits-sam":
+        head_compute = "float32" if args.head_dtype == "float32" else args.dtype
         head_matrices = (1 if cfg.tie_word_embeddings else 2) * cfg.vocab_size * cfg.hidden_size
         positions = flops.head_positions(case.pairs, case.seq, case.prompt, args.chunk_size)
         extra = flops.logits_sam_extra_flops(
             positions, cfg.vocab_size, cfg.hidden_size,
-            chunked=flops.is_chunked(case.seq, args.chunk_size), split=args.head_dtype == "split",
-            trunk_params=n_params - head_matrices, tokens=tokens)
+            chunked=flops.is_chunked(case.seq, args.chunk_size),
+            recomputed=flops.recomputes_head_logits(case.seq, args.chunk_size, head_compute),
+            split=args.head_dtype == "split", trunk_params=n_params - head_matrices, tokens=tokens)
         row["flop_bound"] = extra / work
 
     step, tx = build_step(cfg, mode, args, case.remat)
@@ -693,10 +699,11 @@ def environment(args: argparse.Namespace) -> dict:
             "memory.estimate_bytes": "XLA compile-time argument + output + temp - alias",
             "flop_bound": "logits-SAM extra 4 * N * V * d over the adamw model_flops; N = "
                           "pairs * 2 * (seq - 1) head positions, or with --chunk-size c "
-                          "6 * N * V * d (the head gradient recomputes its chunk's logits) "
-                          "with N the positions of chunks holding a response target "
-                          "(prompt-only chunks skip the head); with --head-dtype split "
-                          "8 * N * V * d (14 chunked) + 4 * P_trunk * tokens",
+                          "the positions of chunks holding a response target (prompt-only "
+                          "chunks skip the head), 6 * N * V * d where the head's backward "
+                          "recomputes its chunk's logits (more chunks than "
+                          "lm.losses.keeps_softmax_gradient keeps); with --head-dtype split "
+                          "8 * N * V * d (14 or 16 chunked) + 4 * P_trunk * tokens",
         },
         "targets": TARGETS, "gpu_command": GPU_COMMAND,
     }

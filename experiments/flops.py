@@ -23,6 +23,8 @@ import jax
 import numpy as np
 from jax.extend.core import jaxprs_in_params
 
+from lm.losses import keeps_softmax_gradient
+
 # cuDNN's fused attention (jax.nn.dot_product_attention(implementation="cudnn")): one
 # primitive each way, whose matmuls the jaxpr does not show.
 _ATTENTION_FORWARD = "dot_product_attention_fwd_wrapper"
@@ -77,30 +79,41 @@ def head_chunk_share(seq: int, prompt: int, chunk_size: int | None) -> float:
     return 1.0 - (prompt // chunk_size) / chunks
 
 
+def recomputes_head_logits(seq: int, chunk_size: int | None, dtype: Any) -> bool:
+    """Whether the chunked head's backward recomputes each chunk's logits (features of
+    ``dtype``): chunked, with more chunks than :func:`lm.losses.keeps_softmax_gradient` keeps
+    the softmax gradients of."""
+    return is_chunked(seq, chunk_size) and not keeps_softmax_gradient(seq, chunk_size, dtype)
+
+
 def logits_sam_extra_flops(positions: int, vocab: int, width: int, *, chunked: bool = False,
-                           split: bool = False, trunk_params: int = 0, tokens: int = 0) -> float:
+                           recomputed: bool = False, split: bool = False,
+                           trunk_params: int = 0, tokens: int = 0) -> float:
     """Logits-SAM's extra work, 4 · N · V · d: the inner head forward ``h Wᵀ`` (2NVd) and the
     head gradient ``gᵀ h`` (2NVd) that set the perturbation (paper §3.3, Algorithm 1).
 
-    ``chunked``: 6 · N · V · d. The head gradient needs every sequence's log-prob first (the
-    DPO cotangent of a token is its sequence's), so the inner pass runs the chunks twice,
-    forward and then backward, and the backward recomputes each chunk's logits rather than
-    keep all N × V of them: one more 2NVd, which a logits-SAM that never stores the logits
-    cannot avoid (tests/lm/test_objectives.py counts every matmul of both steps).
+    ``recomputed`` (:func:`recomputes_head_logits`): 6 · N · V · d. The head gradient needs
+    every sequence's log-prob first (the DPO cotangent of a token is its sequence's), so the
+    inner pass runs the chunks forward and then backward; a backward that recomputes each
+    chunk's logits, rather than reading the softmax gradients its forward kept, does one
+    more 2NVd (tests/lm/test_objectives.py counts every matmul of both steps). The plain
+    head is then 8 · N · V · d, not 6.
 
     ``split`` (``--head-dtype split``, :func:`lm.losses.split_token_logps`): the head's
-    matmuls are the inner gradient gᵀ h, the forward h Wᵀ (which the inner pass can share:
-    the same product) and h eᵀ, and the backward g0 W, Δg W, g' e and Δgᵀ h, 14 · N · V · d
-    against plain's 6 (16 unshared), so at least 8 · N · V · d extra, plus the trunk's
-    second backward pass, 4 · P_trunk · tokens (P_trunk: the parameters outside the
-    embedding and head matrices). Chunked, nothing is shared and every chunk's forward
-    (inner h Wᵀ; perturbed h Wᵀ and h eᵀ) is recomputed for its backward: 22 · N · V · d
-    against plain's 8, 14 extra.
+    matmuls are the inner pass's h Wᵀ, g0 W and gᵀ h (the plain gradient's, which the
+    perturbed pass does not repeat), the perturbed forward h Wᵀ (which the inner pass can
+    share: the same product) and h eᵀ, and the backward Δg W, g' e and Δgᵀ h: 14 · N · V · d
+    (16 unshared) against plain's 6, so 8 · N · V · d extra, plus the trunk's second
+    backward pass, 4 · P_trunk · tokens (P_trunk: the parameters outside the embedding and
+    head matrices). ``chunked``, nothing is shared and the perturbed chunks' forwards (h Wᵀ
+    and h eᵀ) are recomputed for their backward, as the inner pass recomputes or keeps
+    what plain's head does: 14 · N · V · d extra either way (22 against 8 ``recomputed``,
+    20 against 6 kept).
     """
     if split:
-        return ((14.0 if chunked else 8.0) * positions * vocab * width
-                + 4.0 * trunk_params * tokens)
-    return (6.0 if chunked else 4.0) * positions * vocab * width
+        return (14.0 if chunked else 8.0) * positions * vocab * width + (
+            4.0 * trunk_params * tokens)
+    return (6.0 if recomputed else 4.0) * positions * vocab * width
 
 
 def matmul_flops(fn: Callable, *args: Any, cond_share: float = 1.0) -> float:

@@ -6,9 +6,10 @@ t+1 given the prefix up to t is
 
     log π(x_{t+1} | x_{≤t}) = z_t[x_{t+1}] − logsumexp(z_t),   z_t = h_t Wᵀ ∈ R^V
 
-counted where ``loss_mask[t+1] = 1`` (response tokens, EOS included). The vocabulary ×
-tokens logits are never materialised: tokens are processed in chunks, each chunk under
-``jax.checkpoint`` so the backward pass also only holds one chunk's logits.
+counted where ``loss_mask[t+1] = 1`` (response tokens, EOS included). With ``chunk_size``
+the vocabulary × tokens float32 logits are never materialised: tokens are processed in
+chunks, and the backward pass holds one chunk's logits at a time, or, with few chunks, every
+chunk's softmax gradient in the compute dtype (:func:`keeps_softmax_gradient`).
 
 Losses. Each is a pure function of a :class:`PairLogps` (policy and reference sequence
 log-probs of chosen y_w and rejected y_l, and their token counts) and its
@@ -109,10 +110,11 @@ def token_logps(
     at once, so the chunk axis is never the (data-parallel sharded) row axis, and a chunk
     whose targets are all uncounted — the prompt of a prompt longer than c, the padding of
     a bucket — skips its head matmul entirely (forward and backward: a ``lax.cond``).
-    Chunked, the derivative is :func:`_head_chunks_logps`' own: each chunk's backward
-    recomputes its logits but not their logsumexp. It is reverse mode only (``jax.jvp``
-    of chunked log-probs raises; ``jax.jvp`` of their ``jax.grad`` works); unchunked log-probs
-    are plain JAX, which :mod:`lm.diagnostics` differentiates in both modes.
+    Chunked, the derivative is :func:`_head_chunks_logps`' own: with few chunks it reads the
+    softmax gradients the forward kept, else each chunk's backward recomputes its logits (but
+    not their logsumexp). It is reverse mode only (``jax.jvp`` of chunked log-probs raises;
+    ``jax.jvp`` of their ``jax.grad`` works); unchunked log-probs are plain JAX, which
+    :mod:`lm.diagnostics` differentiates in both modes.
 
     Args:
       hidden: final hidden states h (N, T, d), any float dtype.
@@ -144,19 +146,28 @@ def _head_chunks_logps(hidden, head, targets, counted):
     predecessors, :func:`_chunk_layout`), ``head`` as :func:`token_logps` takes it, int
     ``targets`` and bool ``counted`` [K, N, c]. A chunk without a counted target is 0.
 
-    Forward, per chunk: z = h Wᵀ, log π = z[target] − lse(z); only lse (N·c floats) is kept.
-    Backward, with c the cotangent of a chunk's log-probs [N, c]:
+    Forward, per chunk: z = h Wᵀ, log π = z[target] − lse(z). Backward, with c the
+    cotangent of a chunk's log-probs [N, c] and Q = onehot(target) − softmax(z) the
+    softmax's gradient:
 
-        G = c (onehot(target) − exp(z − lse)),   ∂h = G W,   ∂W = Σ_chunks Gᵀ h
+        G = c Q,   ∂h = G W = c (Q W),   ∂W = Σ_chunks Gᵀ h = Σ_chunks Qᵀ (c h)
 
-    z recomputed from h and W: a rematerialised autodiff forward would also recompute lse,
-    two more passes over the chunk's N·c·V float32 logits. The head is cast to ``hidden``'s
-    dtype once per pass, not in every chunk (fused into a GEMM, the cast re-reads float32 W
-    for every tile of rows), with V padded to :data:`HEAD_ALIGNMENT` (exact: the reductions
-    read the real V, the padded columns' G is 0), and ∂W sums the chunks in float32
-    (:func:`head_cotangent`).
-    ∂h and ∂W are formed only for the inputs that are differentiated (logits-SAM's inner
-    gradient has no ∂h).
+    Under ``jax.grad`` the forward keeps what the backward needs, in one of two ways
+    (:func:`keeps_softmax_gradient` chooses from the shapes):
+
+    * **kept**: Q in ``hidden``'s dtype for ∂W, and U = Q W [N, c, d] in float32 for ∂h,
+      formed while the chunk's logits are live. The backward is one matmul per chunk
+      (Qᵀ (c h)) and a scaling (c U): 6·N·V·d for both gradients, 4·N·V·d for ∂W alone
+      (logits-SAM's inner gradient), the unchunked head's count.
+    * **recomputed**: only lse (N·c floats); the backward recomputes z from h and W and
+      forms G in one pass (a rematerialised autodiff forward would also recompute lse, two
+      more passes over the chunk's N·c·V float32 logits): 8·N·V·d, and 6 for ∂W alone.
+
+    The head is cast to ``hidden``'s dtype once per pass, not in every chunk (fused into a
+    GEMM, the cast re-reads float32 W for every tile of rows), with V padded to
+    :data:`HEAD_ALIGNMENT` (exact: the reductions read the real V, the padded columns' Q
+    and G are 0), and ∂W sums the chunks in float32 (:func:`head_cotangent`). ∂h and ∂W are
+    formed only for the inputs that are differentiated.
     """
     return _head_chunks_forward(hidden, head, targets, counted)[0]
 
@@ -167,6 +178,21 @@ def _head_chunks_logps(hidden, head, targets, counted):
 #: GEMM tile can load or store (nanoGPT pads the embedding itself to 50304 for that reason).
 HEAD_ALIGNMENT = 128
 
+#: The chunked head keeps every chunk's softmax gradient Q for its backward when they take
+#: at most this many bytes per element of one chunk's logits: 8, the bytes of two chunks'
+#: float32 logits (the recomputing backward holds a chunk's float32 logits and its G, 6).
+KEPT_BYTES_PER_CHUNK_LOGIT = 8
+
+
+def keeps_softmax_gradient(seq_len: int, chunk_size: int | None, dtype: Any) -> bool:
+    """Whether the chunked head's backward reads the forward's kept softmax gradients
+    (:func:`_head_chunks_logps`) rather than recomputing each chunk's logits: when the K
+    chunks of a sequence of ``seq_len`` tokens, in the features' ``dtype``, take at most
+    :data:`KEPT_BYTES_PER_CHUNK_LOGIT` bytes per logit of one chunk (bf16: K ≤ 4; float32:
+    K ≤ 2). False for an unchunked head, whose autodiff keeps its logits whole."""
+    chunks = _chunks(seq_len, chunk_size)
+    return chunks is not None and chunks * jnp.dtype(dtype).itemsize <= KEPT_BYTES_PER_CHUNK_LOGIT
+
 
 def _aligned_head(head: jax.Array | PerturbedHead, dtype: Any) -> tuple[jax.Array, int]:
     """(:func:`_multiplied_head` with zero rows up to a multiple of :data:`HEAD_ALIGNMENT`,
@@ -176,46 +202,108 @@ def _aligned_head(head: jax.Array | PerturbedHead, dtype: Any) -> tuple[jax.Arra
     return jnp.pad(w, ((0, -vocab % HEAD_ALIGNMENT), (0, 0))), vocab
 
 
-def _head_chunks_forward(hidden, head, targets, counted):
+def _softmax_gradient(z, targets, lse, vocab):
+    """onehot(target) − exp(z − lse) in float32 [..., V′] of padded logits z, 0 in the padded
+    columns (their exp(−lse) could overflow to inf)."""
+    column = jnp.arange(z.shape[-1])
+    onehot = (column == targets[..., None]).astype(jnp.float32)
+    return jnp.where(column < vocab, onehot - jnp.exp(z - lse[..., None]), 0.0)
+
+
+def _head_chunks_forward(hidden, head, targets, counted, keep=()):
+    """(log-probs, lse, kept) of :func:`_head_chunks_logps`; ``keep`` names the kept
+    residuals to form, each a list of K chunks' [N, c, ·]: "head" (Q, for ∂W) and "hidden"
+    (U = Q W, for ∂h).
+
+    Kept, the few chunks (:func:`keeps_softmax_gradient`) run unrolled, each Q an array of
+    its own, allocated where it is formed: a loop would stack them into one buffer that
+    XLA may allocate before the loop (logits-SAM: before its inner pass has freed its own).
+    """
     w, vocab = _aligned_head(head, hidden.dtype)
 
-    def chunk(xs):
-        h, tg, m = xs
-        return jax.lax.cond(jnp.any(m),
-                            lambda: _target_logit_and_lse(logits_from_hidden(h, w), tg, vocab),
-                            lambda: (jnp.zeros(tg.shape, jnp.float32),) * 2)
+    def chunk(h, tg, m):
+        def run():
+            z = logits_from_hidden(h, w)
+            target_logit, lse = _target_logit_and_lse(z, tg, vocab)
+            kept = {}
+            if keep:
+                q = _softmax_gradient(z, tg, lse, vocab).astype(h.dtype)
+                kept = {"head": q, "hidden": _dot(q, w, "...v,vd->...d") if "hidden" in keep
+                        else None}
+            return target_logit, lse, {k: kept[k] for k in keep}
 
-    target_logit, lse = jax.lax.map(chunk, (hidden, targets, counted))
-    return target_logit - lse, lse
+        def skip():
+            zeros = {"head": jnp.zeros((*tg.shape, w.shape[0]), h.dtype),
+                     "hidden": jnp.zeros(h.shape, jnp.float32)}
+            return (*(jnp.zeros(tg.shape, jnp.float32),) * 2, {k: zeros[k] for k in keep})
+
+        return jax.lax.cond(jnp.any(m), run, skip)
+
+    if not keep:
+        target_logit, lse, _ = jax.lax.map(lambda xs: chunk(*xs), (hidden, targets, counted))
+        return target_logit - lse, lse, {}
+    chunks = [chunk(hidden[k], targets[k], counted[k]) for k in range(targets.shape[0])]
+    target_logit, lse = (jnp.stack([c[i] for c in chunks]) for i in (0, 1))
+    return target_logit - lse, lse, {name: [c[2][name] for c in chunks] for name in keep}
 
 
 def _head_chunks_fwd(hidden, head, targets, counted):
     # symbolic_zeros: every leaf comes as a CustomVJPPrimal (value, perturbed).
-    needed = {"hidden": ()} if hidden.perturbed else {}
+    needed = ("hidden",) if hidden.perturbed else ()
     if any(x.perturbed for x in jax.tree_util.tree_leaves(head)):
-        needed["head"] = ()
+        needed += ("head",)
     hidden, head, targets, counted = jax.tree_util.tree_map(
         lambda x: x.value, (hidden, head, targets, counted))
-    logps, lse = _head_chunks_forward(hidden, head, targets, counted)
-    return logps, (hidden, head, targets, counted, lse, needed)
+    chunks, n, c = targets.shape
+    keep = needed if keeps_softmax_gradient(chunks * c, c, hidden.dtype) else ()
+    logps, lse, kept = _head_chunks_forward(hidden, head, targets, counted, keep)
+    # Names as a pytree's structure (residuals are arrays): {name: ()}.
+    return logps, (hidden, head, targets, counted, lse, dict.fromkeys(needed, ()), kept)
 
 
 def _head_chunks_bwd(res, ct):
-    hidden, head, targets, counted, lse, needed = res
+    hidden, head, targets, counted, lse, needed, kept = res
     if isinstance(ct, jax.custom_derivatives.SymbolicZero):
         return None, None, None, None
+    if kept:
+        d_head, d_hidden = _kept_cotangents(hidden, head, counted, ct, kept)
+    else:
+        d_head, d_hidden = _recomputed_cotangents(hidden, head, targets, counted, lse, ct, needed)
+    if d_head is not None:
+        d_head = jax.tree_util.tree_map(lambda x: d_head.astype(x.dtype), head)
+    return d_hidden, d_head, None, None
+
+
+def _kept_cotangents(hidden, head, counted, ct, kept):
+    """(∂W float32 or None, ∂h or None) from the forward's Q and U (chunk by chunk, unrolled
+    as the forward kept them)."""
+    d_hidden = None
+    if "hidden" in kept:
+        d_hidden = jnp.stack([ct_k[..., None] * u for ct_k, u in zip(ct, kept["hidden"])]
+                             ).astype(hidden.dtype)
+    if "head" not in kept:
+        return None, d_hidden
+    vocab = _multiplied_head(head, hidden.dtype).shape[0]
+    d_head = jnp.zeros((vocab, hidden.shape[-1]), jnp.float32)
+    for q, h, m, ct_k in zip(kept["head"], hidden, counted, ct):
+        # Summed unpadded: a padded sum would need one more (V, d) float32 copy to slice.
+        d_head = jax.lax.cond(
+            jnp.any(m),
+            lambda d, q=q, h=h, ct_k=ct_k: d + head_cotangent(
+                q, (ct_k[..., None] * h).astype(h.dtype))[:vocab],
+            lambda d: d, d_head)
+    return d_head, d_hidden
+
+
+def _recomputed_cotangents(hidden, head, targets, counted, lse, ct, needed):
+    """(∂W float32 or None, ∂h or None), each chunk's logits recomputed."""
     w, vocab = _aligned_head(head, hidden.dtype)
 
     def chunk(d_head, xs):
         h, tg, m, lse_k, ct_k = xs
 
         def run():
-            z = logits_from_hidden(h, w)
-            column = jnp.arange(w.shape[0])
-            onehot = (column == tg[..., None]).astype(jnp.float32)
-            # Padded columns (z = 0) get G = 0: their exp(−lse) could overflow to inf.
-            softmax = jnp.exp(z - lse_k[..., None])
-            g = jnp.where(column < vocab, ct_k[..., None] * (onehot - softmax), 0.0)
+            g = ct_k[..., None] * _softmax_gradient(logits_from_hidden(h, w), tg, lse_k, vocab)
             d_h = hidden_cotangent(g, w, h.dtype) if "hidden" in needed else None
             # Summed unpadded: a padded sum would need one more (V, d) float32 copy to slice.
             return (None if d_head is None else d_head + head_cotangent(g, h)[:vocab]), d_h
@@ -226,10 +314,7 @@ def _head_chunks_bwd(res, ct):
         return jax.lax.cond(jnp.any(m), run, skip)
 
     d_head = jnp.zeros((vocab, w.shape[1]), jnp.float32) if "head" in needed else None
-    d_head, d_hidden = jax.lax.scan(chunk, d_head, (hidden, targets, counted, lse, ct))
-    if d_head is not None:
-        d_head = jax.tree_util.tree_map(lambda x: d_head.astype(x.dtype), head)
-    return d_hidden, d_head, None, None
+    return jax.lax.scan(chunk, d_head, (hidden, targets, counted, lse, ct))
 
 
 _head_chunks_logps.defvjp(_head_chunks_fwd, _head_chunks_bwd, symbolic_zeros=True)
@@ -237,7 +322,6 @@ _head_chunks_logps.defvjp(_head_chunks_fwd, _head_chunks_bwd, symbolic_zeros=Tru
 
 def split_token_logps(
     hidden: jax.Array,
-    hidden_corr: jax.Array,
     head: jax.Array,
     e: jax.Array,
     unperturbed_cotangent: jax.Array,
@@ -246,7 +330,8 @@ def split_token_logps(
     *,
     chunk_size: int | None = None,
 ) -> jax.Array:
-    """:func:`token_logps` of the perturbed head W + e, exact for tiny e in bf16 matmuls.
+    """:func:`token_logps` of the perturbed head W + e, whose derivative is the SAM
+    correction alone, exact for tiny e in bf16 matmuls.
 
     Forward, per token: z = h Wᵀ, δ = h eᵀ (both matmuls in h's dtype with float32
     results: e keeps its own relative precision in bf16), log-probs from z' = z + δ.
@@ -259,23 +344,18 @@ def split_token_logps(
 
     (Δg is formed without cancelling p' against p), and
 
-        ∂/∂hidden      = g0 W                  the plain logit gradient's share
-        ∂/∂hidden_corr = Δg W + g' e           the SAM correction (both terms first order in e)
-        ∂/∂head        = Δgᵀ h                 the correction only: the caller adds g0ᵀ h,
-                                                 which is the inner gradient ∇_W L it already has
+        ∂/∂hidden = Δg W + g' e        ∂/∂head = Δgᵀ h
 
-    whose sums are g' (W + e) and g'ᵀ h, the gradients of z' = h (W + e)ᵀ, each share rounded
-    to bf16 relative to itself: the correction (first order in ρ, ~1e-4 of the gradient at
-    ρ = 1e-4 on GPT-2) is never rounded against the much larger g0 W or g0ᵀ h. g0 W is
-    the plain gradient's own (the transpose of :func:`lm.models.logits_from_hidden`), so
-    logits-SAM minus plain descent is the correction alone. ``hidden`` and ``hidden_corr``
-    are the same features passed twice so that the two shares reach the trunk as separate
-    cotangents; ``e`` and the unperturbed cotangent get zero cotangents. Shapes and
-    chunking as in :func:`token_logps`.
+    the gradients of z' = h (W + e)ᵀ, g' (W + e) and g'ᵀ h, less the plain ones g0 W and
+    g0ᵀ h, which the caller takes from :func:`token_logps` at e = 0 with cotangent c (its
+    inner gradient): the correction (first order in ρ, ~1e-4 of the gradient at ρ = 1e-4
+    on GPT-2) is rounded to bf16 relative to itself, never against the much larger plain
+    share, and logits-SAM minus plain descent is the correction alone. ``e`` and the
+    unperturbed cotangent get zero cotangents. Shapes and chunking as in :func:`token_logps`.
     """
     cot = jnp.pad(_masked(unperturbed_cotangent.astype(jnp.float32), loss_mask), ((0, 0), (1, 0)))
-    return _chunked(lambda h, hc, tg, c: _split_target_logps(h, hc, head, e, c, tg),
-                    (hidden, hidden_corr), (cot,), input_ids, loss_mask, chunk_size)
+    return _chunked(lambda h, tg, c: _split_target_logps(h, head, e, c, tg),
+                    (hidden,), (cot,), input_ids, loss_mask, chunk_size)
 
 
 def _dot(a: jax.Array, b: jax.Array, spec: str) -> jax.Array:
@@ -284,11 +364,11 @@ def _dot(a: jax.Array, b: jax.Array, spec: str) -> jax.Array:
 
 
 @jax.custom_vjp
-def _split_target_logps(h, h_corr, head, e, c, targets):
+def _split_target_logps(h, head, e, c, targets):
     return target_logps(logits_from_hidden(h, head) + logits_from_hidden(h, e), targets)
 
 
-def _split_fwd(h, h_corr, head, e, c, targets):
+def _split_fwd(h, head, e, c, targets):
     z, delta = logits_from_hidden(h, head), logits_from_hidden(h, e)
     return target_logps(z + delta, targets), (h, head, e, c, targets, z, delta)
 
@@ -300,17 +380,13 @@ def _split_bwd(res, ct):
     dp = p * jnp.expm1(delta - dlse)
     onehot = jax.nn.one_hot(targets, z.shape[-1], dtype=jnp.float32)
     c0, c1 = c[..., None], ct[..., None]
-    g0 = c0 * (onehot - p)
     g_new = c1 * (onehot - p - dp)
     dg = (c1 - c0) * (onehot - p - dp) - c0 * dp
     w = head.astype(h.dtype)
-    # The plain share exactly as the plain gradient forms it: rounded any other way,
-    # logits-SAM minus plain would carry that rounding (≫ the correction) besides the correction.
-    d_h = hidden_cotangent(g0, head, h.dtype)
-    d_corr = (_dot(dg.astype(h.dtype), w, "...v,vd->...d")
-              + _dot(g_new.astype(h.dtype), e.astype(h.dtype), "...v,vd->...d")).astype(h.dtype)
+    d_h = (_dot(dg.astype(h.dtype), w, "...v,vd->...d")
+           + _dot(g_new.astype(h.dtype), e.astype(h.dtype), "...v,vd->...d")).astype(h.dtype)
     d_head = head_cotangent(dg, h).astype(head.dtype)
-    return d_h, d_corr, d_head, jnp.zeros_like(e), jnp.zeros_like(c), None
+    return d_h, d_head, jnp.zeros_like(e), jnp.zeros_like(c), None
 
 
 _split_target_logps.defvjp(_split_fwd, _split_bwd)

@@ -269,32 +269,32 @@ def make_model_grad_fn(
     def split_logits_sam(params, ids, attn, mask, ref):
         """Metrics and ∇θ L(h(θ), W + e) for ``head_dtype="split"``.
 
-        The inner pass gives the per-token cotangents c = ∂L/∂log π at e = 0 and the head
-        gradient g = Σ_tokens c (onehot − p)ᵀ h, so e = ρ g/‖g‖; the perturbed pass
-        returns the correction apart from the plain shares (split_token_logps), and
+        The inner pass gives the per-token cotangents c = ∂L/∂log π at e = 0 and the plain
+        gradients of the head's inputs, g0 W and g = g0ᵀ h with g0 = c (onehot − p), so
+        e = ρ g/‖g‖; the perturbed pass (split_token_logps) returns the correction alone, and
 
             ∇θ = J_Wᵀ (g + Δgᵀh) + J_hᵀ (g0 W) + J_hᵀ (Δg W + g' e)
 
         with J_W, J_h the Jacobians of head and trunk: the trunk's backward runs once per
         share (one pass vmapped over the two), since summing them first would round the
-        correction away in the compute dtype.
+        correction away in the compute dtype. The plain shares are the plain gradient's
+        own (the same :func:`lm.losses.token_logps`), so logits-SAM minus plain descent
+        is the correction alone, whichever way the chunked head rounds.
         """
         hidden, trunk_vjp = jax.vjp(lambda p: hidden_fn(p, ids, attn), params)
         head, head_vjp = jax.vjp(head_fn, params)
         h0, w0 = jax.lax.stop_gradient((hidden, head))
         tok0, inner_vjp = jax.vjp(
-            lambda w: losses.token_logps(h0, w, ids, mask, chunk_size=chunk_size), w0)
+            lambda h, w: losses.token_logps(h, w, ids, mask, chunk_size=chunk_size), h0, w0)
         (_, metrics), cot = jax.value_and_grad(tokens_loss, has_aux=True)(tok0, mask, ref)
-        inner = inner_vjp(cot)[0]
+        d_plain, inner = inner_vjp(cot)
         e = jax.lax.stop_gradient(sam_perturbation(inner, rho))
 
-        def perturbed(h_plain, h_corr, w):
-            tok = losses.split_token_logps(h_plain, h_corr, w, e, cot, ids, mask,
-                                           chunk_size=chunk_size)
+        def perturbed(h, w):
+            tok = losses.split_token_logps(h, w, e, cot, ids, mask, chunk_size=chunk_size)
             return tokens_loss(tok, mask, ref)[0]
 
-        out, (d_plain, d_corr, d_head) = jax.value_and_grad(perturbed, argnums=(0, 1, 2))(
-            hidden, hidden, head)
+        out, (d_corr, d_head) = jax.value_and_grad(perturbed, argnums=(0, 1))(hidden, head)
         trunk = jax.vmap(trunk_vjp)(jnp.stack([d_plain, d_corr]))[0]
         grads = jax.tree_util.tree_map(lambda h, t: h + t[0] + t[1],
                                        head_vjp(inner + d_head)[0], trunk)

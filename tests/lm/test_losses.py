@@ -45,7 +45,23 @@ def test_token_logps_match_naive_gather(chunk_size):
     np.testing.assert_array_equal(counts, [4, 3, 1])
 
 
-def test_chunked_gradients_match_unchunked():
+# Chunk sizes whose backward recomputes each chunk's logits (T = 7: 7 and 3 float32 chunks)
+# and that keeps the forward's softmax gradients (2 float32 chunks): both backward paths.
+BACKWARDS = {"recomputed": [1, 3], "kept": [4]}
+CHUNKINGS = [(path, c) for path, sizes in BACKWARDS.items() for c in sizes]
+
+
+def test_the_chunkings_cover_both_backward_paths():
+    for path, chunk in CHUNKINGS:
+        assert L.keeps_softmax_gradient(T, chunk, jnp.float32) == (path == "kept")
+    # bf16 features keep up to four chunks' softmax gradients, float32 two; unchunked never.
+    assert [L.keeps_softmax_gradient(512, c, jnp.bfloat16) for c in (64, 128, 511)] == \
+        [False, True, False]
+    assert not L.keeps_softmax_gradient(512, 128, jnp.float32)
+
+
+@pytest.mark.parametrize("path, chunk", CHUNKINGS)
+def test_chunked_gradients_match_unchunked(path, chunk):
     hidden, head, ids, mask = _inputs(1)
     w = jnp.arange(N, dtype=jnp.float32) + 1.0
 
@@ -53,15 +69,16 @@ def test_chunked_gradients_match_unchunked():
         return jnp.sum(w * L.sequence_logps(h, W, ids, mask, chunk_size=chunk)[0])
 
     g_full = jax.grad(f, argnums=(0, 1))(hidden, head, None)
-    g_chunk = jax.jit(jax.grad(f, argnums=(0, 1)), static_argnums=2)(hidden, head, 4)
+    g_chunk = jax.jit(jax.grad(f, argnums=(0, 1)), static_argnums=2)(hidden, head, chunk)
     for a, b in zip(g_full, g_chunk):
         np.testing.assert_allclose(a, b, atol=1e-5)
     # Positions whose next token is masked get no gradient.
     assert np.all(np.asarray(g_full[0])[2, :5] == 0)
 
 
+@pytest.mark.parametrize("path, chunk", CHUNKINGS)
 @pytest.mark.parametrize("wrt", ["hidden", "head", "perturbed head"])
-def test_chunked_gradient_of_one_input_alone_matches_unchunked(wrt):
+def test_chunked_gradient_of_one_input_alone_matches_unchunked(wrt, path, chunk):
     """The chunked head's backward forms ∂h and ∂W only for the inputs that are
     differentiated (logits-SAM's inner gradient takes ∂W alone); each must still be the
     unchunked autodiff gradient, the other input held constant."""
@@ -76,8 +93,8 @@ def test_chunked_gradient_of_one_input_alone_matches_unchunked(wrt):
         return jnp.sum(w * L.sequence_logps(h, W, ids, mask, chunk_size=chunk)[0])
 
     x = hidden if wrt == "hidden" else head
-    np.testing.assert_allclose(jax.jit(jax.grad(f), static_argnums=1)(x, 3), jax.grad(f)(x, None),
-                               atol=1e-5)
+    np.testing.assert_allclose(jax.jit(jax.grad(f), static_argnums=1)(x, chunk),
+                               jax.grad(f)(x, None), atol=1e-5)
 
 
 def test_chunked_log_probs_whose_cotangent_is_a_symbolic_zero():
@@ -94,8 +111,10 @@ def test_chunked_log_probs_whose_cotangent_is_a_symbolic_zero():
     def f(h, W, chunk):
         return uses(L.token_logps(h, W, ids, mask, chunk_size=chunk), h)
 
-    for a, b in zip(jax.grad(f, (0, 1))(hidden, head, 3), jax.grad(f, (0, 1))(hidden, head, None)):
-        np.testing.assert_array_equal(a, b)
+    for chunk in (3, 4):
+        for a, b in zip(jax.grad(f, (0, 1))(hidden, head, chunk),
+                        jax.grad(f, (0, 1))(hidden, head, None)):
+            np.testing.assert_array_equal(a, b)
 
 
 def _walk(jaxpr, inside_loop=False):
@@ -108,31 +127,50 @@ def _walk(jaxpr, inside_loop=False):
             yield from _walk(sub, loop)
 
 
-def test_chunked_backward_recomputes_the_logits_but_not_their_logsumexp():
-    """Per chunk: the forward's h Wᵀ and logsumexp, the backward's recomputed h Wᵀ, G W and
-    Gᵀ h: four matmuls and one max-reduction over the vocabulary (an autodiff backward of
-    a rematerialised chunk reduces again), each over V padded to HEAD_ALIGNMENT (the
-    chunked log-probs and gradients match the unpadded ones: the tests above, V = 11).
-    Under bf16 features the head is cast to bf16 outside the chunk loops, where no GEMM
-    re-reads it in float32 for each tile."""
+def _head_program(chunk, wrt=(0, 1)):
+    """(equation, inside a loop) of the bf16 chunked head's gradient w.r.t. ``wrt``."""
     hidden, head, ids, mask = _inputs(6)
-    hidden = hidden.astype(jnp.bfloat16)
-    aligned = L.HEAD_ALIGNMENT
 
     def f(h, W):
-        return jnp.sum(L.sequence_logps(h, W, ids, mask, chunk_size=3)[0])
+        return jnp.sum(L.sequence_logps(h, W, ids, mask, chunk_size=chunk)[0])
 
-    eqns = list(_walk(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(hidden, head).jaxpr))
+    return list(_walk(jax.make_jaxpr(jax.grad(f, argnums=wrt))(
+        hidden.astype(jnp.bfloat16), head).jaxpr))
+
+
+def _check_head_program(eqns, matmuls, chunks=1):
+    """``matmuls`` matmuls per chunk, each over V padded to HEAD_ALIGNMENT (the chunked
+    log-probs and gradients match the unpadded ones: the tests above, V = 11); one
+    max-reduction over the vocabulary per chunk (an autodiff backward of a rematerialised
+    chunk reduces again); and the head cast to bf16 outside the chunk loops, where no GEMM
+    re-reads it in float32 for each tile. ``chunks``: the chunks written out (unrolled),
+    1 for a loop, whose body the program holds once."""
+    aligned = L.HEAD_ALIGNMENT
     over_vocab = [e for e, _ in eqns if e.primitive.name == "reduce_max"]
-    assert [e.invars[0].aval.shape[-1] for e in over_vocab] == [aligned]
-    matmuls = [e for e, _ in eqns if e.primitive.name == "dot_general"]
-    assert len(matmuls) == 4
+    assert [e.invars[0].aval.shape[-1] for e in over_vocab] == [aligned] * chunks
+    dots = [e for e, _ in eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == matmuls * chunks
     assert all(aligned in {d for v in (*e.invars, *e.outvars) for d in v.aval.shape}
                and V not in {d for v in (*e.invars, *e.outvars) for d in v.aval.shape}
-               for e in matmuls)
+               for e in dots)
     casts = [loop for e, loop in eqns if e.primitive.name == "convert_element_type"
              and e.invars[0].aval.shape == (V, D)]
     assert casts and not any(casts)
+
+
+def test_chunked_backward_recomputes_the_logits_but_not_their_logsumexp():
+    """Seven bf16 chunks (more than keeps_softmax_gradient allows): per chunk the forward's
+    h Wᵀ and logsumexp, the backward's recomputed h Wᵀ, G W and Gᵀ h."""
+    _check_head_program(_head_program(1), matmuls=4)
+    _check_head_program(_head_program(1, wrt=1), matmuls=3)
+
+
+def test_chunked_backward_reads_the_kept_softmax_gradients():
+    """Three bf16 chunks, unrolled: per chunk the forward's h Wᵀ and U = Q W (Q the softmax
+    gradient), and the backward's Qᵀ (c h): no logits recomputed; ∂W alone (logits-SAM's
+    inner gradient) forms no U."""
+    _check_head_program(_head_program(3), matmuls=3, chunks=3)
+    _check_head_program(_head_program(3, wrt=1), matmuls=2, chunks=3)
 
 
 def test_logps_are_float32_from_bfloat16():

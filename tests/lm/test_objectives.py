@@ -552,12 +552,13 @@ def test_chunked_logits_sam_stores_no_float32_perturbed_head():
     assert temp_bytes("logits-sam") - temp_bytes("adamw") <= 0.6 * float32_head
 
 
-@pytest.mark.parametrize("chunk_size,prompt", [(None, 3), (16, 3), (16, 40)])
+@pytest.mark.parametrize("chunk_size,prompt", [(None, 3), (16, 3), (16, 40), (32, 3)])
 def test_logits_sams_extra_matmul_work_is_the_benchs_bound(chunk_size, prompt):
     """Every matmul of the logits-SAM step less adamw's, counted from the jaxpr (loops by
-    their trip count): 4·N·V·d unchunked, 6·N·V·d chunked (the inner pass's backward
-    recomputes its chunk's logits), as experiments.flops.logits_sam_extra_flops says. With
-    a 40-token prompt the first 2 of 4 chunks skip the head: the count's cond share."""
+    their trip count): 4·N·V·d unchunked and where the chunked backward reads its kept
+    softmax gradients (2 float32 chunks of 32), 6·N·V·d where it recomputes each chunk's
+    logits (4 chunks of 16), as experiments.flops.logits_sam_extra_flops says. With a
+    40-token prompt the first 2 of 4 chunks skip the head: the count's cond share."""
     cfg = builtin_config("gpt2-tiny")
     params = init_params(cfg, jax.random.key(7))
     pairs, seq = 2, 64
@@ -571,15 +572,17 @@ def test_logits_sams_extra_matmul_work_is_the_benchs_bound(chunk_size, prompt):
             for mode in ("adamw", "logits-sam")}
     positions = flops.head_positions(pairs, seq, prompt, chunk_size)
     assert work["logits-sam"] - work["adamw"] == flops.logits_sam_extra_flops(
-        positions, cfg.vocab_size, cfg.hidden_size,
-        chunked=flops.is_chunked(seq, chunk_size))
+        positions, cfg.vocab_size, cfg.hidden_size, chunked=flops.is_chunked(seq, chunk_size),
+        recomputed=flops.recomputes_head_logits(seq, chunk_size, cfg.dtype))
 
 
-def test_chunked_split_heads_extra_matmul_work_is_the_benchs_bound():
+@pytest.mark.parametrize("chunk", [8, 16])
+def test_chunked_split_heads_extra_matmul_work_is_the_benchs_bound(chunk):
     """The split head's extra work that scales with the vocabulary, counted from the jaxpr
-    at two vocabulary sizes: 14·N·d per token of V, as the bench counts it (the plain
-    share's backward traces no forward whose result it drops)."""
-    pairs, seq, prompt, chunk = 2, 32, 3, 8
+    at two vocabulary sizes: 14·N·d per token of V, as the bench counts it, whether the
+    chunked head recomputes its logits (4 float32 chunks of 8) or keeps its softmax
+    gradients (2 of 16)."""
+    pairs, seq, prompt = 2, 32, 3
     ids = np.random.default_rng(8).integers(0, 64, (pairs, 2, seq), np.int32)
     loss_mask = np.ones_like(ids)
     loss_mask[..., :prompt] = 0
