@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None = None):
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     g = p.add_argument_group("model and data")
     g.add_argument("--model", required=True, help="HF checkpoint directory or built-in name")
+    g.add_argument("--model-step", type=nonnegative_int,
+                   help="the checkpoint step of a run folder --model (default: its latest; "
+                        "recorded, so that a resume starts from the same weights)")
     g.add_argument("--data", required=True, nargs="+", help="preference files (JSONL or Parquet)")
     g.add_argument("--tokenizer", help="tokenizer.json or a directory holding one (default: the model's)")
     g.add_argument("--eos-token", help=f"EOS token text (default: the config's eos id, else one of {EOS_TOKENS})")
@@ -171,6 +174,14 @@ def parse_args(argv: list[str] | None = None):
     if args.held_out >= 1 and not args.held_out.is_integer():
         p.error(f"--held-out {args.held_out}: a count of pairs (>= 1) must be a whole number "
                 "(a fraction of the pairs is below 1)")
+    if args.max_len is not None and args.max_prompt_len is not None and (
+            args.max_prompt_len >= args.max_len):
+        p.error(f"--max-prompt-len {args.max_prompt_len} must be below --max-len {args.max_len}")
+    if args.held_out == 0:
+        for flag in ("eval_every", "eval_batches"):
+            if getattr(args, flag):
+                p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: there is no held-out "
+                        "data to evaluate (--held-out 0)")
     if args.num_processes is not None and args.process_id is not None and args.process_id >= args.num_processes:
         p.error(f"--process-id {args.process_id} is not below --num-processes {args.num_processes}")
     if args.coordinator is not None and not args.coordinator.rpartition(":")[2].isdigit():
@@ -207,8 +218,9 @@ def resolve_model(name: str):
     fail(f"--model {name!r}: not a directory nor a built-in model ({', '.join(models.BUILTIN_NAMES)})")
 
 
-def load_params(cfg, model_dir: str | None, seed: int):
-    """Host parameters: the checkpoint's, or a seeded random init of a built-in model."""
+def load_params(cfg, model_dir: str | None, seed: int, step: int | None = None):
+    """Host parameters in ``cfg``'s storage dtype: the checkpoint's (a run folder's at
+    ``step``), or a seeded random init of a built-in model."""
     from lm import hf, models
 
     if model_dir is None:
@@ -219,13 +231,33 @@ def load_params(cfg, model_dir: str | None, seed: int):
         from lm.train.checkpoint import restore_params
 
         try:
-            return restore_params(os.path.join(model_dir, "checkpoints"))[0]
+            params = restore_params(os.path.join(model_dir, "checkpoints"), step)[0]
         except CheckpointError as err:
             fail(f"--model {model_dir}: {err}")
+        # --param-dtype, as a HF checkpoint is loaded in it (the run may have trained in another).
+        return jax.tree_util.tree_map(lambda x: np.asarray(x, cfg.params_dtype), params)
     try:
         return hf.load_pretrained(model_dir, dtype=cfg.dtype, param_dtype=cfg.param_dtype)[1]
     except (hf.CheckpointError, models.ConfigError) as err:
         fail(f"--model {model_dir}: {err}")
+
+
+def model_step(model_dir: str | None, step: int | None) -> int | None:
+    """``--model-step``: the given or the latest checkpoint step of a run folder ``--model``
+    (None for any other model, for which the flag is refused)."""
+    from lm.train.checkpoint import Checkpointer
+
+    if not is_run_folder(model_dir):
+        if step is not None:
+            fail(f"--model-step {step}: --model is not a run folder (no {RUN_MODEL_CONFIG})")
+        return None
+    steps = Checkpointer(os.path.join(model_dir, "checkpoints")).all_steps()
+    if not steps:
+        fail(f"--model {model_dir}: no checkpoint in {os.path.join(model_dir, 'checkpoints')}")
+    if step is not None and step not in steps:
+        fail(f"--model-step {step}: {model_dir} holds the checkpoints of steps "
+             f"{', '.join(map(str, steps))}")
+    return max(steps) if step is None else step
 
 
 def load_tokenizer(args, cfg, model_dir):
@@ -240,21 +272,26 @@ def load_tokenizer(args, cfg, model_dir):
             fail(f"--tokenizer {args.tokenizer}: no such file")
         fail(f"--model {model_dir}: has no tokenizer.json; pass --tokenizer")
     if not path:
+        if args.eos_token:
+            fail(f"--eos-token {args.eos_token!r}: the byte tokenizer's EOS is "
+                 f"{ByteTokenizer.eos_id}; pass --tokenizer to choose another")
         if cfg.vocab_size <= ByteTokenizer.eos_id:
             fail(f"--model {args.model}: vocab {cfg.vocab_size} too small for the byte tokenizer; pass --tokenizer")
         return ByteTokenizer(), ByteTokenizer.eos_id
     from tokenizers import Tokenizer
 
+    from lm.tokenizer import exact
+
     try:
-        tok = Tokenizer.from_file(path)
+        tok = exact(Tokenizer.from_file(path))
     except Exception as err:  # tokenizers raises a bare Exception on bad files
         fail(f"--tokenizer {path}: not a tokenizer.json ({str(err).splitlines()[0]})")
     if args.eos_token:
         eos = tok.token_to_id(args.eos_token)
         if eos is None:
             fail(f"--eos-token {args.eos_token!r}: not in {path}")
-    elif cfg.eos_token_id is not None:
-        eos = cfg.eos_token_id
+    elif cfg.eos_ids:
+        eos = cfg.eos_ids[0]  # the first of a list (Llama 3's), as generation configs list it
     else:
         eos = next((tok.token_to_id(t) for t in EOS_TOKENS if tok.token_to_id(t) is not None), None)
         if eos is None:
@@ -289,7 +326,7 @@ def run_files(cfg, tokenizer, eos_id: int, echo: dict) -> dict[str, str]:
 # and kernels; the same math up to float rounding), the cadence of logs, evals and
 # checkpoints, --skip-nonfinite, and process flags.
 TRAJECTORY_FLAGS = (
-    "model", "data", "tokenizer", "eos_token", "format", "template", "on_error", "max_len",
+    "model", "model_step", "data", "tokenizer", "eos_token", "format", "template", "on_error", "max_len",
     "max_prompt_len", "held_out", "loss", "beta", "lam", "delta", "gamma", "label_smoothing", "grad",
     "rho", "reference", "dtype", "param_dtype", "head_dtype", "grad_accum", "lr", "warmup_steps",
     "schedule", "weight_decay", "clip_norm", "mu_dtype",
@@ -403,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isfile(path):
             fail(f"--data {path}: no such file")
     cfg, model_dir = resolve_model(args.model)
+    args.model_step = model_step(model_dir, args.model_step)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in (("dtype", args.dtype),
                                                         ("param_dtype", args.param_dtype)) if v})
     split = args.head_dtype == "split" and args.grad == "logits-sam"
@@ -419,7 +457,10 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(err))
     out = writable_dir(args.out)
     if args.export_hf:  # found out now, not after training
-        writable_dir(args.export_hf, "--export-hf")
+        export = writable_dir(args.export_hf, "--export-hf").resolve()
+        if export == out.resolve() or out.resolve() in export.parents:
+            fail(f"--export-hf {args.export_hf}: inside --out {args.out}, whose config.json "
+                 "it would overwrite; export to a folder of its own")
 
     if args.max_len is None:
         args.max_len = min(512, cfg.max_position_embeddings)
@@ -454,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     if heldout is not None:
         num_eval, coverage = eval_coverage(heldout, args.eval_batches)
         print(coverage, file=sys.stderr)
-    params = load_params(cfg, model_dir, args.seed)
+    params = load_params(cfg, model_dir, args.seed, args.model_step)
     batch_at, eval_at = loader.batch, heldout and heldout.batch
     if args.reference == "precomputed" and not objective.reference_free:
         with cudnn_attention_hint(cfg):

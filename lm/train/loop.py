@@ -62,6 +62,14 @@ class TrainConfig:
     progress: bool = True
     plots: bool = True
 
+    def __post_init__(self):
+        least = {"steps": 1, "batch_size": 1, "log_every": 1, "keep_checkpoints": 1,
+                 "eval_every": 0, "checkpoint_every": 0}
+        for field, low in least.items():
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"TrainConfig.{field} must be an integer >= {low}, got {value!r}")
+
 
 @dataclasses.dataclass
 class TrainResult:

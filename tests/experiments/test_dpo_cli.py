@@ -1,6 +1,7 @@
 """``python -m experiments.dpo``: one-line errors for bad input, and a tiny end-to-end run."""
 
 import argparse
+import dataclasses
 import json
 import os
 import socket
@@ -54,14 +55,24 @@ def test_help(capsys):
         (["--coordinator", "10.0.0.1"], "--coordinator '10.0.0.1': expected HOST:PORT"),
         (["--held-out", "1.7"], "--held-out 1.7: a count of pairs (>= 1) must be a whole number"),
         (["--attention", "cudnn"], "--attention cudnn: cuDNN needs an NVIDIA GPU; use --attention"),
+        (["--max-len", "16", "--max-prompt-len", "16"],
+         "--max-prompt-len 16 must be below --max-len 16"),
+        (["--held-out", "0", "--eval-every", "2"],
+         "--eval-every 2: there is no held-out data to evaluate (--held-out 0)"),
+        (["--held-out", "0", "--eval-batches", "3"],
+         "--eval-batches 3: there is no held-out data to evaluate (--held-out 0)"),
+        (["--eos-token", "</s>"], "--eos-token '</s>': the byte tokenizer's EOS is 256; pass --tokenizer"),
+        (["--model-step", "3"], "--model-step 3: --model is not a run folder"),
+        (["--export-hf", "{out}/hf"], "--export-hf {out}/hf: inside --out {out}, whose config.json"),
     ],
 )
 def test_bad_input_is_one_line(capsys, tmp_path, prefs, flags, message):
-    argv = ["--model", "gpt2-tiny", "--data", str(prefs), "--out", str(tmp_path / "run"), "--steps", "1"]
-    code, lines = errors(capsys, argv + flags)
+    out = str(tmp_path / "run")
+    argv = ["--model", "gpt2-tiny", "--data", str(prefs), "--out", out, "--steps", "1"]
+    code, lines = errors(capsys, argv + [f.format(out=out) for f in flags])
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith("python -m experiments.dpo: error: ")
-    assert message in lines[0]
+    assert message.format(out=out) in lines[0]
 
 
 def test_unreachable_coordinator_is_one_line(capsys, tmp_path, prefs):
@@ -353,3 +364,42 @@ def test_the_eval_line_says_which_held_out_pairs_are_evaluated(tmp_path, prefs):
     assert coverage("5", 3) == coverage("5", 4) == coverage("5")
     assert coverage("5", 2) == (2, "eval: 4 of 5 held-out pairs in 2 batches (--eval-batches 2)")
     assert coverage("5", 1) == (1, "eval: 2 of 5 held-out pairs in 1 batch (--eval-batches 1)")
+
+
+def test_a_run_folder_model_loads_its_recorded_step_in_the_asked_dtype(tmp_path, prefs, capsys):
+    """--model A (a run folder) starts from A's latest step, recorded as --model-step: after
+    A trains on, a resume of B names the step it started from, and --model-step N loads it.
+    The weights come in --param-dtype, whatever A trained in."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--data", str(prefs), "--batch-size", "4", "--max-len", "16", "--held-out", "0",
+              "--checkpoint-every", "1", "--schedule", "constant", "--no-progress"]
+    assert dpo.main(["--model", "gpt2-tiny", "--out", str(a), "--steps", "1",
+                     "--param-dtype", "bfloat16"] + common) == 0
+    assert dpo.main(["--model", str(a), "--out", str(b), "--steps", "1"] + common) == 0
+    assert json.loads((b / "config.json").read_text())["model_step"] == 1
+    cfg, model_dir = dpo.resolve_model(str(a))
+    params = dpo.load_params(dataclasses.replace(cfg, param_dtype="float32"), model_dir, 0, 1)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {np.dtype("float32")}
+    assert dpo.main(["--model", "gpt2-tiny", "--out", str(a), "--steps", "2", "--resume",
+                     "--param-dtype", "bfloat16"] + common) == 0
+    capsys.readouterr()
+    code, lines = errors(capsys, ["--model", str(a), "--out", str(b), "--steps", "2",
+                                  "--resume"] + common)
+    assert code == 2 and "--model-step 2 (checkpoint: 1)" in lines[0], lines
+    assert dpo.main(["--model", str(a), "--model-step", "1", "--out", str(b), "--steps", "2",
+                     "--resume"] + common) == 0
+    code, lines = errors(capsys, ["--model", str(a), "--model-step", "7", "--out",
+                                  str(tmp_path / "c")] + common)
+    assert code == 2 and "--model-step 7: " in lines[0] and "steps 1, 2" in lines[0], lines
+
+
+def test_a_list_of_eos_ids_takes_the_first(tmp_path):
+    """config.json may list several EOS ids (Llama 3): the run appends the first."""
+    model = tmp_path / "model"
+    model.mkdir()
+    config = json.loads((HF / "llama_gqa" / "config.json").read_text())
+    config["eos_token_id"] = [2, 3]
+    (model / "config.json").write_text(json.dumps(config))
+    cfg, model_dir = dpo.resolve_model(str(model))
+    args = argparse.Namespace(tokenizer=str(HF / "tokenizer"), eos_token=None, model=str(model))
+    assert dpo.load_tokenizer(args, cfg, model_dir)[1] == 2

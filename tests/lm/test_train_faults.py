@@ -160,3 +160,13 @@ def test_one_non_finite_gradient_entry_stops_the_step_under_a_finite_loss(bad, h
     assert int(new.halted_at) == (0 if halts else -1)
     changed = not np.array_equal(new.params["b"], params["b"])
     assert changed != halts
+
+
+@pytest.mark.parametrize("field, value", [("keep_checkpoints", 0), ("log_every", 0),
+                                          ("checkpoint_every", -1), ("eval_every", -2),
+                                          ("steps", 0), ("batch_size", 2.5)])
+def test_train_config_refuses_what_would_lose_the_run_or_crash_later(field, value):
+    """keep_checkpoints=0 kept no checkpoint, log_every=0 divided by zero after the first
+    step, negative cadences acted as positive or as none: each is refused, naming it."""
+    with pytest.raises(ConfigError, match=rf"TrainConfig\.{field} must be an integer >= "):
+        TrainConfig(**{"steps": 4, "batch_size": 8, field: value})
