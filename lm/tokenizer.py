@@ -94,7 +94,9 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     config = _json(directory / "config.json")
     for name in ids:
         value = config.get(f"{name}_token_id")
-        ids[name] = value[0] if isinstance(value, list) and value else value
+        if isinstance(value, list):  # HF allows a list (Llama 3's EOS): the first, or none
+            value = value[0] if value else None
+        ids[name] = value
     for filename in ("tokenizer_config.json", "special_tokens_map.json"):
         extra = _json(directory / filename)
         for name in ids:

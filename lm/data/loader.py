@@ -46,6 +46,8 @@ class PairLoader:
         sort_window: int = 32,
         drop_last: bool = True,
     ):
+        if not len(pairs):
+            raise ValueError("no pairs to load")
         if batch_size < 1 or sort_window < 1:
             raise ValueError(f"need batch_size, sort_window >= 1, got {batch_size}, {sort_window}")
         if shuffle and not drop_last:

@@ -54,6 +54,13 @@ def test_config_json_ids_take_precedence(tmp_path):
     assert (tok.eos_id, tok.pad_id, tok.bos_id) == (3, 0, 1)
 
 
+def test_an_empty_list_of_config_ids_falls_back_to_the_token_files(tmp_path):
+    d = Path(shutil.copytree(FIXTURE, tmp_path / "tok"))
+    (d / "config.json").write_text(json.dumps({"eos_token_id": [], "bos_token_id": [1, 5]}))
+    tok = load_tokenizer(d)
+    assert (tok.eos_id, tok.bos_id) == (2, 1)
+
+
 def test_special_tokens_map_and_added_token_dicts(tmp_path):
     d = Path(shutil.copytree(FIXTURE, tmp_path / "tok"))
     (d / "tokenizer_config.json").unlink()

@@ -136,6 +136,14 @@ def test_unshuffled_loader_keeps_order_and_every_pair(data):
     assert np.array_equal(np.concatenate(idx), np.arange(41)) and len(idx[-1]) == 1
 
 
+def test_loader_rejects_no_pairs(data):
+    _, pairs, _ = data
+    for shuffle in (True, False):
+        with pytest.raises(ValueError, match="no pairs to load"):
+            PairLoader(pairs.take([]), 4, buckets=(MAX_LEN,), pad_id=0, shuffle=shuffle,
+                       drop_last=shuffle)
+
+
 def test_loader_rejects_pairs_longer_than_the_largest_bucket(data):
     with pytest.raises(ValueError, match=r"mem:line \d+: pair of \d+ tokens exceeds the largest bucket 8"):
         _loader(data, buckets=(8,))
