@@ -79,13 +79,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from experiments import dpo
     from lm import data, diagnostics
+    from lm.tokenizer import prompt_bos
 
     cfg, model_dir = dpo.resolve_model(args.model)
     if args.max_len > cfg.max_position_embeddings:
         fail(f"--max-len {args.max_len}: over the model's {cfg.max_position_embeddings} positions")
     ns = argparse.Namespace(tokenizer=args.tokenizer, eos_token=None, model=args.model)
     tok, eos = dpo.load_tokenizer(ns, cfg, model_dir)
-    tcfg = data.TokenizeConfig(args.max_len, args.max_prompt_len, eos_id=eos)
+    tcfg = data.TokenizeConfig(args.max_len, args.max_prompt_len, eos_id=eos,
+                               bos_id=prompt_bos(tok))
     pairs, report = usable_pairs(args, tok, tcfg)
     if report.num_dropped or report.truncated:
         print(f"--data {args.data}: {report.summary()}", file=sys.stderr)

@@ -346,10 +346,12 @@ def trajectory(args) -> dict:
 def load_data(args, tokenizer, eos_id):
     """Train and held-out :class:`~lm.data.PairLoader`s (held-out None when empty)."""
     from lm import data
+    from lm.tokenizer import prompt_bos
 
     try:
         records, report = data.read_records(args.data, format=args.format, on_error=args.on_error, template=args.template)
-        tcfg = data.TokenizeConfig(args.max_len, args.max_prompt_len, eos_id=eos_id)
+        tcfg = data.TokenizeConfig(args.max_len, args.max_prompt_len, eos_id=eos_id,
+                                   bos_id=prompt_bos(tokenizer))
         pairs, report = data.tokenize_records(records, tokenizer, tcfg, on_error=args.on_error, report=report)
     except (data.DataError, ValueError) as err:
         fail(f"--data: {err}")

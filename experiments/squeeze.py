@@ -199,6 +199,7 @@ def synthetic_setup(args) -> Setup:
     import jax
 
     from lm import data, models, synthetic
+    from lm.tokenizer import prompt_bos
 
     if os.path.isdir(args.model):
         fail(f"--model {args.model}: a checkpoint directory needs --data (its own tokenizer)")
@@ -210,7 +211,8 @@ def synthetic_setup(args) -> Setup:
                                 tie_word_embeddings=args.head == "tied",
                                 max_position_embeddings=args.max_len, bos_token_id=eos,
                                 eos_token_id=eos, pad_token_id=pad)
-    tcfg = data.TokenizeConfig(args.max_len, args.max_prompt_len, eos_id=eos, pad_id=pad)
+    tcfg = data.TokenizeConfig(args.max_len, args.max_prompt_len, eos_id=eos, pad_id=pad,
+                               bos_id=prompt_bos(tok))
     report = data.Report()
 
     def tokenized(rows, part):
@@ -244,6 +246,7 @@ def file_setup(args) -> Setup:
     """A real checkpoint (or built-in) and a preference file, via the DPO CLI's loaders."""
     from experiments import dpo
     from lm import data
+    from lm.tokenizer import prompt_bos
 
     cfg, model_dir = dpo.resolve_model(args.model)
     if model_dir is None:
@@ -254,7 +257,8 @@ def file_setup(args) -> Setup:
     tok, eos = dpo.load_tokenizer(ns, cfg, model_dir)
     try:
         records, report = data.read_records(args.data, on_error="skip")
-        tcfg = data.TokenizeConfig(args.max_len, args.max_prompt_len, eos_id=eos)
+        tcfg = data.TokenizeConfig(args.max_len, args.max_prompt_len, eos_id=eos,
+                                   bos_id=prompt_bos(tok))
         pairs, report = data.tokenize_records(records, tok, tcfg, on_error="skip", report=report)
     except (data.DataError, ValueError) as err:
         fail(f"--data: {err}")  # err names the file and line

@@ -79,6 +79,17 @@ def exact(tok: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
     return tok
 
 
+def prompt_bos(tok: Any) -> Optional[int]:
+    """The id ``tok``'s post-processor puts before a single text, which the model saw first in
+    pretraining (Llama and Mistral's ``<s>``, Llama 3's ``<|begin_of_text|>``), or None where it
+    adds none (GPT-2, Pythia; a byte tokenizer): the ``bos_id`` a prompt starts with."""
+    plain = list(tok.encode("a", add_special_tokens=False).ids)
+    special = list(tok.encode("a", add_special_tokens=True).ids)
+    if len(special) > len(plain) and special[1:len(plain) + 1] == plain:
+        return special[0]
+    return None
+
+
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     """Load ``<directory>/tokenizer.json`` (:func:`exact`: no padding, no truncation) and the
     special-token ids around it."""

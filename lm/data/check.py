@@ -33,7 +33,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-prompt-len", type=int, help="default: half of --max-len")
     parser.add_argument("--eos-id", type=int, help="default: the tokenizer's id of --eos-token")
     parser.add_argument("--eos-token", default="<|endoftext|>")
-    parser.add_argument("--bos-id", type=int)
+    parser.add_argument("--bos-id", type=int,
+                        help="BOS id before each prompt (default: the one the tokenizer's "
+                             "post-processor adds, if any: lm.tokenizer.prompt_bos)")
     args = parser.parse_args(argv)
     if args.max_prompt_len is None:
         args.max_prompt_len = args.max_len // 2
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.tokenizer:
             from tokenizers import Tokenizer
 
-            from lm.tokenizer import exact
+            from lm.tokenizer import exact, prompt_bos
 
             try:
                 tokenizer = exact(Tokenizer.from_file(args.tokenizer))
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return 2
             config = TokenizeConfig(
-                args.max_len, args.max_prompt_len, eos_id=eos, bos_id=args.bos_id
+                args.max_len, args.max_prompt_len, eos_id=eos,
+                bos_id=prompt_bos(tokenizer) if args.bos_id is None else args.bos_id
             )
             pairs, report = tokenize_records(
                 records, tokenizer, config, on_error=args.on_error, report=report

@@ -3,7 +3,8 @@ with a length policy.
 
 For a record ``(x, y+, y-)`` the two sequences are
 
-    prompt_ids   = [bos] + enc(x)                 (bos only when ``bos_id`` is set)
+    prompt_ids   = [bos] + enc(x)                 (bos only when ``bos_id`` is set and
+                                                   enc(x) does not start with it)
     response_ids = enc(x + y)[len(enc(x)):] + [eos]   for y in (y+, y-)
     sequence     = prompt_ids + response_ids
 
@@ -158,10 +159,11 @@ def tokenize_records(
     prompts = _encode_all(tokenizer, [r.prompt for r in records])
     chosen = _encode_all(tokenizer, [r.prompt + r.chosen for r in records])
     rejected = _encode_all(tokenizer, [r.prompt + r.rejected for r in records])
-    bos = [] if config.bos_id is None else [config.bos_id]
     out = TokenizedPairs([], [], [], [])
     for record, p, c, r in zip(records, prompts, chosen, rejected):
-        prompt_ids = bos + p
+        # A prompt whose text starts with the BOS token keeps that one.
+        prompt_ids = ([] if config.bos_id is None or p[:1] == [config.bos_id]
+                      else [config.bos_id]) + p
         room = config.max_len - len(prompt_ids)
         c, r = (_after_prompt(tokenizer, p, ids, text)
                 for ids, text in ((c, record.chosen), (r, record.rejected)))

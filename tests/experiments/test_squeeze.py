@@ -333,7 +333,7 @@ def test_verdict_compares_at_equal_margin(at, word):
         (["--model", GPT2, "--tokenizer", TOKENIZER, "--data", WEBGPT, "--held-out", "1"],
          "0 usable pairs, need more than --held-out 1 (kept 0 records; dropped 4 (prompt_too_long=3, tie=1)"),
         (["--model", GPT2, "--tokenizer", TOKENIZER, "--data", str(HF / "gpt2" / "config.json")],
-         "0 usable pairs, need more than --held-out 128 (kept 0 records; dropped"),  # not JSON lines
+         "config.json: no usable record (all 34 dropped; see the report)"),  # not JSON lines
     ],
 )
 def test_bad_flags_give_one_line(argv, culprit, tmp_path):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lm.tokenizer import TokenizerError, load_tokenizer
+from lm.tokenizer import TokenizerError, load_tokenizer, prompt_bos
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "hf" / "tokenizer"
 
@@ -45,6 +45,27 @@ def test_padding_and_truncation_in_tokenizer_json_are_turned_off(tmp_path):
         with pytest.raises(ValueError, match=f"tokenizer: {setting} is on"):
             tokenize_records([record], raw, config)
         (raw.no_padding if setting == "padding" else raw.no_truncation)()
+
+
+def test_prompts_start_with_the_bos_the_post_processor_adds(tmp_path):
+    """Llama and Mistral's tokenizer.json put <s> before every text (TemplateProcessing): their
+    prompts start with it, once even where the text already does; GPT-2-style tokenizers
+    (no such post-processor) add none."""
+    from tokenizers import processors
+
+    from lm.data import PreferenceRecord, TokenizeConfig, tokenize_records
+
+    plain = load_tokenizer(FIXTURE)
+    assert prompt_bos(plain) is None
+    llama = load_tokenizer(FIXTURE).tokenizer
+    llama.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    assert prompt_bos(llama) == 1
+    config = TokenizeConfig(max_len=64, max_prompt_len=32, eos_id=2, bos_id=prompt_bos(llama))
+    records = [PreferenceRecord(p, " the mat", " the cat", "x.jsonl:line 1")
+               for p in ("the cat sat on", "<s>the cat sat on")]
+    pairs, _ = tokenize_records(records, llama, config)
+    body = plain.encode("the cat sat on").ids
+    assert [p.tolist() for p in pairs.prompt] == [[1] + body, [1] + body]
 
 
 def test_config_json_ids_take_precedence(tmp_path):
