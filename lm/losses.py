@@ -153,7 +153,7 @@ def _head_chunks_logps(hidden, head, targets, counted):
         G = c Q,   ∂h = G W = c (Q W),   ∂W = Σ_chunks Gᵀ h = Σ_chunks Qᵀ (c h)
 
     Under ``jax.grad`` the forward keeps what the backward needs, in one of two ways
-    (:func:`keeps_softmax_gradient` chooses from the shapes):
+    (:func:`keeps_softmax_gradient` chooses from the shapes and the features' dtype):
 
     * **kept**: Q in ``hidden``'s dtype for ∂W, and U = Q W [N, c, d] in float32 for ∂h,
       formed while the chunk's logits are live. The backward is one matmul per chunk
@@ -178,20 +178,22 @@ def _head_chunks_logps(hidden, head, targets, counted):
 #: GEMM tile can load or store (nanoGPT pads the embedding itself to 50304 for that reason).
 HEAD_ALIGNMENT = 128
 
-#: The chunked head keeps every chunk's softmax gradient Q for its backward when they take
-#: at most this many bytes per element of one chunk's logits: 8, the bytes of two chunks'
-#: float32 logits (the recomputing backward holds a chunk's float32 logits and its G, 6).
-KEPT_BYTES_PER_CHUNK_LOGIT = 8
+#: The chunked head keeps every chunk's softmax gradient Q for its backward when a sequence
+#: has at most this many chunks and the features are narrower than float32: then Q of every
+#: chunk, with one chunk's live float32 logits, stays under three chunks' float32 logits
+#: (bf16: 4 · 2 + 4 bytes per logit of a chunk; the recomputing backward holds 6), and
+#: under the unchunked head's float32 logits. Float32 Q would be those logits whole.
+KEPT_CHUNKS = 4
 
 
 def keeps_softmax_gradient(seq_len: int, chunk_size: int | None, dtype: Any) -> bool:
     """Whether the chunked head's backward reads the forward's kept softmax gradients
-    (:func:`_head_chunks_logps`) rather than recomputing each chunk's logits: when the K
-    chunks of a sequence of ``seq_len`` tokens, in the features' ``dtype``, take at most
-    :data:`KEPT_BYTES_PER_CHUNK_LOGIT` bytes per logit of one chunk (bf16: K ≤ 4; float32:
-    K ≤ 2). False for an unchunked head, whose autodiff keeps its logits whole."""
+    (:func:`_head_chunks_logps`) rather than recomputing each chunk's logits: at most
+    :data:`KEPT_CHUNKS` chunks of a sequence of ``seq_len`` tokens, of features in a
+    ``dtype`` narrower than float32. False for an unchunked head, whose autodiff keeps its
+    logits whole."""
     chunks = _chunks(seq_len, chunk_size)
-    return chunks is not None and chunks * jnp.dtype(dtype).itemsize <= KEPT_BYTES_PER_CHUNK_LOGIT
+    return chunks is not None and chunks <= KEPT_CHUNKS and jnp.dtype(dtype).itemsize < 4
 
 
 def _aligned_head(head: jax.Array | PerturbedHead, dtype: Any) -> tuple[jax.Array, int]:
@@ -283,7 +285,7 @@ def _kept_cotangents(hidden, head, counted, ct, kept):
                              ).astype(hidden.dtype)
     if "head" not in kept:
         return None, d_hidden
-    vocab = _multiplied_head(head, hidden.dtype).shape[0]
+    vocab = jax.tree_util.tree_leaves(head)[0].shape[0]
     d_head = jnp.zeros((vocab, hidden.shape[-1]), jnp.float32)
     for q, h, m, ct_k in zip(kept["head"], hidden, counted, ct):
         # Summed unpadded: a padded sum would need one more (V, d) float32 copy to slice.

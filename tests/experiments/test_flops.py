@@ -48,11 +48,10 @@ def test_formulas_match_a_hand_count():
                                             split=True) == 14 * 256 * 512 * 64
     assert flops.is_chunked(64, 16) and not flops.is_chunked(64, 63)
     assert not flops.is_chunked(64, None)
-    # Four bf16 chunks keep their softmax gradients, eight do not; float32 keeps two.
+    # Four bf16 chunks keep their softmax gradients, eight do not; float32 never does.
     assert not flops.recomputes_head_logits(512, 128, "bfloat16")
     assert flops.recomputes_head_logits(512, 64, "bfloat16")
-    assert flops.recomputes_head_logits(512, 128, "float32")
-    assert not flops.recomputes_head_logits(512, 256, "float32")
+    assert flops.recomputes_head_logits(512, 256, "float32")
     assert not flops.recomputes_head_logits(512, None, "float32")
     # Split head: 14 N·V·d for the head against plain's 6, and a second trunk backward.
     assert flops.logits_sam_extra_flops(252, 512, 64, split=True, trunk_params=n - 512 * 64,

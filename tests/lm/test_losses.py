@@ -45,19 +45,27 @@ def test_token_logps_match_naive_gather(chunk_size):
     np.testing.assert_array_equal(counts, [4, 3, 1])
 
 
-# Chunk sizes whose backward recomputes each chunk's logits (T = 7: 7 and 3 float32 chunks)
-# and that keeps the forward's softmax gradients (2 float32 chunks): both backward paths.
-BACKWARDS = {"recomputed": [1, 3], "kept": [4]}
-CHUNKINGS = [(path, c) for path, sizes in BACKWARDS.items() for c in sizes]
+# Both backward paths of the chunked head, each forced (keeps_softmax_gradient chooses the
+# kept one for bf16 features alone; float32 makes these comparisons exact), at chunk sizes
+# with a partial last chunk (T = 7: 7, 3 and 2 chunks).
+CHUNKINGS = [(path, c) for path in ("recomputed", "kept") for c in (1, 3, 4)]
 
 
-def test_the_chunkings_cover_both_backward_paths():
-    for path, chunk in CHUNKINGS:
-        assert L.keeps_softmax_gradient(T, chunk, jnp.float32) == (path == "kept")
-    # bf16 features keep up to four chunks' softmax gradients, float32 two; unchunked never.
-    assert [L.keeps_softmax_gradient(512, c, jnp.bfloat16) for c in (64, 128, 511)] == \
-        [False, True, False]
-    assert not L.keeps_softmax_gradient(512, 128, jnp.float32)
+@pytest.fixture(autouse=True)
+def backward_path(request, monkeypatch):
+    """Force the path of a test parametrized by ``path``."""
+    path = request.node.callspec.params.get("path") if hasattr(request.node, "callspec") else None
+    if path is not None:
+        monkeypatch.setattr(L, "keeps_softmax_gradient", lambda *_: path == "kept")
+
+
+def test_which_backward_the_chunked_head_runs():
+    """Kept for at most KEPT_CHUNKS chunks of features narrower than float32 (whose kept
+    softmax gradients would be the float32 logits whole); unchunked never."""
+    assert [L.keeps_softmax_gradient(512, c, jnp.bfloat16) for c in (64, 128, 256, 511)] == \
+        [False, True, True, False]
+    assert not any(L.keeps_softmax_gradient(512, c, jnp.float32) for c in (128, 256))
+    assert not L.keeps_softmax_gradient(512, None, jnp.bfloat16)
 
 
 @pytest.mark.parametrize("path, chunk", CHUNKINGS)
@@ -97,7 +105,8 @@ def test_chunked_gradient_of_one_input_alone_matches_unchunked(wrt, path, chunk)
                                jax.grad(f)(x, None), atol=1e-5)
 
 
-def test_chunked_log_probs_whose_cotangent_is_a_symbolic_zero():
+@pytest.mark.parametrize("path", ["recomputed", "kept"])
+def test_chunked_log_probs_whose_cotangent_is_a_symbolic_zero(path):
     """An outer custom VJP may return no cotangent for the log-probs (None, a symbolic zero):
     the chunked head's backward then contributes nothing, as the unchunked one does."""
     hidden, head, ids, mask = _inputs(7)

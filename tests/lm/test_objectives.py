@@ -552,14 +552,16 @@ def test_chunked_logits_sam_stores_no_float32_perturbed_head():
     assert temp_bytes("logits-sam") - temp_bytes("adamw") <= 0.6 * float32_head
 
 
-@pytest.mark.parametrize("chunk_size,prompt", [(None, 3), (16, 3), (16, 40), (32, 3)])
-def test_logits_sams_extra_matmul_work_is_the_benchs_bound(chunk_size, prompt):
+@pytest.mark.parametrize("chunk_size,prompt,dtype", [
+    (None, 3, "float32"), (16, 3, "float32"), (16, 40, "float32"), (16, 3, "bfloat16"),
+    (16, 40, "bfloat16"), (8, 3, "bfloat16")])
+def test_logits_sams_extra_matmul_work_is_the_benchs_bound(chunk_size, prompt, dtype):
     """Every matmul of the logits-SAM step less adamw's, counted from the jaxpr (loops by
     their trip count): 4·N·V·d unchunked and where the chunked backward reads its kept
-    softmax gradients (2 float32 chunks of 32), 6·N·V·d where it recomputes each chunk's
-    logits (4 chunks of 16), as experiments.flops.logits_sam_extra_flops says. With a
+    softmax gradients (4 bf16 chunks), 6·N·V·d where it recomputes each chunk's logits
+    (float32, or 8 bf16 chunks), as experiments.flops.logits_sam_extra_flops says. With a
     40-token prompt the first 2 of 4 chunks skip the head: the count's cond share."""
-    cfg = builtin_config("gpt2-tiny")
+    cfg = builtin_config("gpt2-tiny", dtype=dtype)
     params = init_params(cfg, jax.random.key(7))
     pairs, seq = 2, 64
     ids = np.random.default_rng(7).integers(0, cfg.vocab_size, (pairs, 2, seq), np.int32)
@@ -576,12 +578,13 @@ def test_logits_sams_extra_matmul_work_is_the_benchs_bound(chunk_size, prompt):
         recomputed=flops.recomputes_head_logits(seq, chunk_size, cfg.dtype))
 
 
-@pytest.mark.parametrize("chunk", [8, 16])
-def test_chunked_split_heads_extra_matmul_work_is_the_benchs_bound(chunk):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunked_split_heads_extra_matmul_work_is_the_benchs_bound(dtype):
     """The split head's extra work that scales with the vocabulary, counted from the jaxpr
     at two vocabulary sizes: 14·N·d per token of V, as the bench counts it, whether the
-    chunked head recomputes its logits (4 float32 chunks of 8) or keeps its softmax
-    gradients (2 of 16)."""
+    chunked head recomputes its logits (4 float32 chunks) or keeps its softmax gradients
+    (4 bf16 chunks)."""
+    chunk = 8
     pairs, seq, prompt = 2, 32, 3
     ids = np.random.default_rng(8).integers(0, 64, (pairs, 2, seq), np.int32)
     loss_mask = np.ones_like(ids)
@@ -589,7 +592,7 @@ def test_chunked_split_heads_extra_matmul_work_is_the_benchs_bound(chunk):
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss_mask}
 
     def extra(vocab):
-        cfg = builtin_config("gpt2-tiny", vocab_size=vocab, num_layers=1)
+        cfg = builtin_config("gpt2-tiny", vocab_size=vocab, num_layers=1, dtype=dtype)
         params = init_params(cfg, jax.random.key(9))
         split = flops.matmul_flops(O.make_grad_fn(cfg, mode="logits-sam", chunk_size=chunk,
                                             head_dtype="split"), params, batch, params)
@@ -598,6 +601,7 @@ def test_chunked_split_heads_extra_matmul_work_is_the_benchs_bound(chunk):
         return split - plain, cfg.hidden_size
 
     (small, d), (large, _) = extra(128), extra(256)
+    assert flops.recomputes_head_logits(seq, chunk, dtype) == (dtype == "float32")
     positions = flops.head_positions(pairs, seq, prompt, chunk)
     bound = (flops.logits_sam_extra_flops(positions, 256, d, chunked=True, split=True)
              - flops.logits_sam_extra_flops(positions, 128, d, chunked=True, split=True))
