@@ -278,14 +278,12 @@ def load_tokenizer(args, cfg, model_dir):
         if cfg.vocab_size <= ByteTokenizer.eos_id:
             fail(f"--model {args.model}: vocab {cfg.vocab_size} too small for the byte tokenizer; pass --tokenizer")
         return ByteTokenizer(), ByteTokenizer.eos_id
-    from tokenizers import Tokenizer
-
-    from lm.tokenizer import exact
+    from lm.tokenizer import TokenizerError, read_tokenizer_json
 
     try:
-        tok = exact(Tokenizer.from_file(path))
-    except Exception as err:  # tokenizers raises a bare Exception on bad files
-        fail(f"--tokenizer {path}: not a tokenizer.json ({str(err).splitlines()[0]})")
+        tok = read_tokenizer_json(path)
+    except TokenizerError as err:
+        fail(f"--tokenizer {err}")
     if args.eos_token:
         eos = tok.token_to_id(args.eos_token)
         if eos is None:

@@ -229,9 +229,9 @@ def _head_chunks_forward(hidden, head, targets, counted, keep=()):
             target_logit, lse = _target_logit_and_lse(z, tg, vocab)
             kept = {}
             if keep:
-                q = _softmax_gradient(z, tg, lse, vocab).astype(h.dtype)
-                kept = {"head": q, "hidden": _dot(q, w, "...v,vd->...d") if "hidden" in keep
-                        else None}
+                kept["head"] = _softmax_gradient(z, tg, lse, vocab).astype(h.dtype)
+                if "hidden" in keep:
+                    kept["hidden"] = _dot(kept["head"], w, "...v,vd->...d")
             return target_logit, lse, {k: kept[k] for k in keep}
 
         def skip():

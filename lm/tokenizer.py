@@ -70,10 +70,22 @@ def _token_id(tok: tokenizers.Tokenizer, value: Any, path: Path, key: str) -> Op
     return token_id
 
 
-def exact(tok: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
-    """``tok`` with the padding and truncation a ``tokenizer.json`` may carry turned off: the
-    data pipeline pads and enforces its length policy itself (:mod:`lm.data.tokenization`),
-    and either setting would put pad tokens inside a prompt or cut a response unreported."""
+def read_tokenizer_json(path: str | os.PathLike) -> tokenizers.Tokenizer:
+    """The ``tokenizers.Tokenizer`` of a ``tokenizer.json`` file, with the padding and
+    truncation the file may carry turned off: the data pipeline pads and enforces its length
+    policy itself (:mod:`lm.data.tokenization`), and either setting would put pad tokens
+    inside a prompt or cut a response unreported.
+
+    Raises:
+      TokenizerError: the file is missing or not a tokenizer.json (naming it).
+    """
+    if not Path(path).is_file():
+        raise TokenizerError(f"{path}: file not found (only tokenizer.json is supported)")
+    try:
+        tok = tokenizers.Tokenizer.from_file(os.fspath(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise TokenizerError(f"{path}: not a tokenizer.json "
+                             f"({str(e).splitlines()[0]})") from None
     tok.no_padding()
     tok.no_truncation()
     return tok
@@ -91,16 +103,10 @@ def prompt_bos(tok: Any) -> Optional[int]:
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
-    """Load ``<directory>/tokenizer.json`` (:func:`exact`: no padding, no truncation) and the
+    """Load ``<directory>/tokenizer.json`` (:func:`read_tokenizer_json`) and the
     special-token ids around it."""
     directory = Path(directory)
-    path = directory / "tokenizer.json"
-    if not path.exists():
-        raise TokenizerError(f"{path}: file not found (only tokenizer.json is supported)")
-    try:
-        tok = exact(tokenizers.Tokenizer.from_file(str(path)))
-    except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from None
+    tok = read_tokenizer_json(directory / "tokenizer.json")
     ids: dict[str, Optional[int]] = {"bos": None, "eos": None, "pad": None}
     config = _json(directory / "config.json")
     for name in ids:

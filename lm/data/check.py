@@ -53,16 +53,9 @@ def main(argv: list[str] | None = None) -> int:
             args.files, format=args.format, on_error=args.on_error, template=args.template
         )
         if args.tokenizer:
-            from tokenizers import Tokenizer
+            from lm.tokenizer import prompt_bos, read_tokenizer_json
 
-            from lm.tokenizer import exact, prompt_bos
-
-            try:
-                tokenizer = exact(Tokenizer.from_file(args.tokenizer))
-            except Exception as e:  # tokenizers raises a bare Exception on bad files
-                raise DataError(
-                    args.tokenizer, None, "bad_file", f"not a tokenizer.json ({e})"
-                ) from None
+            tokenizer = read_tokenizer_json(args.tokenizer)  # a TokenizerError is a ValueError
             eos = args.eos_id if args.eos_id is not None else tokenizer.token_to_id(args.eos_token)
             if eos is None:
                 print(

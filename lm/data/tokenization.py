@@ -126,8 +126,8 @@ def _encode_all(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     for setting in ("padding", "truncation"):
         if getattr(inner, setting, None):
             raise ValueError(f"tokenizer: {setting} is on ({getattr(inner, setting)}); the "
-                             "pipeline pads and truncates itself (lm.tokenizer.exact turns "
-                             "it off, as load_tokenizer does)")
+                             "pipeline pads and truncates itself "
+                             "(lm.tokenizer.read_tokenizer_json turns it off)")
     if hasattr(tokenizer, "encode_batch"):
         return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
     return [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
