@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,8 +152,8 @@ def _head_program(chunk, wrt=(0, 1)):
 def _check_head_program(eqns, matmuls, chunks=1):
     """``matmuls`` matmuls per chunk, each over V padded to HEAD_ALIGNMENT (the chunked
     log-probs and gradients match the unpadded ones: the tests above, V = 11); one
-    max-reduction over the vocabulary per chunk (an autodiff backward of a rematerialised
-    chunk reduces again); and the head cast to bf16 outside the chunk loops, where no GEMM
+    max-reduction over the vocabulary per chunk (the CPU's branch of
+    ``padded_logsumexp``; an autodiff backward of a rematerialised chunk reduces again); and the head cast to bf16 outside the chunk loops, where no GEMM
     re-reads it in float32 for each tile. ``chunks``: the chunks written out (unrolled),
     1 for a loop, whose body the program holds once."""
     aligned = L.HEAD_ALIGNMENT
@@ -180,6 +182,77 @@ def test_chunked_backward_reads_the_kept_softmax_gradients():
     inner gradient) forms no U."""
     _check_head_program(_head_program(3), matmuls=3, chunks=3)
     _check_head_program(_head_program(3, wrt=1), matmuls=2, chunks=3)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3, -1e4])
+def test_one_read_logsumexp_matches_float64(offset):
+    """The accelerators' logsumexp of the chunked head (one reduction of (max, Σ exp) pairs)
+    against float64, with padded columns left out (V = 300 of 384; every column real; one
+    real column), at logit scales where exp(z) alone would overflow or underflow."""
+    z = offset + 8.0 * jax.random.normal(jax.random.PRNGKey(0), (4, 3, 384), jnp.float32)
+    z64 = np.asarray(z, np.float64)
+    for vocab in (300, 384, 1):
+        want = np.log(np.exp(z64[..., :vocab] - z64.max()).sum(-1)) + z64.max()
+        got = L.one_read_logsumexp(z, vocab)
+        assert got.shape == (4, 3)
+        np.testing.assert_allclose(got, want, rtol=2e-7, atol=2e-6 * max(1.0, abs(offset) / 100))
+    # The pair reducer on two empty pairs, and an empty pair with a real one.
+    m, s = L._max_and_scaled_sum((jnp.float32(-jnp.inf), jnp.float32(0)),
+                                 (jnp.float32(-jnp.inf), jnp.float32(0)))
+    assert m == -np.inf and s == 0
+    m, s = L._max_and_scaled_sum((jnp.float32(-jnp.inf), jnp.float32(0)),
+                                 (jnp.float32(2.0), jnp.float32(3.0)))
+    assert (m, s) == (2.0, 3.0)
+
+
+def test_padded_logsumexp_derivatives_are_the_softmax():
+    """Gradient and Hessian-vector product of the chunked head's logsumexp (a custom JVP:
+    the accelerators' pair reduction has no derivative rule) against ``jax.nn.logsumexp``
+    of the real columns."""
+    z = 3.0 * jax.random.normal(jax.random.PRNGKey(1), (2, 5, 256), jnp.float32)
+    v = jax.random.normal(jax.random.PRNGKey(2), z.shape, jnp.float32)
+
+    def ours(z):
+        return jnp.sum(jnp.sin(L.padded_logsumexp(z, 200)))
+
+    def ref(z):
+        return jnp.sum(jnp.sin(jax.nn.logsumexp(z[..., :200], axis=-1)))
+
+    np.testing.assert_allclose(jax.grad(ours)(z), jax.grad(ref)(z), atol=1e-6)
+    assert not np.any(np.asarray(jax.grad(ours)(z))[..., 200:])
+    hvp = [jax.jvp(jax.grad(f), (z,), (v,))[1] for f in (ours, ref)]
+    np.testing.assert_allclose(*hvp, atol=1e-5)
+
+
+@pytest.mark.parametrize("path, chunk", [("recomputed", 3), ("kept", 3), ("kept", 4)])
+def test_chunked_head_with_the_one_read_logsumexp(path, chunk, monkeypatch):
+    """The chunked head's log-probs and both gradients with the accelerators' logsumexp
+    forced on the CPU (float32: against the unchunked head, as above)."""
+    monkeypatch.setattr(L, "_two_pass_logsumexp", L.one_read_logsumexp)
+    hidden, head, ids, mask = _inputs(7)
+    w = jnp.arange(N, dtype=jnp.float32) + 0.5
+
+    def f(h, W, chunk):
+        return jnp.sum(w * L.sequence_logps(h, W, ids, mask, chunk_size=chunk)[0])
+
+    np.testing.assert_allclose(jax.jit(f, static_argnums=2)(hidden, head, chunk),
+                               f(hidden, head, None), rtol=1e-6)
+    g_chunk = jax.jit(jax.grad(f, argnums=(0, 1)), static_argnums=2)(hidden, head, chunk)
+    for a, b in zip(jax.grad(f, argnums=(0, 1))(hidden, head, None), g_chunk):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_the_chunked_head_reads_its_logits_once_for_the_logsumexp_on_a_gpu():
+    """Lowered for a GPU (on the CPU), the chunks' logsumexp is a reduction of pairs, no
+    max-reduction of its own; lowered for the CPU, a max-reduction and an exp-sum."""
+    hidden, head, ids, mask = _inputs(8)
+    f = jax.jit(lambda h, W: L.sequence_logps(h, W, ids, mask, chunk_size=3)[0])
+    pair = re.compile(r"stablehlo\.reduce\(%\S+ init: %\S+\), \(%\S+ init: %\S+\)")
+    cuda = f.trace(hidden, head).lower(lowering_platforms=("cuda",)).as_text()
+    cpu = f.trace(hidden, head).lower(lowering_platforms=("cpu",)).as_text()
+    # The chunk loop's body once: the pairs reduced in blocks of 128 columns, then across.
+    assert len(pair.findall(cuda)) == 2 and "applies stablehlo.maximum" not in cuda
+    assert not pair.findall(cpu) and "applies stablehlo.maximum" in cpu
 
 
 def test_logps_are_float32_from_bfloat16():
