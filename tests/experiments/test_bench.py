@@ -220,6 +220,50 @@ def test_a_repeated_adamw_row_bounds_the_overhead_between_processes():
     assert "(-4.5%..+5.0%)" in bench.format_table(rows)
 
 
+def test_interleaved_rounds_alternate_their_order():
+    assert bench.interleaving(["adamw", "logits-sam", "adamw"], 3) == [
+        "adamw", "logits-sam", "logits-sam", "adamw", "adamw", "logits-sam"]
+    assert bench.interleaving(["sam"], 2) == ["sam", "sam"]
+
+
+def test_interleaved_times_go_to_their_cases_rows():
+    def row(mode, seq=512, status="ok"):
+        return {"shape": "gpt2-2.65b", "pairs": 2, "seq": seq, "prompt": 128, "remat": "none",
+                "mode": mode, "status": status}
+
+    rows = [row("adamw"), row("logits-sam"), row("adamw"), row("sam", status="skipped"),
+            row("adamw", seq=256)]
+    result = {"rounds": 2, "steps_per_round": 10,
+              "step_ms": {"adamw": 100.0, "logits-sam": 102.0},
+              "round_ms": {"adamw": [99.0, 101.0], "logits-sam": [102.0, 101.0]}}
+    bench.add_interleaved(rows, bench.Case("gpt2-2.65b", 2, 512, 128, "none"), result)
+    assert rows[0]["interleaved_step_ms"] == rows[2]["interleaved_step_ms"] == 100.0
+    assert rows[1]["interleaved_overhead_vs_adamw"] == pytest.approx(0.02)
+    assert rows[1]["interleaved_overhead_range"] == pytest.approx([0.0, 102 / 99 - 1])
+    assert not any("interleaved" in k for r in rows[3:] for k in r)
+    bench.add_interleaved(rows[4:], bench.Case("gpt2-2.65b", 2, 256, 128, "none"),
+                          {"error": "RuntimeError: out of memory"})
+    assert rows[4]["interleaved_error"] == "RuntimeError: out of memory"
+
+
+@pytest.mark.parametrize("isolate", ["never", "always"])
+def test_interleaved_timing_of_a_cases_modes_in_one_process(tmp_path, isolate):
+    """``--interleave``: every mode timed again in one process (a child where rows are
+    isolated), logits-SAM's overhead from those medians, and its goals held to it."""
+    out = tmp_path / "interleaved.json"
+    bench.main(["--modes", "adamw,logits-sam", "--steps", "2", "--warmup", "0",
+                "--interleave", "2", "--isolate", isolate, "--out", str(out)])
+    result = json.loads(out.read_text())
+    adamw, sam = result["rows"]
+    assert adamw["interleaved_step_ms"] > 0 and sam["interleaved_step_ms"] > 0
+    assert sam["interleaved_overhead_vs_adamw"] == pytest.approx(
+        sam["interleaved_step_ms"] / adamw["interleaved_step_ms"] - 1)
+    low, high = sam["interleaved_overhead_range"]
+    assert low <= high
+    goals = {g["goal"] for g in result["goals"] if g["row"] == "gpt2-tiny/logits-sam"}
+    assert "time overhead above its FLOP bound (interleaved)" in goals
+
+
 def test_goal_checks_hold_each_row_to_its_goals():
     def row(shape, mode, pairs, **kw):
         return {"shape": shape, "mode": mode, "pairs": pairs, "seq": 512, "prompt": 128,
@@ -325,7 +369,7 @@ def test_peak_flops_table():
 def test_child_process_flags_round_trip():
     flags = ["--dtype", "bfloat16", "--chunk-size", "32", "--reference", "precomputed",
              "--rho", "0.001", "--peak-flops", "2e12", "--compile-only", "--steps", "5",
-             "--vocab", "50304", "--mu-dtype", "bfloat16"]
+             "--vocab", "50304", "--mu-dtype", "bfloat16", "--interleave", "5"]
     args = bench.parse_args(flags)
     case = bench.cases(args)[0]
     child = bench.parse_args(["--shapes", case.shape, "--modes", "sam",
@@ -402,6 +446,7 @@ def test_random_batch_masks_the_prompt():
     (["--remat", "full"], "--remat"),
     (["--seq", "4096"], "--seq"),
     (["--vocab", "1"], "--vocab"),
+    (["--steps", "3", "--interleave", "4"], "--interleave"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(flags, culprit, capsys):
     with pytest.raises(SystemExit) as exc:
