@@ -164,12 +164,13 @@ def _describe_differences(saved: dict, wanted: dict, *, shown: int = 3) -> str:
 
 def restore_params(directory: str, step: int | None = None) -> tuple[Any, int]:
     """The policy parameters (host arrays) of the checkpoint at ``step`` (default: latest)
-    under ``directory``, without rebuilding the optimizer state, and that step.
+    under ``directory``, and that step: the parameters and the step alone are read (a
+    partial restore), not the optimizer state saved with them (twice the parameters'
+    bytes under AdamW).
 
-    Whatever devices and processes wrote it, it is read whole into this process's host
-    memory (the CPU device; the first device where JAX runs without a CPU backend): the
-    shardings recorded in the checkpoint name devices that need not exist here, and one
-    accelerator need not hold the optimizer state that comes with the parameters.
+    Whatever devices and processes wrote it, it is read into this process's host memory
+    (the CPU device; the first device where JAX runs without a CPU backend): the shardings
+    recorded in the checkpoint name devices that need not exist here.
     """
     checkpointer = Checkpointer(directory)
     try:
@@ -181,19 +182,22 @@ def restore_params(directory: str, step: int | None = None) -> tuple[Any, int]:
         except RuntimeError:  # JAX_PLATFORMS names no cpu
             host = jax.local_devices()[0]
         one_device = jax.sharding.SingleDeviceSharding(host)
+        state_dir = Path(checkpointer.step_dir(step)) / "state"
         try:
-            target = jax.tree_util.tree_map(
+            saved = _saved_tree(checkpointer.step_dir(step))
+            target = {part: jax.tree_util.tree_map(
                 lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=one_device),
-                _saved_tree(checkpointer.step_dir(step)),
-            )
-            restored = checkpointer._manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+                saved[part]) for part in ("params", "step")}
+            restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+                item=target, partial_restore=True,
+                restore_args=jax.tree_util.tree_map(
+                    lambda _: ocp.ArrayRestoreArgs(sharding=one_device), target)))
         except Exception as err:  # Orbax raises many types for damaged folders.
             raise CheckpointError(
                 f"checkpoint folder {checkpointer.step_dir(step)} is corrupt or incomplete "
                 f"({type(err).__name__})") from err
-        if int(restored["state"]["step"]) != step:
+        if int(restored["step"]) != step:
             raise CheckpointError(f"checkpoint folder {checkpointer.step_dir(step)} does not hold step {step}")
-        return jax.device_get(restored["state"]["params"]), step
+        return jax.device_get(restored["params"]), step
     finally:
         checkpointer.close()

@@ -201,6 +201,20 @@ def _jit_with_ref(fn: Callable, ref_params: Any, in_shardings: tuple, **kwargs) 
 
 
 CHECKPOINTS = "checkpoints"  # the run folder's sub-folder of Orbax checkpoints
+METRICS = "metrics.jsonl"    # the run folder's metrics log
+
+
+def check_run_paths(out_dir: str) -> None:
+    """Refuse a run folder whose parts are the wrong kind of file (``ConfigError`` naming
+    it): ``out_dir`` or ``checkpoints`` a file (Orbax retried creating the folder for about
+    five minutes before a traceback), ``metrics.jsonl`` a folder. Creates nothing."""
+    expected = ((out_dir, True, "files"), (os.path.join(out_dir, CHECKPOINTS), True, "checkpoints"),
+                (os.path.join(out_dir, METRICS), False, "metrics"))
+    for path, folder, what in expected:
+        if os.path.exists(path) and os.path.isdir(path) != folder:
+            kind = "not a folder" if folder else "a folder"
+            raise ConfigError(f"{path} exists and is {kind}, where the run keeps its {what}; "
+                              "move it away or choose another --out")
 
 
 def run_meta(config: TrainConfig, meta: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -271,6 +285,7 @@ def check_run_folder(out_dir: str, config: TrainConfig, *, resume: bool,
     """Refuse what :func:`train` would refuse from the run folder's checkpoint records, before
     a caller loads a model and data for nothing (``ConfigError``; see :func:`resume_step`).
     Creates nothing."""
+    check_run_paths(out_dir)
     directory = os.path.join(out_dir, CHECKPOINTS)
     if not os.path.isdir(directory):
         return
@@ -344,6 +359,7 @@ def train(
     """
     mesh = config.mesh if isinstance(config.mesh, jax.sharding.Mesh) else mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_batch_size(config.batch_size, mesh.shape)
+    check_run_paths(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     ckpt = Checkpointer(os.path.join(out_dir, CHECKPOINTS), keep=config.keep_checkpoints)
     meta = run_meta(config, meta)
@@ -374,7 +390,7 @@ def train(
     log, refusal = None, None
     if primary:
         try:
-            log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), keep_until=start)
+            log = MetricsLog(os.path.join(out_dir, METRICS), keep_until=start)
             for name, text in (files or {}).items():
                 write_text_atomic(os.path.join(out_dir, name), text)
         except (ConfigError, OSError) as err:

@@ -119,6 +119,45 @@ def test_existing_checkpoints_need_resume(tmp_path):
         run(tmp_path, 4)
 
 
+@pytest.mark.parametrize("part, make", [
+    ("", lambda p: p.write_text("not a folder")),
+    ("checkpoints", lambda p: p.write_text("not a folder")),
+    ("metrics.jsonl", lambda p: p.mkdir()),
+])
+def test_a_run_folder_part_of_the_wrong_kind_is_named(tmp_path, part, make):
+    """A file where the run folder or its checkpoints go (Orbax retried for minutes), a
+    folder where its metrics go (a traceback): one ConfigError naming the path, nothing
+    created."""
+    out = tmp_path / "run"
+    if part:
+        out.mkdir()
+    make(out / part if part else out)
+    before = sorted(os.listdir(out)) if out.is_dir() else None
+    with pytest.raises(ConfigError, match=f"{out / part if part else out} exists and is"):
+        run(out, 2)
+    assert (sorted(os.listdir(out)) if out.is_dir() else None) == before
+
+
+def test_a_run_folders_parameters_are_read_without_its_optimizer_state(tmp_path, monkeypatch):
+    """``restore_params`` asks Orbax for the parameters and the step alone (AdamW's moments
+    are twice the parameters' bytes), and gets the trained parameters."""
+    import orbax.checkpoint as ocp
+
+    result = run(tmp_path, 2)
+    asked = []
+    restore = ocp.PyTreeCheckpointer.restore
+
+    def spy(self, directory, *a, args=None, **kw):
+        asked.append((sorted(args.item), args.partial_restore))
+        return restore(self, directory, *a, args=args, **kw)
+
+    monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", spy)
+    params, step = restore_params(str(tmp_path / "checkpoints"))
+    assert step == 2 and asked == [(["params", "step"], True)]
+    for name, value in jax.device_get(result.state.params).items():
+        np.testing.assert_array_equal(params[name], value, err_msg=name)
+
+
 def test_bad_mesh_fails_before_tracing(tmp_path):
     def untraceable(*args):
         raise AssertionError("grad_fn was traced")

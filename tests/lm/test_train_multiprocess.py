@@ -139,12 +139,12 @@ def test_two_process_dpo_run_matches_one_process(tmp_path, prefs):
     os.makedirs(tmp_path / "logs")
     done = run_processes(
         lambda job: [sys.executable, "-m", "experiments.dpo", *DPO_FLAGS, "--data", str(prefs), "--mesh", "fsdp=4",
-                     "--out", str(two), "--export-hf", str(two / "hf"), *job],
+                     "--out", str(two), "--export-hf", str(tmp_path / "two-hf"), *job],
         tmp_path / "logs", timeout=300)
     for i, process in enumerate(done):
         assert process.returncode == 0, f"process {i}: {process.stderr}"
         assert "done: step 3" in process.stdout
-    assert dpo.main([*DPO_FLAGS, "--data", str(prefs), "--out", str(one), "--export-hf", str(one / "hf")]) == 0
+    assert dpo.main([*DPO_FLAGS, "--data", str(prefs), "--out", str(one), "--export-hf", str(tmp_path / "one-hf")]) == 0
 
     rows, expected = read_jsonl(two / "metrics.jsonl"), read_jsonl(one / "metrics.jsonl")
     assert [(r["step"], r["split"]) for r in rows] == [(r["step"], r["split"]) for r in expected]
@@ -158,8 +158,8 @@ def test_two_process_dpo_run_matches_one_process(tmp_path, prefs):
     # AdamW moves a weight by about lr whatever its gradient's size, so on gradients that
     # are float noise (the key biases, which softmax ignores) the sums' order shows at
     # ~1e-4; a row on the wrong device or a stale shard would be off by ~lr = 1e-2.
-    _, got = hf.load_pretrained(two / "hf")
-    _, want = hf.load_pretrained(one / "hf")
+    _, got = hf.load_pretrained(tmp_path / "two-hf")
+    _, want = hf.load_pretrained(tmp_path / "one-hf")
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4), got, want)
     assert json.loads((two / "config.json").read_text())["devices"] == 4
     # The run folder is a model: its latest checkpoint (step 3) is the exported policy.
