@@ -489,6 +489,24 @@ def time_interleaved(case: Case, args: argparse.Namespace) -> dict:
             "round_ms": round_ms}
 
 
+def interleaved_args(rows: Sequence[dict], case: Case, args: argparse.Namespace
+                     ) -> argparse.Namespace | None:
+    """The flags of ``case``'s interleaved timing: the modes whose rows ran (a row that did
+    not fit or compile would only fail again, at a price), with the attention they ran (XLA's
+    where cuDNN's fell back); None when it has nothing to compare (no ``--interleave``, a
+    compile-only run, or not adamw and another mode)."""
+    if not args.interleave or args.compile_only or args.child:
+        return None
+    ran = [r for r in rows if r["status"] == "ok"
+           and Case(r["shape"], r["pairs"], r["seq"], r["prompt"], r["remat"]) == case]
+    modes = list(dict.fromkeys(r["mode"] for r in ran))
+    if "adamw" not in modes or len(modes) < 2:
+        return None
+    fell_back = any("attention_fallback" in r for r in ran)
+    return argparse.Namespace(**{**vars(args), "modes": modes,
+                                 **({"attention": "xla"} if fell_back else {})})
+
+
 def add_interleaved(rows: Sequence[dict], case: Case, result: dict) -> None:
     """:func:`time_interleaved`'s ``result`` on the finished rows of ``case``, in place:
     ``interleaved_step_ms``, and for the SAM modes ``interleaved_overhead_vs_adamw`` (the
@@ -511,19 +529,8 @@ def add_interleaved(rows: Sequence[dict], case: Case, result: dict) -> None:
 
 def run_interleaved_isolated(case: Case, args: argparse.Namespace) -> dict:
     """:func:`time_interleaved` in a child process (the parent holds no device memory)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "interleaved.json")
-        argv = [sys.executable, "-m", "experiments.bench", "--isolate", "never",
-                "--interleaved-child", "--out", out, "--shapes", case.shape,
-                "--pairs", str(case.pairs), "--seq", str(case.seq), "--prompt", str(case.prompt),
-                "--remat", case.remat, "--modes", ",".join(args.modes), *_shared_flags(args)]
-        proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        sys.stderr.write(proc.stderr)
-        if proc.returncode == 0:
-            with open(out) as f:
-                return json.load(f)
-    return {"error": f"child exited {proc.returncode}: "
-                     f"{_child_error([l.strip() for l in proc.stderr.splitlines() if l.strip()])}"}
+    result, error = _run_child(case, ",".join(args.modes), args, ["--interleaved-child"])
+    return result if error is None else {"error": error}
 
 
 def _progress(line: str) -> None:
@@ -544,14 +551,24 @@ def _gib(n: float) -> float:
 
 
 def run_isolated(case: Case, mode: str, args: argparse.Namespace) -> dict:
-    """:func:`run_case` in a child process, so ``peak_bytes_in_use`` is this case's alone.
-    The child's stderr (its progress lines, XLA's warnings) is passed on as it comes."""
+    """:func:`run_case` in a child process, so ``peak_bytes_in_use`` is this case's alone."""
+    result, error = _run_child(case, mode, args, ["--child"])
+    if error is None:
+        return result["rows"][0]
+    return {**dataclasses.asdict(case), "mode": mode, "status": "skipped", "reason": error}
+
+
+def _run_child(case: Case, modes: str, args: argparse.Namespace, role: list[str]
+               ) -> tuple[Any, str | None]:
+    """(the JSON a child bench wrote, None), or (None, why it failed): the child runs
+    ``case`` in ``modes`` with ``role``'s flag. Its stderr (progress lines, XLA's warnings)
+    is passed on as it comes: a run cut off by a time limit shows how far it got."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "row.json")
-        argv = [sys.executable, "-m", "experiments.bench", "--isolate", "never", "--child",
+        out = os.path.join(tmp, "child.json")
+        argv = [sys.executable, "-m", "experiments.bench", "--isolate", "never", *role,
                 "--out", out, "--shapes", case.shape, "--pairs", str(case.pairs),
                 "--seq", str(case.seq), "--prompt", str(case.prompt), "--remat", case.remat,
-                "--modes", mode, *_shared_flags(args)]
+                "--modes", modes, *_shared_flags(args)]
         tail: collections.deque[str] = collections.deque(maxlen=20)
         with subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True) as proc:
@@ -561,15 +578,15 @@ def run_isolated(case: Case, mode: str, args: argparse.Namespace) -> dict:
                     tail.append(line.strip())
         if proc.returncode == 0:
             with open(out) as f:
-                return json.load(f)["rows"][0]
-    return {**dataclasses.asdict(case), "mode": mode, "status": "skipped",
-            "reason": f"child exited {proc.returncode}: {_child_error(tail)}"}
+                return json.load(f), None
+    return None, f"child exited {proc.returncode}: {_child_error(tail)}"
 
 
 def _child_error(lines: Sequence[str]) -> str:
     """The exception a child died of (its last ``…Error: …`` line, or its one-line
     ``prog: error: …``), not whatever its interpreter logged while shutting down after it."""
-    errors = [line for line in lines if re.match(r"[\w.]*(Error|Exception)\b|\S+: error:", line)]
+    errors = [line for line in lines if re.match(r"[\w.]*(Error|Exception)\b|\S+: error:", line)
+              and not line.startswith("Exception ignored")]
     return (errors or list(lines) or [""])[-1]
 
 
@@ -980,8 +997,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 if args.out:
                     so_far = {**environment(args), "rows": rows, "goals": goal_checks(rows)}
                     write_text_atomic(args.out, json.dumps(so_far, indent=1))
-            if args.interleave and not (args.compile_only or args.child):
-                timed = (run_interleaved_isolated if isolate else time_interleaved)(case, args)
+            paired = interleaved_args(rows, case, args)
+            if paired is not None:
+                timed = (run_interleaved_isolated if isolate else time_interleaved)(case, paired)
                 add_interleaved(rows, case, timed)
                 if args.out:
                     so_far = {**environment(args), "rows": rows, "goals": goal_checks(rows)}

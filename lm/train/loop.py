@@ -211,7 +211,7 @@ def check_run_paths(out_dir: str) -> None:
     expected = ((out_dir, True, "files"), (os.path.join(out_dir, CHECKPOINTS), True, "checkpoints"),
                 (os.path.join(out_dir, METRICS), False, "metrics"))
     for path, folder, what in expected:
-        if os.path.exists(path) and os.path.isdir(path) != folder:
+        if os.path.lexists(path) and os.path.isdir(path) != folder:  # a dangling link too
             kind = "not a folder" if folder else "a folder"
             raise ConfigError(f"{path} exists and is {kind}, where the run keeps its {what}; "
                               "move it away or choose another --out")

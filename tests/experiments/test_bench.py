@@ -246,6 +246,39 @@ def test_interleaved_times_go_to_their_cases_rows():
     assert rows[4]["interleaved_error"] == "RuntimeError: out of memory"
 
 
+def test_only_the_modes_that_ran_are_interleaved_with_the_attention_they_ran():
+    args = bench.parse_args(["--modes", "adamw,logits-sam,sam,adamw", "--interleave", "2",
+                             "--attention", "auto"])
+    case = bench.cases(args)[0]
+
+    def row(mode, status="ok", **kw):
+        return {**dataclasses.asdict(case), "mode": mode, "status": status, **kw}
+
+    paired = bench.interleaved_args([row("adamw"), row("logits-sam"), row("sam", "skipped"),
+                                     row("adamw")], case, args)
+    assert paired.modes == ["adamw", "logits-sam"] and paired.attention == "auto"
+    assert args.modes == ["adamw", "logits-sam", "sam", "adamw"]  # the run's own flags stay
+    fell_back = [row("adamw", attention_fallback="cuDNN's attention did not compile"),
+                 row("logits-sam")]
+    assert bench.interleaved_args(fell_back, case, args).attention == "xla"
+    # Nothing to compare: adamw did not run, or ran alone.
+    assert bench.interleaved_args([row("adamw", "skipped"), row("logits-sam")], case, args) is None
+    assert bench.interleaved_args([row("adamw"), row("sam", "failed")], case, args) is None
+    assert bench.interleaved_args([row("adamw"), row("logits-sam")], case,
+                                  bench.parse_args(["--modes", "adamw,logits-sam"])) is None
+
+
+def test_rows_that_did_not_fit_are_not_interleaved(monkeypatch):
+    """A case whose rows were skipped (here: every one needs more than the device has) is
+    not built and run again for the interleaved timing."""
+    monkeypatch.setattr(bench, "device_memory_limit", lambda device: 1000)
+    monkeypatch.setattr(bench, "time_interleaved",
+                        lambda *a: pytest.fail("interleaved a case whose rows were skipped"))
+    result = bench.main(["--modes", "adamw,logits-sam", "--steps", "2", "--warmup", "0",
+                         "--interleave", "2", "--isolate", "never"])
+    assert [r["status"] for r in result["rows"]] == ["skipped", "skipped"]
+
+
 @pytest.mark.parametrize("isolate", ["never", "always"])
 def test_interleaved_timing_of_a_cases_modes_in_one_process(tmp_path, isolate):
     """``--interleave``: every mode timed again in one process (a child where rows are
@@ -410,6 +443,8 @@ def test_a_crashed_childs_reason_is_its_exception_not_its_teardown_noise():
     assert bench._child_error(["bench: error: --seq 2048 exceeds gpt2-tiny's 128 positions",
                                "W0000 teardown"]).startswith("bench: error: --seq")
     assert bench._child_error(["Killed"]) == "Killed" and bench._child_error([]) == ""
+    assert bench._child_error([*lines[:3], "Exception ignored in: <function Client.__del__>",
+                               "Traceback (most recent call last):"]) == lines[2]
 
 
 def test_vocab_replaces_the_shapes_vocabulary(tmp_path):

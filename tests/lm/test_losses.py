@@ -203,6 +203,8 @@ def test_one_read_logsumexp_matches_float64(offset):
     m, s = L._max_and_scaled_sum((jnp.float32(-jnp.inf), jnp.float32(0)),
                                  (jnp.float32(2.0), jnp.float32(3.0)))
     assert (m, s) == (2.0, 3.0)
+    with pytest.raises(ValueError, match="300 columns, not a multiple of 128"):
+        L.one_read_logsumexp(z[..., :300], 200)
 
 
 def test_padded_logsumexp_derivatives_are_the_softmax():
@@ -222,6 +224,13 @@ def test_padded_logsumexp_derivatives_are_the_softmax():
     assert not np.any(np.asarray(jax.grad(ours)(z))[..., 200:])
     hvp = [jax.jvp(jax.grad(f), (z,), (v,))[1] for f in (ours, ref)]
     np.testing.assert_allclose(*hvp, atol=1e-5)
+    # At logits near 1e4 the softmax keeps float32's precision (exp(z − lse) would not),
+    # and a NaN tangent in a padded column stays out.
+    far = z + 1e4
+    np.testing.assert_allclose(jax.grad(ours)(far), jax.grad(ref)(far), atol=2e-6)
+    nan_pad = v.at[..., 250].set(jnp.nan)
+    tangent = jax.jvp(lambda z: L.padded_logsumexp(z, 200), (z,), (nan_pad,))[1]
+    assert np.all(np.isfinite(tangent))
 
 
 @pytest.mark.parametrize("path, chunk", [("recomputed", 3), ("kept", 3), ("kept", 4)])

@@ -123,6 +123,7 @@ def test_existing_checkpoints_need_resume(tmp_path):
     ("", lambda p: p.write_text("not a folder")),
     ("checkpoints", lambda p: p.write_text("not a folder")),
     ("metrics.jsonl", lambda p: p.mkdir()),
+    ("checkpoints", lambda p: p.symlink_to(p.parent / "gone")),  # a dangling link
 ])
 def test_a_run_folder_part_of_the_wrong_kind_is_named(tmp_path, part, make):
     """A file where the run folder or its checkpoints go (Orbax retried for minutes), a
