@@ -44,12 +44,17 @@ def test_cli_writes_every_mode_with_the_expected_keys(result):
         assert r["shape"] == "gpt2-tiny" and r["timed_steps"] == 2
         assert r["attention"] == "xla"  # no GPU here
         for key in ("compile_s", "step_ms", "step_ms_min", "step_ms_max", "tokens_per_s",
-                    "model_flops_per_s", "matmul_flops_per_step"):
+                    "model_flops_per_s", "matmul_flops_per_step", "pipelined_step_ms",
+                    "pipelined_tokens_per_s"):
             assert np.isfinite(r[key]) and r[key] > 0, key
         assert r["mfu"] is None and r["hfu"] is None  # no peak for a CPU without --peak-flops
+        assert r["pipelined_mfu"] is None
+        assert r["pipelined_tokens_per_s"] == pytest.approx(
+            r["tokens_per_step"] / r["pipelined_step_ms"] * 1e3)
         assert set(r["phase_s"]) == {"init", "steps", "profile"} | (
             {"parts"} if r["mode"] != "sam" else set())
-        assert r["phase_s"]["steps"] >= r["timed_steps"] * r["step_ms_min"] * 1e-3
+        assert r["phase_s"]["steps"] >= (r["timed_steps"] * r["step_ms_min"]
+                                         + r["timed_steps"] * r["pipelined_step_ms"]) * 1e-3
         assert r["wall_s"] > r["compile_s"] + sum(r["phase_s"].values())
         mem = r["memory"]
         assert mem["estimate_bytes"] == (mem["argument_bytes"] + mem["output_bytes"]
@@ -305,10 +310,12 @@ def test_goal_checks_hold_each_row_to_its_goals():
 
     gb = 1e9
     rows = [row("gpt2-124m", "adamw", 8, step_ms=25.0, tokens_per_s=310e3, mfu=0.3,
+                pipelined_tokens_per_s=320e3, pipelined_mfu=0.31,
                 memory={"estimate_bytes": 6 * gb, "peak_bytes_in_use": 6.5 * gb}),
             row("gpt2-124m", "logits-sam", 8, step_ms=30.0, tokens_per_s=270e3, mfu=0.25,
                 flop_bound=0.174, memory={"estimate_bytes": 6 * gb, "peak_bytes_in_use": 6.6 * gb}),
             row("gpt2-2.65b", "adamw", 2, step_ms=120.0, tokens_per_s=17e3, mfu=0.36,
+                pipelined_tokens_per_s=18.8e3, pipelined_mfu=0.401,
                 memory={"estimate_bytes": 50 * gb, "peak_bytes_in_use": 55 * gb}),
             # Not TRL's step: only logits-SAM's goals would apply.
             row("gpt2-124m", "adamw", 4, step_ms=15.0, tokens_per_s=270e3, mfu=0.3,
@@ -323,10 +330,12 @@ def test_goal_checks_hold_each_row_to_its_goals():
     checks = {(c["row"], c["goal"]): (c["value"], c["met"]) for c in bench.goal_checks(rows)}
     assert checks == {
         ("gpt2-124m/adamw", "tokens/s over TRL's"): (pytest.approx(310 / 102), True),
+        ("gpt2-124m/adamw", "tokens/s over TRL's (pipelined)"): (pytest.approx(320 / 102), True),
         ("gpt2-124m/adamw", "peak GB (TRL's)"): (pytest.approx(6.5), True),
         ("gpt2-124m/logits-sam", "time overhead above its FLOP bound"): (pytest.approx(0.026), False),
         ("gpt2-124m/logits-sam", "memory over adamw's"): (pytest.approx(6.6 / 6.5), True),
         ("gpt2-2.65b/adamw", "MFU"): (0.36, False),
+        ("gpt2-2.65b/adamw", "MFU (pipelined)"): (0.401, True),
         ("gpt2-2.65b/adamw", "peak GB (TRL's)"): (pytest.approx(55.0), False),
     }
 
