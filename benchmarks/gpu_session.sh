@@ -43,9 +43,10 @@ device=${device:-gpu}
 date=$(date +%F)
 
 timing=(--dtype bfloat16 --steps 20 --warmup 3)
-# Every case's modes once more in one process, alternating: the same step timed in two
-# processes differed by 7% on the third loan, more than the 1-pp goal on logits-SAM.
-paired=(--interleave 4)
+# Every case's modes once more in one process, alternating (A B, B A; 20 pipelined steps
+# each): the same step timed in two processes differed by 7% on the third loan, more than
+# the 1-pp goal on logits-SAM.
+paired=(--interleave 2)
 common=("${timing[@]}")
 [[ ${PROFILE:-1} == 0 ]] || common+=(--profile)
 # SMALL / LARGE / MID / BIG replace the shapes, e.g. for a dry run of the whole session on a
