@@ -403,19 +403,12 @@ def _time_steps(compiled, tx, cfg, key, batch, args, label: str
         state, _ = compiled(state, batch, ref)
         return state
 
-    def run_steps(n: int) -> None:
-        for _ in range(n):
-            one_step()
-        jax.block_until_ready(state)
-
     jax.block_until_ready((state, ref))
     phases = {"init": time.perf_counter() - t0}
     _progress(f"{label}: parameters and state on the device in {phases['init']:.1f} s")
     steps_start = time.perf_counter()
     times = step_parts.call_seconds(one_step, args.steps, args.warmup)
-    pipelined_start = time.perf_counter()
-    run_steps(args.steps)
-    pipelined_s = (time.perf_counter() - pipelined_start) / args.steps
+    pipelined_s = step_parts.pipelined_seconds(one_step, args.steps)
     phases["steps"] = time.perf_counter() - steps_start
     _progress(f"{label}: {args.warmup} + {args.steps} + {args.steps} pipelined steps in "
               f"{phases['steps']:.1f} s")
@@ -425,7 +418,9 @@ def _time_steps(compiled, tx, cfg, key, batch, args, label: str
         # The trace is extra: the timed steps stand whatever the profiler can or cannot do
         # on this machine, and the row says what went wrong.
         try:
-            profile = step_profile.profile_steps(compiled.as_text(), run_steps, PROFILE_STEPS)
+            profile = step_profile.profile_steps(
+                compiled.as_text(), lambda n: step_parts.pipelined_seconds(one_step, n),
+                PROFILE_STEPS)
         except Exception as e:
             profile = {"error": f"{type(e).__name__}: {_first_line(e)}"}
         phases["profile"] = time.perf_counter() - t0
@@ -480,21 +475,19 @@ def time_interleaved(case: Case, args: argparse.Namespace) -> dict:
         batch = random_batch(key, case.pairs, case.seq, case.prompt, cfg.vocab_size,
                              args.reference)
 
-        def run_steps(mode, n):
-            """Seconds a step of ``mode`` takes, ``n`` dispatched back to back."""
-            nonlocal state
-            t0 = time.perf_counter()
-            for _ in range(n):
+        def runner(mode):
+            def one_step():
+                nonlocal state
                 state, _ = steps[mode](state, batch, ref)
-            jax.block_until_ready(state)
-            return (time.perf_counter() - t0) / n
+                return state
+            return one_step
 
         t0 = time.perf_counter()
         for mode in modes:  # compiles each step, then its warm-up
-            run_steps(mode, max(1, args.warmup))
+            step_parts.pipelined_seconds(runner(mode), max(1, args.warmup))
         round_ms = {m: [] for m in modes}
         for mode in interleaving(modes, args.interleave):
-            round_ms[mode].append(1e3 * run_steps(mode, args.steps))
+            round_ms[mode].append(1e3 * step_parts.pipelined_seconds(runner(mode), args.steps))
         _progress(f"{case.shape}: {'/'.join(modes)} interleaved in "
                   f"{time.perf_counter() - t0:.1f} s")
         if int(state.halted_at) >= 0:

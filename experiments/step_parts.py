@@ -69,6 +69,17 @@ def call_seconds(call: Callable[[], Any], steps: int, warmup: int = 1) -> list[f
     return times
 
 
+def pipelined_seconds(call: Callable[[], Any], steps: int) -> float:
+    """Wall seconds a call takes when ``steps`` calls are dispatched back to back and only
+    the last result is waited for (each call consumes the one before: a train step on its
+    donated state), as the trainer runs its steps between syncs."""
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = call()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / steps
+
+
 def median_ms(call: Callable[[], Any], steps: int, warmup: int = 1) -> float:
     """Median of :func:`call_seconds`, in ms."""
     return 1e3 * statistics.median(call_seconds(call, steps, warmup))
