@@ -15,10 +15,13 @@
 #     git archive <commit> experiments | tar -x -C .bench-before   (benchmarks/README.md)
 # The "-before" cases run from there (TREE=DIR); every JSON names its code ("source").
 #
-# Writes <device>-<case>-<date>.json per run (experiments.bench --out) and session.log (with
-# benchmarks/gpu_check.py's lines); where that is more than the 8 files the device tool brings
-# back, this session's JSON files end up packed into one runs-<device>-<date>-<pid>.tar
-# (MAX_JSON: 7).
+# Writes <device>-<case>-<date>.json per run (experiments.bench --out), session.log (with
+# benchmarks/gpu_check.py's lines) and aot-<device>-<date>.tar: this GPU's XLA target config
+# and XLA's autotuning results of every fusion compiled, per fusion, so that
+# `experiments.bench --target` can compile for this GPU elsewhere with its kernel choices
+# (benchmarks/README.md). Where that is more than the 8 files the device tool brings back,
+# this session's JSON files end up packed into one runs-<device>-<date>-<pid>.tar
+# (MAX_JSON: 6).
 set -u
 out=${1:-${OUT:-benchmarks}}
 shift $(( $# > 0 ))
@@ -34,6 +37,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # share their initialisation programs, and a rerun of a case compiles nothing.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/gpu-session-jax-cache}
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-1}
+# Every fusion's autotuning result, a file per fusion (no process overwrites another's).
+aot=${AOT_DIR:-/tmp/gpu-session-aot}
+mkdir -p "$aot/autotune"
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_per_fusion_autotune_cache_dir=$aot/autotune"
 py=$(command -v python3 || command -v python)
 
 { nvidia-smi -L; "$py" -c "import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())"; } >>"$log" 2>&1
@@ -41,6 +48,10 @@ py=$(command -v python3 || command -v python)
 device=$("$py" -c "import jax; k = jax.devices()[0].device_kind.split(); print((k[1] if len(k) > 1 else k[0]).lower())" 2>>"$log")
 device=${device:-gpu}
 date=$(date +%F)
+# The target config of this GPU as XLA describes it: what --target compiles for.
+"$py" -c "import jax; from jaxlib import xla_client as xc
+print(xc.get_topology_for_devices(jax.devices()[:1]).target_config)" >"$aot/target.txtpb" 2>>"$log" \
+  || echo "== no target config: see the traceback above" >>"$log"
 
 timing=(--dtype bfloat16 --steps 20 --warmup 3)
 # Every case's modes once more in one process, alternating (A B, B A; 20 pipelined steps
@@ -143,7 +154,9 @@ if picked gpu_check && (( SECONDS + 60 < budget )); then
   timeout $((budget - SECONDS < 90 ? budget - SECONDS : 90)) "$py" benchmarks/gpu_check.py 2>&1 \
     | tee -a "$log"
 fi
-if (( ${#written[@]} > ${MAX_JSON:-7} )); then
+tar -C "$aot" -cf "$out/aot-$device-$date.tar" . 2>>"$log" \
+  && echo "== aot-$device-$date.tar: target config and $(find "$aot/autotune" -type f | wc -l) autotuned fusions" | tee -a "$log"
+if (( ${#written[@]} > ${MAX_JSON:-6} )); then
   pack="runs-$device-$date-$$.tar"
   tar -C "$out" -cf "$out/$pack" "${written[@]}" && (cd "$out" && rm -- "${written[@]}")
   echo "== ${#written[@]} JSON files packed into $pack" | tee -a "$log"

@@ -43,21 +43,22 @@ class ConfigError(ValueError):
     """A config.json / ModelConfig this package cannot build a model from."""
 
 
-def attention_for(requested: str, cfg: "ModelConfig", *, vmapped_backward: bool = False
-                  ) -> str | None:
+def attention_for(requested: str, cfg: "ModelConfig", *, vmapped_backward: bool = False,
+                  device: Any = None) -> str | None:
     """``attention_impl`` for an ``--attention`` flag (auto | xla | cudnn) and model ``cfg``.
 
     "auto" picks cuDNN's flash attention where it runs, XLA's elsewhere: an NVIDIA GPU,
     16-bit compute, a head dim that is a multiple of 8 up to 128 (256 on Hopper) and, when
     the trunk's backward pass is vmapped (logits-SAM's split head), jax 0.11 or later
     (0.10's cuDNN backward cannot be batched). "cudnn" where it cannot run is a
-    :class:`ConfigError` that says why.
+    :class:`ConfigError` that says why. ``device``: the one it runs on (default: this
+    host's first; a compile-only GPU, ``experiments.bench --target``).
     """
     if requested not in ("auto", "xla", "cudnn"):
         raise ConfigError(f"--attention: unknown implementation {requested!r} (auto, xla, cudnn)")
     if requested == "xla":
         return "xla"
-    unfit = _cudnn_unfit(cfg, vmapped_backward)
+    unfit = _cudnn_unfit(cfg, vmapped_backward, device)
     if requested == "cudnn" and unfit:
         raise ConfigError(f"--attention cudnn: {unfit}; use --attention auto or xla")
     return None if unfit else "cudnn"
@@ -75,11 +76,11 @@ def is_cudnn_attention_error(err: BaseException) -> bool:
     return bool(_CUDNN_ATTENTION_ERROR.search(f"{type(err).__name__}: {err}"))
 
 
-def _cudnn_unfit(cfg: "ModelConfig", vmapped_backward: bool) -> str | None:
-    """Why cuDNN's fused attention cannot run ``cfg`` here, or None."""
+def _cudnn_unfit(cfg: "ModelConfig", vmapped_backward: bool, device: Any) -> str | None:
+    """Why cuDNN's fused attention cannot run ``cfg`` on ``device`` (None: here), or None."""
     import jax
 
-    device = jax.devices()[0]
+    device = jax.devices()[0] if device is None else device
     platform_version = getattr(getattr(device, "client", None), "platform_version", "")
     if device.platform != "gpu" or "rocm" in platform_version.lower():
         return "cuDNN needs an NVIDIA GPU"

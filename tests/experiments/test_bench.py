@@ -5,6 +5,7 @@ what experiments.flops's formulas say (tests/experiments/test_flops.py checks bo
 """
 
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -436,10 +437,12 @@ def test_peak_flops_table():
     assert bench.peak_flops(Dev("cpu"), 1e12) == 1e12
 
 
-def test_child_process_flags_round_trip():
+def test_child_process_flags_round_trip(monkeypatch):
+    monkeypatch.setattr(bench, "compile_device", lambda target: jax.devices()[0])
     flags = ["--dtype", "bfloat16", "--chunk-size", "32", "--reference", "precomputed",
              "--rho", "0.001", "--peak-flops", "2e12", "--compile-only", "--steps", "5",
-             "--vocab", "50304", "--mu-dtype", "bfloat16", "--interleave", "5"]
+             "--vocab", "50304", "--mu-dtype", "bfloat16", "--interleave", "5",
+             "--target", "benchmarks/targets/h100.txtpb"]
     args = bench.parse_args(flags)
     case = bench.cases(args)[0]
     child = bench.parse_args(["--shapes", case.shape, "--modes", "sam",
@@ -519,6 +522,7 @@ def test_random_batch_masks_the_prompt():
     (["--seq", "4096"], "--seq"),
     (["--vocab", "1"], "--vocab"),
     (["--interleave", "-1"], "--interleave"),
+    (["--target", "no/such/gpu.txtpb"], "--target"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(flags, culprit, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -535,6 +539,50 @@ def test_bad_flag_from_the_command_line_has_no_traceback():
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--modes" in lines[0] and "lion" in lines[0]
+
+
+TARGETS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "targets")
+CUDA_PLUGIN = any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None
+                  for v in (12, 13)) if importlib.util.find_spec("jax_plugins") else False
+
+
+def _bench_for_a_target(tmp_path, target, *flags):
+    # A process of its own: the plugin compiles for a GPU only before jax has started.
+    out = tmp_path / "target.json"
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench", "--target", target,
+                           "--out", str(out), *flags], capture_output=True, text=True)
+    return proc, (json.loads(out.read_text()) if proc.returncode == 0 else None)
+
+
+@pytest.mark.skipif(CUDA_PLUGIN, reason="jax's CUDA plugin is installed here")
+def test_a_target_without_the_cuda_plugin_says_what_to_install(tmp_path):
+    proc, _ = _bench_for_a_target(tmp_path, os.path.join(TARGETS, "h200.txtpb"))
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert "--target" in line and f"jax[cuda13]=={jax.__version__}" in line
+
+
+@pytest.mark.skipif(not CUDA_PLUGIN, reason="needs jax's CUDA plugin (pip install 'jax[cuda13]')")
+@pytest.mark.parametrize("gpu", ["h100", "h200"])
+def test_a_target_compiles_the_step_for_its_gpu_here(tmp_path, gpu):
+    proc, result = _bench_for_a_target(tmp_path, os.path.join(TARGETS, f"{gpu}.txtpb"),
+                                       "--dtype", "bfloat16", "--modes", "adamw,logits-sam")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert result["platform"] == "gpu" and gpu.upper() in result["device_kind"]
+    assert result["peak_flops"] == 989.4e12 and result["flags"]["compile_only"]
+    for row in result["rows"]:
+        assert row["status"] == "compiled" and row["attention"] == "cudnn", row
+        assert row["memory"]["temp_bytes"] > 0 and "step_ms" not in row
+
+
+@pytest.mark.skipif(not CUDA_PLUGIN, reason="needs jax's CUDA plugin (pip install 'jax[cuda13]')")
+def test_a_target_that_is_not_a_gpu_config_is_named(tmp_path):
+    bad = tmp_path / "gpu.txtpb"
+    bad.write_text("core_count: 132\n")
+    proc, _ = _bench_for_a_target(tmp_path, str(bad))
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("python -m experiments.bench: error: --target:") and str(bad) in line
 
 
 def test_toy_speed_row_times_the_toy_engineers_sweep():
@@ -559,15 +607,17 @@ def test_a_bfloat16_first_moment_stores_two_bytes_less_per_parameter(tmp_path):
 def test_gpu_session_runs_the_picked_cases_and_returns_at_most_eight_files(tmp_path):
     """benchmarks/gpu_session.sh at a tiny shape, three cases picked by name: their JSONs and
     the log, nothing else started, a case's VAR=VALUE in its run's environment only, a
-    "-before" case run from the code in $BEFORE. More JSON files than MAX_JSON (7 for the
-    device tool's 8 files with the log) come back as one tar."""
+    "-before" case run from the code in $BEFORE, XLA's autotuning results kept for
+    ``bench --target`` in one tar. More JSON files than MAX_JSON (6 for the device tool's 8
+    files with the log and that tar) come back as one tar."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     script = os.path.join(root, "benchmarks", "gpu_session.sh")
     tiny = "--shapes gpt2-tiny --pairs 1 --seq 32 --prompt 8"
     # The script runs the first python3 on PATH: this interpreter's.
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     env = {**os.environ, "SMALL": tiny, "LARGE": tiny, "PROFILE": "0", "PATH": path,
-           "MAX_JSON": "1", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
+           "MAX_JSON": "1", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"),
+           "AOT_DIR": str(tmp_path / "aot")}
     env.pop("XLA_FLAGS", None)
     before = tmp_path / "before"
     for package in ("dynamics", "experiments", "lm"):
@@ -584,8 +634,11 @@ def test_gpu_session_runs_the_picked_cases_and_returns_at_most_eight_files(tmp_p
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     platform = jax.devices()[0].platform
-    (earlier, tar_name, log_name) = sorted(p.name for p in out.iterdir())
+    (aot_name, earlier, tar_name, log_name) = sorted(p.name for p in out.iterdir())
     assert earlier == "earlier.json" and (out / earlier).read_text() == "{}"
+    assert aot_name.startswith(f"aot-{platform}-")
+    with tarfile.open(out / aot_name) as tar:
+        assert {"./autotune", "./target.txtpb"} <= set(tar.getnames())
     assert tar_name.startswith(f"runs-{platform}-") and log_name == "session.log"
     with tarfile.open(out / tar_name) as tar:
         files = sorted(tar.getnames())
@@ -593,8 +646,9 @@ def test_gpu_session_runs_the_picked_cases_and_returns_at_most_eight_files(tmp_p
     assert files[0].startswith(f"{platform}-gpt2-124m-before-")
     assert files[1].startswith(f"{platform}-gpt2-124m-cond-graphs-")
     assert files[2].startswith(f"{platform}-gpt2-2.65b-noremat-mu-bf16-")
-    assert graphs["xla_flags"].split() == ["--xla_gpu_enable_command_buffer=+CONDITIONAL"]
-    assert mu["xla_flags"] == ""
+    autotune = f"--xla_gpu_per_fusion_autotune_cache_dir={tmp_path / 'aot' / 'autotune'}"
+    assert graphs["xla_flags"].split() == [autotune, "--xla_gpu_enable_command_buffer=+CONDITIONAL"]
+    assert mu["xla_flags"].split() == [autotune]
     assert mu["source"] == graphs["source"] == bench.source_digest() != earlier_code["source"]
     assert [r["mode"] for r in earlier_code["rows"]] == ["adamw", "logits-sam"]
     (row,) = mu["rows"]
