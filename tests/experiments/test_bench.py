@@ -129,7 +129,8 @@ def test_only_the_split_heads_mode_needs_a_batchable_cudnn_backward(monkeypatch)
     0.10 the other modes keep cuDNN's attention."""
     vmapped = []
 
-    def attention_for(requested, cfg, *, vmapped_backward=False):
+    def attention_for(requested, cfg, *, vmapped_backward=False, device=None):
+        assert device is jax.devices()[0]  # no --target: this host's
         vmapped.append(vmapped_backward)
         return "cudnn"
 

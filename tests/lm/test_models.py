@@ -225,6 +225,8 @@ def test_auto_attention_is_cudnn_only_where_cudnn_runs(monkeypatch):
         attention_for("cudnn", bf16)
     h100 = types.SimpleNamespace(platform="gpu", compute_capability="9.0",
                                  client=types.SimpleNamespace(platform_version="cuda 12080"))
+    # The device to compile for, where it is not this host's (bench --target).
+    assert attention_for("auto", bf16, device=h100) == "cudnn"
     monkeypatch.setattr(jax, "devices", lambda *a: [h100])
     monkeypatch.setattr(jax, "__version_info__", (0, 11, 2))
     assert attention_for("auto", bf16) == attention_for("cudnn", bf16) == "cudnn"
