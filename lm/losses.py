@@ -227,8 +227,14 @@ def _head_chunks_logps(hidden, head, targets, counted):
     The head is cast to ``hidden``'s dtype once per pass, not in every chunk (fused into a
     GEMM, the cast re-reads float32 W for every tile of rows), with V padded to
     :data:`HEAD_ALIGNMENT` (exact: the reductions read the real V, the padded columns' Q
-    and G are 0), and ∂W sums the chunks in float32 (:func:`head_cotangent`). ∂h and ∂W are
-    formed only for the inputs that are differentiated.
+    and G are 0). ∂W sums the chunks in float32 (:func:`head_cotangent`) in that padded
+    [V′, d] shape and is sliced to V once, after the last chunk: XLA:GPU then adds each
+    chunk's product in its GEMM's epilogue, into the sum. Sliced chunk by chunk, every
+    product [V′, d] and its slice were written out beside the sum; in logits-SAM's inner
+    pass, which runs while the trunk's activations are held, that was the step's peak
+    (+1.1 GB, 2.3% of adamw's memory at the 2.65B shape, against 0.8–1.2% summed padded:
+    XLA:GPU's buffer assignment, ``experiments.bench --target``). ∂h and ∂W are formed only
+    for the inputs that are differentiated.
     """
     return _head_chunks_forward(hidden, head, targets, counted)[0]
 
@@ -347,15 +353,14 @@ def _kept_cotangents(hidden, head, counted, ct, kept):
     if "head" not in kept:
         return None, d_hidden
     vocab = jax.tree_util.tree_leaves(head)[0].shape[0]
-    d_head = jnp.zeros((vocab, hidden.shape[-1]), jnp.float32)
+    d_head = jnp.zeros((kept["head"][0].shape[-1], hidden.shape[-1]), jnp.float32)
     for q, h, m, ct_k in zip(kept["head"], hidden, counted, ct):
-        # Summed unpadded: a padded sum would need one more (V, d) float32 copy to slice.
         d_head = jax.lax.cond(
             jnp.any(m),
             lambda d, q=q, h=h, ct_k=ct_k: d + head_cotangent(
-                q, (ct_k[..., None] * h).astype(h.dtype))[:vocab],
+                q, (ct_k[..., None] * h).astype(h.dtype)),
             lambda d: d, d_head)
-    return d_head, d_hidden
+    return d_head[:vocab], d_hidden
 
 
 def _recomputed_cotangents(hidden, head, targets, counted, lse, ct, needed):
@@ -368,16 +373,16 @@ def _recomputed_cotangents(hidden, head, targets, counted, lse, ct, needed):
         def run():
             g = ct_k[..., None] * _softmax_gradient(logits_from_hidden(h, w), tg, lse_k, vocab)
             d_h = hidden_cotangent(g, w, h.dtype) if "hidden" in needed else None
-            # Summed unpadded: a padded sum would need one more (V, d) float32 copy to slice.
-            return (None if d_head is None else d_head + head_cotangent(g, h)[:vocab]), d_h
+            return (None if d_head is None else d_head + head_cotangent(g, h)), d_h
 
         def skip():
             return d_head, (jnp.zeros_like(h) if "hidden" in needed else None)
 
         return jax.lax.cond(jnp.any(m), run, skip)
 
-    d_head = jnp.zeros((vocab, w.shape[1]), jnp.float32) if "head" in needed else None
-    return jax.lax.scan(chunk, d_head, (hidden, targets, counted, lse, ct))
+    d_head = jnp.zeros(w.shape, jnp.float32) if "head" in needed else None
+    d_head, d_hidden = jax.lax.scan(chunk, d_head, (hidden, targets, counted, lse, ct))
+    return (None if d_head is None else d_head[:vocab]), d_hidden
 
 
 _head_chunks_logps.defvjp(_head_chunks_fwd, _head_chunks_bwd, symbolic_zeros=True)
