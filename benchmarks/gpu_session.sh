@@ -50,7 +50,8 @@ device=${device:-gpu}
 date=$(date +%F)
 # The target config of this GPU as XLA describes it: what --target compiles for.
 "$py" -c "import jax; from jaxlib import xla_client as xc
-print(xc.get_topology_for_devices(jax.devices()[:1]).target_config)" >"$aot/target.txtpb" 2>>"$log" \
+config = xc.get_topology_for_devices(jax.devices()[:1]).target_config
+print(config.decode() if isinstance(config, bytes) else config)" >"$aot/target.txtpb" 2>>"$log" \
   || echo "== no target config: see the traceback above" >>"$log"
 
 timing=(--dtype bfloat16 --steps 20 --warmup 3)
