@@ -190,8 +190,9 @@ def peak_flops(device: Any, override: float | None) -> float | None:
 def compile_device(target: str | None) -> Any:
     """The device steps are compiled for: this host's first, or with ``target`` (a text
     XLA ``GpuTargetConfigProto`` file) the one GPU it describes, compiled for here by jax's
-    CUDA plugin without a GPU (``--target``). The backend must not have started unless this
-    is called before: the plugin offers deviceless compilation only while jax runs on the CPU."""
+    CUDA plugin without a GPU (``--target``). Call it before jax starts its backends: the
+    plugin compiles for a GPU it does not have only while jax runs on the CPU alone, which
+    this sets."""
     if target is None:
         return jax.devices()[0]
     try:
