@@ -190,12 +190,17 @@ def setup(config: ToyConfig, dtype=None) -> tuple[jax.Array, jax.Array]:
     return run_train(W, phi, y, config.sft_lr, 0.0, config.sft_epochs), phi
 
 
-def sign_rule_runs(config: ToyConfig, W: jax.Array, phi: jax.Array) -> dict[str, Trajectory]:
-    """GD and SAM with ρ = ±|config.rho| from one start, keyed by :func:`run_label`."""
+def sign_rule_rhos(config: ToyConfig) -> tuple[float, float, float]:
+    """The radii of Figure 1(a, b): GD (ρ = 0), then SAM with ρ = +|config.rho| and −|config.rho|."""
     r = abs(config.rho)
+    return 0.0, r, -r
+
+
+def sign_rule_runs(config: ToyConfig, W: jax.Array, phi: jax.Array) -> dict[str, Trajectory]:
+    """GD and SAM with :func:`sign_rule_rhos` from one start, keyed by :func:`run_label`."""
     return {
         run_label(rho, config.lr): run_trajectory(W, phi, Y_MINUS, config.lr, rho, config.steps)
-        for rho in (0.0, r, -r)
+        for rho in sign_rule_rhos(config)
     }
 
 

@@ -95,10 +95,11 @@ def figure1(config: toy.ToyConfig, out) -> dict:
             label: {
                 "rho": float(rho),
                 "lr": float(config.lr),
-                "probs": np.asarray(traj.probs[:, 0], np.float64).tolist(),
-                "modal": np.asarray(traj.modal[:, 0], np.float64).tolist(),
+                "probs": np.asarray(runs[label].probs[:, 0], np.float64).tolist(),
+                "modal": np.asarray(runs[label].modal[:, 0], np.float64).tolist(),
             }
-            for (label, traj), rho in zip(runs.items(), (0.0, abs(config.rho), -abs(config.rho)))
+            for rho in toy.sign_rule_rhos(config)
+            for label in [toy.run_label(rho, config.lr)]
         },
     }
     _save_panels(out / "fig1a_modal.png", plot_modal, runs, minus_gd=True)

@@ -39,6 +39,11 @@ def test_figure1_end_to_end(tmp_path):
         assert run["lr"] < 0 and isinstance(run["rho"], float)
         assert len(run["probs"]) == 51 and all(len(p) == 3 for p in run["probs"])
         assert len(run["modal"]) == 51 and all(len(e) == 2 for e in run["modal"])
+    # Each run's radius is the one its label names.
+    assert {label: run["rho"] for label, run in metrics["runs"].items()} == {
+        "GD": 0.0, "SAM rho=+0.01 (opposite sign to lr)": 0.01,
+        "SAM rho=-0.01 (same sign as lr)": -0.01,
+    }
     end = {label: run["probs"][-1][0] for label, run in metrics["runs"].items()}
     assert end["SAM rho=-0.01 (same sign as lr)"] < end["GD"] < end["SAM rho=+0.01 (opposite sign to lr)"]
     assert "GD" in proc.stdout and "p[y*]" in proc.stdout
