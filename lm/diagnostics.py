@@ -297,12 +297,15 @@ def sam_step_effects(
       ``params/gd/s``, ``params/sam/s``  the same two for a step of every parameter
                             (the logits-SAM gradient also reaches the trunk through h).
 
-    The reference log-probs come from ``ref_params`` (``params`` when None). The
-    ``self`` term holds every token's probabilities at once: (2B·T, V) floats.
+    The reference log-probs come from ``ref_params`` (``params`` when None). Every term,
+    the reference's included, reads the trunk's output in float32 through a float32 head,
+    whatever the compute dtype. The ``self`` term holds every token's probabilities at once:
+    (2B·T, V) floats.
     """
     ids, attn, mask = flatten_pairs(batch)
-    # The policy's log-probs below go through a float32 head; so do the reference's, or
-    # under bf16 compute the margin would not be 0 at ref_params = params.
+    # The policy's log-probs below, of the head and of every parameter, go through a float32
+    # head; so do the reference's, or under bf16 compute the margin would not be 0 at
+    # ref_params = params.
     loss_of_logps = _pair_objective(cfg, params, batch, ref_params, loss, loss_kwargs,
                                     head_dtype="float32")
 
@@ -313,8 +316,14 @@ def sam_step_effects(
         chosen, rejected = split_pairs(logps)
         return {"chosen": jnp.mean(chosen), "rejected": jnp.mean(rejected)}
 
-    hidden = jax.lax.stop_gradient(batch_hidden(cfg, params, ids, attn).astype(jnp.float32))
-    head = output_head(cfg, params).astype(jnp.float32)
+    def float32_hidden(p_):
+        return batch_hidden(cfg, p_, ids, attn).astype(jnp.float32)
+
+    def float32_head(p_):
+        return output_head(cfg, p_).astype(jnp.float32)
+
+    hidden = jax.lax.stop_gradient(float32_hidden(params))
+    head = float32_head(params)
 
     def head_loss(w):
         return loss_of_logps(logps_of(hidden, w))
@@ -340,12 +349,12 @@ def sam_step_effects(
     self_term = dict(zip(("chosen", "rejected"), split_pairs(jnp.sum(per_token, axis=-1))))
 
     def model_loss(p_):
-        return loss_of_logps(logps_of(batch_hidden(cfg, p_, ids, attn), output_head(cfg, p_)))
+        return loss_of_logps(logps_of(float32_hidden(p_), float32_head(p_)))
 
     def directional(p_):
-        h_p = batch_hidden(cfg, p_, ids, attn)
-        return jax.jvp(lambda w: loss_of_logps(logps_of(h_p, w)), (output_head(cfg, p_),),
-                       (e_hat.astype(output_head(cfg, p_).dtype),))[1]
+        h_p = float32_hidden(p_)
+        return jax.jvp(lambda w: loss_of_logps(logps_of(h_p, w)), (float32_head(p_),),
+                       (e_hat,))[1]
 
     grad_params = jax.grad(model_loss)(params)
     d_rho_params = jax.grad(directional)(params)
@@ -355,8 +364,8 @@ def sam_step_effects(
         grad_f = jax.grad(lambda w: side_means(logps_of(hidden, w))[side])(head)
         sam = -jnp.vdot(grad_f, correction)
         curv = -jnp.vdot(grad_f, curvature)
-        grad_fp = jax.grad(lambda p_: side_means(logps_of(batch_hidden(cfg, p_, ids, attn),
-                                                             output_head(cfg, p_)))[side])(params)
+        grad_fp = jax.grad(lambda p_: side_means(logps_of(float32_hidden(p_),
+                                                             float32_head(p_)))[side])(params)
         out.update({
             f"gd/{side}": -jnp.vdot(grad_f, grad_w),
             f"sam/{side}": sam,

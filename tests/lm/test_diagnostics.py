@@ -386,3 +386,34 @@ def test_step_probe_reference_matches_its_float32_policy_under_bfloat16():
     loss_of_logps = diagnostics._pair_objective(cfg, params, batch, None, "dpo", {"beta": 0.1},
                                                 head_dtype="float32")
     assert float(loss_of_logps(logps)) == pytest.approx(np.log(2), abs=1e-7)
+
+
+def test_every_parameters_effects_under_bfloat16_go_through_the_float32_head():
+    """``params/gd``: −∇θF_sᵀ ∇θL with both gradients through the float32 head, as the
+    reference's log-probs, under bf16 compute (a bf16 head made the margin nonzero at
+    ref_params = params and rounded both gradients' head products)."""
+    from lm import objectives
+
+    cfg = builtin_config("gpt2-tiny", dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(1)
+    mask = np.zeros((2, 2, 16), np.int32)
+    mask[..., 6:] = 1
+    batch = {"input_ids": rng.integers(0, cfg.vocab_size, (2, 2, 16)).astype(np.int32),
+             "attention_mask": np.ones((2, 2, 16), np.int32), "loss_mask": mask}
+    effects = jax.jit(lambda p, b: diagnostics.sam_step_effects(
+        cfg, p, b, loss_kwargs={"beta": 0.1}))(params, batch)
+    grad_fn = objectives.make_grad_fn(cfg, loss="dpo", loss_kwargs={"beta": 0.1},
+                                      head_dtype="float32")
+    grad_L = jax.flatten_util.ravel_pytree(jax.jit(grad_fn)(params, batch, params)[2])[0]
+    ids, attn, m = flatten_pairs(batch)
+
+    def side(p, i):
+        hidden = forward_hidden(cfg, p, ids, attn).astype(jnp.float32)
+        logps = losses.sequence_logps(hidden, output_head(cfg, p).astype(jnp.float32), ids, m)[0]
+        return jnp.mean(logps.reshape(2, 2)[:, i])
+
+    for i, name in enumerate(("chosen", "rejected")):
+        grad_f = jax.flatten_util.ravel_pytree(jax.jit(jax.grad(side))(params, i))[0]
+        np.testing.assert_allclose(effects[f"params/gd/{name}"], -jnp.vdot(grad_f, grad_L),
+                                   rtol=1e-5)
