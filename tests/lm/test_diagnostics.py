@@ -370,22 +370,32 @@ def test_head_sam_effect_matches_a_signed_head_step():
     np.testing.assert_allclose(effects["sam/chosen"], -jnp.vdot(grad_f, d_rho), rtol=1e-2)
 
 
-def test_step_probe_reference_matches_its_float32_policy_under_bfloat16():
-    """sam_step_effects scores the policy through a float32 head; with ref_params=None its
-    reference must come out identical, so DPO's margin is exactly 0 (loss log 2)."""
+def _bf16_tiny(seed):
+    """gpt2-tiny under bf16 compute, its random weights and a 2-pair batch (prompt 6 of 16)."""
     cfg = builtin_config("gpt2-tiny", dtype="bfloat16")
-    params = init_params(cfg, jax.random.key(0))
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     mask = np.zeros((2, 2, 16), np.int32)
     mask[..., 6:] = 1
     batch = {"input_ids": rng.integers(0, cfg.vocab_size, (2, 2, 16)).astype(np.int32),
              "attention_mask": np.ones((2, 2, 16), np.int32), "loss_mask": mask}
+    return cfg, init_params(cfg, jax.random.key(0)), batch
+
+
+def _float32_head_logps(cfg, params, batch):
+    """Sequence log-probs (2B,) with the trunk's output in float32 through a float32 head."""
     ids, attn, m = flatten_pairs(batch)
     hidden = forward_hidden(cfg, params, ids, attn).astype(jnp.float32)
-    logps = losses.sequence_logps(hidden, output_head(cfg, params).astype(jnp.float32), ids, m)[0]
+    return losses.sequence_logps(hidden, output_head(cfg, params).astype(jnp.float32), ids, m)[0]
+
+
+def test_step_probe_reference_matches_its_float32_policy_under_bfloat16():
+    """sam_step_effects scores the policy through a float32 head; with ref_params=None its
+    reference must come out identical, so DPO's margin is exactly 0 (loss log 2)."""
+    cfg, params, batch = _bf16_tiny(0)
     loss_of_logps = diagnostics._pair_objective(cfg, params, batch, None, "dpo", {"beta": 0.1},
                                                 head_dtype="float32")
-    assert float(loss_of_logps(logps)) == pytest.approx(np.log(2), abs=1e-7)
+    assert float(loss_of_logps(_float32_head_logps(cfg, params, batch))) == pytest.approx(
+        np.log(2), abs=1e-7)
 
 
 def test_every_parameters_effects_under_bfloat16_go_through_the_float32_head():
@@ -394,24 +404,15 @@ def test_every_parameters_effects_under_bfloat16_go_through_the_float32_head():
     ref_params = params and rounded both gradients' head products)."""
     from lm import objectives
 
-    cfg = builtin_config("gpt2-tiny", dtype="bfloat16")
-    params = init_params(cfg, jax.random.key(0))
-    rng = np.random.default_rng(1)
-    mask = np.zeros((2, 2, 16), np.int32)
-    mask[..., 6:] = 1
-    batch = {"input_ids": rng.integers(0, cfg.vocab_size, (2, 2, 16)).astype(np.int32),
-             "attention_mask": np.ones((2, 2, 16), np.int32), "loss_mask": mask}
+    cfg, params, batch = _bf16_tiny(1)
     effects = jax.jit(lambda p, b: diagnostics.sam_step_effects(
         cfg, p, b, loss_kwargs={"beta": 0.1}))(params, batch)
     grad_fn = objectives.make_grad_fn(cfg, loss="dpo", loss_kwargs={"beta": 0.1},
                                       head_dtype="float32")
     grad_L = jax.flatten_util.ravel_pytree(jax.jit(grad_fn)(params, batch, params)[2])[0]
-    ids, attn, m = flatten_pairs(batch)
 
     def side(p, i):
-        hidden = forward_hidden(cfg, p, ids, attn).astype(jnp.float32)
-        logps = losses.sequence_logps(hidden, output_head(cfg, p).astype(jnp.float32), ids, m)[0]
-        return jnp.mean(logps.reshape(2, 2)[:, i])
+        return jnp.mean(_float32_head_logps(cfg, p, batch).reshape(2, 2)[:, i])
 
     for i, name in enumerate(("chosen", "rejected")):
         grad_f = jax.flatten_util.ravel_pytree(jax.jit(jax.grad(side))(params, i))[0]
