@@ -40,6 +40,7 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COM
 # Every fusion's autotuning result, a file per fusion (no process overwrites another's).
 aot=${AOT_DIR:-/tmp/gpu-session-aot}
 mkdir -p "$aot/autotune"
+aot=$(cd "$aot" && pwd)  # absolute: a TREE= run starts elsewhere
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_per_fusion_autotune_cache_dir=$aot/autotune"
 py=$(command -v python3 || command -v python)
 
@@ -49,10 +50,14 @@ device=$("$py" -c "import jax; k = jax.devices()[0].device_kind.split(); print((
 device=${device:-gpu}
 date=$(date +%F)
 # The target config of this GPU as XLA describes it: what --target compiles for.
-"$py" -c "import jax; from jaxlib import xla_client as xc
+if "$py" -c "import jax; from jaxlib import xla_client as xc
 config = xc.get_topology_for_devices(jax.devices()[:1]).target_config
-print(config.decode() if isinstance(config, bytes) else config)" >"$aot/target.txtpb" 2>>"$log" \
-  || echo "== no target config: see the traceback above" >>"$log"
+print(config.decode() if isinstance(config, bytes) else config)" >"$aot/target.tmp" 2>>"$log"; then
+  mv "$aot/target.tmp" "$aot/target.txtpb"
+else
+  rm -f "$aot/target.tmp"
+  echo "== no target config: see the traceback above" >>"$log"
+fi
 
 timing=(--dtype bfloat16 --steps 20 --warmup 3)
 # Every case's modes once more in one process, alternating (A B, B A; 20 pipelined steps
@@ -155,8 +160,9 @@ if picked gpu_check && (( SECONDS + 60 < budget )); then
   timeout $((budget - SECONDS < 90 ? budget - SECONDS : 90)) "$py" benchmarks/gpu_check.py 2>&1 \
     | tee -a "$log"
 fi
+has_config=$([[ -s $aot/target.txtpb ]] && echo "the target config" || echo "no target config")
 tar -C "$aot" -cf "$out/aot-$device-$date.tar" . 2>>"$log" \
-  && echo "== aot-$device-$date.tar: target config and $(find "$aot/autotune" -type f | wc -l) autotuned fusions" | tee -a "$log"
+  && echo "== aot-$device-$date.tar: $has_config, $(find "$aot/autotune" -type f | wc -l) autotuned fusions" | tee -a "$log"
 if (( ${#written[@]} > ${MAX_JSON:-6} )); then
   pack="runs-$device-$date-$$.tar"
   tar -C "$out" -cf "$out/$pack" "${written[@]}" && (cd "$out" && rm -- "${written[@]}")

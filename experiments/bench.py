@@ -71,10 +71,11 @@ comparison (:data:`TARGETS`) in one command.
 
 ``--target benchmarks/targets/h200.txtpb`` compiles for a GPU without one: XLA:GPU, with
 the target config's device description, builds the step on this host (jax's CUDA plugin,
-deviceless ahead-of-time compilation; no autotuning), so its buffer assignment, hence the
-memory estimate, and its fusions (``XLA_FLAGS=--xla_dump_to=...``) are the GPU's. It implies
-``--compile-only``. A 2.65B step compiled here for an H200 estimated its temporary memory
-within 0.1% of the same step compiled on the H200 itself (``benchmarks/README.md``).
+deviceless ahead-of-time compilation), so the memory estimate is XLA:GPU's buffer assignment
+and ``XLA_FLAGS=--xla_dump_to=...`` shows its fusions. Nothing is autotuned, so where the
+GPU's autotuning picks other kernels the two differ: the third loan's steps compiled here
+came within 0.1–1% of the H200's own estimate at the GPT-2 shapes, 22% under it at
+pythia-2.8b (``benchmarks/README.md``). It implies ``--compile-only``.
 """
 
 from __future__ import annotations
@@ -199,6 +200,14 @@ def compile_device(target: str | None) -> Any:
         config = pathlib.Path(target).read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise BenchError(f"--target: cannot read {target}: {e}") from None
+    # XLA takes a config without these, then divides by zero (an empty one kills the
+    # process) or compiles for no GPU at all.
+    for field, pattern in (("cuda_compute_capability", r"cuda_compute_capability\s*\{"),
+                           ("core_count", r"core_count:\s*[1-9]"),
+                           ("device_description_str", r'device_description_str:\s*"[^"]')):
+        if not re.search(pattern, config):
+            raise BenchError(f"--target: {target} is not an XLA GPU target config: no "
+                             f"{field} (benchmarks/targets/ has two)")
     from jax.experimental import topologies
     jax.config.update("jax_platforms", "cpu")
     try:
@@ -207,7 +216,8 @@ def compile_device(target: str | None) -> Any:
     except NotImplementedError:
         raise BenchError(f"--target: compiling for a GPU without one needs jax's CUDA plugin "
                          f"of jax {jax.__version__} (pip install 'jax[cuda13]=="
-                         f"{jax.__version__}')") from None
+                         f"{jax.__version__}'), and jax's backends not started before "
+                         f"this") from None
     except jax.errors.JaxRuntimeError as e:
         raise BenchError(f"--target: {target} is not an XLA GPU target config: "
                          f"{_first_line(e)}") from None

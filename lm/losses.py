@@ -232,9 +232,8 @@ def _head_chunks_logps(hidden, head, targets, counted):
     chunk's product in its GEMM's epilogue, into the sum. Sliced chunk by chunk, every
     product [V′, d] and its slice were written out beside the sum; in logits-SAM's inner
     pass, which runs while the trunk's activations are held, that was the step's peak
-    (+1.1 GB, 2.3% of adamw's memory at the 2.65B shape, against 0.8–1.2% summed padded:
-    XLA:GPU's buffer assignment, ``experiments.bench --target``). ∂h and ∂W are formed only
-    for the inputs that are differentiated.
+    (``benchmarks/README.md``, *XLA:GPU compiled here*). ∂h and ∂W are formed only for the
+    inputs that are differentiated.
     """
     return _head_chunks_forward(hidden, head, targets, counted)[0]
 

@@ -576,10 +576,27 @@ def test_a_target_compiles_the_step_for_its_gpu_here(tmp_path, gpu):
         assert row["memory"]["temp_bytes"] > 0 and "step_ms" not in row
 
 
+@pytest.mark.parametrize("config, culprit", [
+    ("", "cuda_compute_capability"),
+    ("gpu_device_info {\n  cuda_compute_capability { major: 9 }\n  core_count: 0\n}\n",
+     "core_count"),
+    ("gpu_device_info {\n  cuda_compute_capability { major: 9 }\n  core_count: 132\n}\n",
+     "device_description_str"),
+])
+def test_a_target_that_describes_no_gpu_is_refused_in_one_line(tmp_path, config, culprit):
+    """What XLA would take and then crash on (an empty config: a division by zero) or
+    compile for no GPU (no compute capability, no cores)."""
+    bad = tmp_path / "gpu.txtpb"
+    bad.write_text(config)
+    with pytest.raises(bench.BenchError, match=f"--target: {bad} .*no {culprit}"):
+        bench.compile_device(str(bad))
+
+
 @pytest.mark.skipif(not CUDA_PLUGIN, reason="needs jax's CUDA plugin (pip install 'jax[cuda13]')")
 def test_a_target_that_is_not_a_gpu_config_is_named(tmp_path):
     bad = tmp_path / "gpu.txtpb"
-    bad.write_text("core_count: 132\n")
+    bad.write_text('cuda_compute_capability { major: 9 }\ncore_count: 132\n'
+                   'device_description_str: "x"\n')
     proc, _ = _bench_for_a_target(tmp_path, str(bad))
     assert proc.returncode == 2
     line = proc.stderr.strip().splitlines()[-1]
@@ -639,7 +656,9 @@ def test_gpu_session_runs_the_picked_cases_and_returns_at_most_eight_files(tmp_p
     assert earlier == "earlier.json" and (out / earlier).read_text() == "{}"
     assert aot_name.startswith(f"aot-{platform}-")
     with tarfile.open(out / aot_name) as tar:
-        assert {"./autotune", "./target.txtpb"} <= set(tar.getnames())
+        # A CPU's topology has no target config: none is written rather than an empty one.
+        assert "./autotune" in tar.getnames() and "./target.txtpb" not in tar.getnames()
+    assert "no target config" in (out / "session.log").read_text()
     assert tar_name.startswith(f"runs-{platform}-") and log_name == "session.log"
     with tarfile.open(out / tar_name) as tar:
         files = sorted(tar.getnames())
