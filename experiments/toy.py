@@ -87,19 +87,19 @@ def figure1(config: toy.ToyConfig, out) -> dict:
     W, phi = toy.setup(config)
     runs = toy.sign_rule_runs(config, W, phi)
     start = np.asarray(toy.probs(W, phi))[0]
+    rhos = {toy.run_label(rho, config.lr): rho for rho in toy.sign_rule_rhos(config)}
     metrics = {
         "config": dataclasses.asdict(config),
         "y_minus": toy.Y_MINUS,
         "y_star": y_star(start),
         "runs": {
             label: {
-                "rho": float(rho),
+                "rho": float(rhos[label]),
                 "lr": float(config.lr),
-                "probs": np.asarray(runs[label].probs[:, 0], np.float64).tolist(),
-                "modal": np.asarray(runs[label].modal[:, 0], np.float64).tolist(),
+                "probs": np.asarray(traj.probs[:, 0], np.float64).tolist(),
+                "modal": np.asarray(traj.modal[:, 0], np.float64).tolist(),
             }
-            for rho in toy.sign_rule_rhos(config)
-            for label in [toy.run_label(rho, config.lr)]
+            for label, traj in runs.items()
         },
     }
     _save_panels(out / "fig1a_modal.png", plot_modal, runs, minus_gd=True)

@@ -322,6 +322,9 @@ def sam_step_effects(
     def float32_head(p_):
         return output_head(cfg, p_).astype(jnp.float32)
 
+    def params_logps(p_):
+        return logps_of(float32_hidden(p_), float32_head(p_))
+
     hidden = jax.lax.stop_gradient(float32_hidden(params))
     head = float32_head(params)
 
@@ -349,7 +352,7 @@ def sam_step_effects(
     self_term = dict(zip(("chosen", "rejected"), split_pairs(jnp.sum(per_token, axis=-1))))
 
     def model_loss(p_):
-        return loss_of_logps(logps_of(float32_hidden(p_), float32_head(p_)))
+        return loss_of_logps(params_logps(p_))
 
     def directional(p_):
         h_p = float32_hidden(p_)
@@ -364,8 +367,7 @@ def sam_step_effects(
         grad_f = jax.grad(lambda w: side_means(logps_of(hidden, w))[side])(head)
         sam = -jnp.vdot(grad_f, correction)
         curv = -jnp.vdot(grad_f, curvature)
-        grad_fp = jax.grad(lambda p_: side_means(logps_of(float32_hidden(p_),
-                                                             float32_head(p_)))[side])(params)
+        grad_fp = jax.grad(lambda p_: side_means(params_logps(p_))[side])(params)
         out.update({
             f"gd/{side}": -jnp.vdot(grad_f, grad_w),
             f"sam/{side}": sam,
