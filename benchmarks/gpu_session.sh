@@ -110,9 +110,10 @@ started=$(date +%s)
 # The third H200 loan measured the chunked head's kept softmax gradients (124M: 27.3 ms,
 # 2.94x TRL; logits-SAM +11.7% against its 11.63% bound) and the 2.65B step without remat
 # (114.8-123.2 ms; logits-SAM +1.8% against 1.82%, memory 1.0204x), benchmarks/README.md.
-# This session first times the changes made since (the logsumexp's one read of the logits)
-# against that code, then the rows the README's table still lacks; each case is compared
-# with a baseline row of the same run or session.
+# This session first times the changes made since (the logsumexp's one read of the logits,
+# the padded ∂W sum, the bf16 copies of the weights written by the update) against that
+# code, then the rows the README's table still lacks; each case is compared with a baseline
+# row of the same run or session.
 chunked=(--chunk-size 128)
 # The baseline, with its profile and parts.
 run gpt2-124m 160 "${small[@]}" "${common[@]}" "${chunked[@]}" --modes adamw,logits-sam \

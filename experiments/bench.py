@@ -107,6 +107,7 @@ from lm import models
 from lm import objectives
 from lm import optim
 from lm.train import create_train_state, make_train_step
+from lm.train.state import with_multiplied
 from lm.train.logging import write_text_atomic
 
 MODES = ("adamw", "logits-sam", "sam")
@@ -306,14 +307,16 @@ def case_config(case: Case, args: argparse.Namespace, mode: str):
 
 def build_step(cfg: Any, mode: str, args: argparse.Namespace, remat: str):
     """The trainer's DPO step for ``mode`` (:func:`lm.train.make_train_step`: clipped AdamW
-    of :mod:`lm.optim` on the plain, logits-SAM or SAM gradient), jitted with the
-    :class:`lm.train.TrainState` donated, and the optimizer."""
+    of :mod:`lm.optim` on the plain, logits-SAM or SAM gradient, keeping the multiplied
+    matrices as the trainer does: :func:`lm.objectives.kept_multiply`), jitted with the
+    :class:`lm.train.TrainState` (of :func:`train_state`) donated, and the optimizer."""
     grad_fn = objectives.make_grad_fn(
         cfg, loss="dpo", mode=mode, rho=args.rho, chunk_size=args.chunk_size,
         reference=args.reference, remat=remat != "none", head_dtype=args.head_dtype)
     tx = optim.make_optimizer(args.lr, total_steps=1, schedule="constant",
                               mu_dtype=args.mu_dtype)
-    return jax.jit(make_train_step(grad_fn, tx), donate_argnums=0), tx
+    multiply = objectives.kept_multiply(cfg, mode, args.head_dtype)
+    return jax.jit(make_train_step(grad_fn, tx, multiply=multiply), donate_argnums=0), tx
 
 
 # ----------------------------------------------------------------------------- one case
@@ -352,7 +355,9 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     batch = random_batch(key, case.pairs, case.seq, case.prompt, cfg.vocab_size,
                          args.reference)
     batch_abs = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
-    state_abs = jax.eval_shape(lambda p: create_train_state(p, tx, args.seed), params_abs)
+    state_abs = jax.eval_shape(lambda p: train_state(cfg, mode, p, tx, args), params_abs)
+    # Whether the state carries the multiplied matrices from one update to the next step.
+    row["kept_copies"] = bool(jax.tree_util.tree_leaves(state_abs.multiplied))
     ref_abs = (jax.eval_shape(lambda p: objectives.frozen_reference(cfg, p, head_dtype=args.head_dtype),
                               params_abs) if args.reference == "frozen" else None)
     if args.target:
@@ -399,7 +404,7 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
                 "reason": f"needs {_gib(need):.1f} GiB > {_gib(limit):.1f} GiB available"}
     try:
         times, pipelined_s, halted_at, profile, phases, params, ref = _time_steps(
-            compiled, tx, cfg, key, batch, args, label=f"{case.shape}/{mode}")
+            compiled, tx, cfg, mode, key, batch, args, label=f"{case.shape}/{mode}")
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -437,7 +442,7 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     }
 
 
-def _time_steps(compiled, tx, cfg, key, batch, args, label: str
+def _time_steps(compiled, tx, cfg, mode, key, batch, args, label: str
                 ) -> tuple[list[float], float, int, dict | None, dict[str, float], Any, Any]:
     """Per-step seconds of the timed steps (each waited for), the seconds a step takes when
     ``--steps`` more are dispatched back to back and waited for once (pipelined, as the
@@ -448,7 +453,7 @@ def _time_steps(compiled, tx, cfg, key, batch, args, label: str
     device; ``steps``: warm-up, timed and pipelined steps; ``profile``): where a short GPU
     loan went; and the trained parameters and the reference (the optimizer state is freed)."""
     t0 = time.perf_counter()
-    state, ref = initial_state(cfg, tx, key, args)
+    state, ref = initial_state(cfg, mode, tx, key, args)
 
     def one_step():
         nonlocal state
@@ -479,15 +484,21 @@ def _time_steps(compiled, tx, cfg, key, batch, args, label: str
     return times, pipelined_s, int(state.halted_at), profile, phases, state.params, ref
 
 
-def initial_state(cfg, tx, key, args) -> tuple[Any, Any]:
-    """The step's first :class:`lm.train.TrainState` (random parameters) and its frozen
-    reference (None with a precomputed one), on the device."""
+def train_state(cfg, mode: str, params, tx, args) -> Any:
+    """The :class:`lm.train.TrainState` that ``mode``'s step (:func:`build_step`) takes."""
+    return create_train_state(params, tx, args.seed,
+                              objectives.kept_multiply(cfg, mode, args.head_dtype))
+
+
+def initial_state(cfg, mode: str, tx, key, args) -> tuple[Any, Any]:
+    """``mode``'s first :func:`train_state` (random parameters) and its frozen reference
+    (None with a precomputed one), on the device."""
     params = models.init_params(cfg, key)
     # The reference is a copy: the policy arrays are donated to the step.
     ref = (objectives.frozen_reference(cfg, jax.tree_util.tree_map(jnp.copy, params),
                                        head_dtype=args.head_dtype)
            if args.reference == "frozen" else None)
-    return create_train_state(params, tx, args.seed), ref
+    return train_state(cfg, mode, params, tx, args), ref
 
 
 # ----------------------------------------------------------------------------- interleaved
@@ -519,15 +530,24 @@ def time_interleaved(case: Case, args: argparse.Namespace) -> dict:
     modes = list(dict.fromkeys(args.modes))
     key = jax.random.PRNGKey(args.seed)
     try:
-        steps, tx = {}, None
+        steps, kept, tx = {}, {}, None
         for mode in modes:
-            steps[mode], tx = build_step(case_config(case, args, mode), mode, args, case.remat)
+            cfg = case_config(case, args, mode)
+            steps[mode], tx = build_step(cfg, mode, args, case.remat)
+            kept[mode] = objectives.kept_multiply(cfg, mode, args.head_dtype)
         cfg = case_config(case, args, modes[0])
-        state, ref = initial_state(cfg, tx, key, args)
+        state, ref = initial_state(cfg, modes[0], tx, key, args)
         batch = random_batch(key, case.pairs, case.seq, case.prompt, cfg.vocab_size,
                              args.reference)
 
         def runner(mode):
+            nonlocal state
+            # SAM's state keeps no copies of the multiplied matrices; the others' do.
+            if (state.multiplied is None) != (kept[mode] is None):
+                state = jax.block_until_ready(jax.jit(
+                    functools.partial(with_multiplied, multiply=kept[mode]),
+                    donate_argnums=0)(state))
+
             def one_step():
                 nonlocal state
                 state, _ = steps[mode](state, batch, ref)

@@ -533,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
                             else objectives.frozen_reference(cfg, params, head_dtype=args.head_dtype)),
                 eval_batches=eval_batches, eval_fn=eval_fn, resume=args.resume,
                 meta=trajectory(args), paths=PATH_FLAGS, files=run_files(cfg, tokenizer, eos_id, echo),
+                multiply=objectives.kept_multiply(cfg, args.grad, args.head_dtype),
             )
         except ConfigError as err:
             fail(str(err))

@@ -27,6 +27,7 @@ the optimizer and the reference twice, and its rows time none.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
 from typing import Any, Callable
@@ -109,11 +110,12 @@ def part_calls(cfg: Any, options: StepOptions, tx: optax.GradientTransformation,
                                                      head_dtype=options.head_dtype)
             calls[part] = lambda: reference(ref_params, batch)
         elif part == "trunk":
-            # Differentiated as the step does: with respect to the matrices it multiplies.
-            trunk_grad = jax.jit(lambda p, c: jax.grad(
-                lambda q: jnp.vdot(trunk(q, ids, attn).astype(jnp.float32), c))(
-                    objectives.multiplied_params(cfg, p)))
-            calls[part] = lambda: trunk_grad(params, noise)
+            # Differentiated as the step does: with respect to the matrices it multiplies,
+            # which the step keeps from its last update (lm.objectives.kept_multiply).
+            multiplied = jax.jit(functools.partial(objectives.multiplied_params, cfg))(params)
+            trunk_grad = jax.jit(jax.grad(
+                lambda q, c: jnp.vdot(trunk(q, ids, attn).astype(jnp.float32), c)))
+            calls[part] = lambda: trunk_grad(multiplied, noise)
         elif part == "head":
             calls[part] = head_call(cfg, options, params, h, batch)
         else:
@@ -135,11 +137,13 @@ def time_parts(cfg: Any, options: StepOptions, tx: optax.GradientTransformation,
 def optimizer_call(cfg, tx, params) -> Callable[[], Any]:
     """The step's update alone: a gradient of the parameters' shapes and of the dtypes the
     step's gradient has (:func:`lm.objectives.multiplied_params`; a scaled copy, so
-    clipping and AdamW see ordinary values) taken as the ``batch``; returns the state."""
+    clipping and AdamW see ordinary values) taken as the ``batch``, and the copies of the
+    multiplied matrices an adamw step writes with it; returns the state."""
     grads = objectives.multiplied_params(cfg, jax.tree_util.tree_map(lambda p: 1e-3 * p, params))
-    step = jax.jit(make_train_step(lambda p, g, _: (jnp.float32(0), {}, g), tx),
-                   donate_argnums=0)
-    state = create_train_state(params, tx, 0)
+    multiply = objectives.kept_multiply(cfg, "adamw")
+    step = jax.jit(make_train_step(lambda p, g, _: (jnp.float32(0), {}, g), tx,
+                                   multiply=multiply), donate_argnums=0)
+    state = create_train_state(params, tx, 0, multiply)
 
     def call():
         nonlocal state

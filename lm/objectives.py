@@ -180,6 +180,18 @@ def multiplied_params(cfg, params: Params) -> Params:
     return matrices_in(cfg.compute_dtype, params, keep=output_head(cfg, params))
 
 
+def kept_multiply(cfg, mode: str, head_dtype: str | None = None) -> Callable[[Params], Params] | None:
+    """What a training step may keep of the parameters between steps for ``mode``'s
+    gradients (:func:`lm.train.make_train_step`'s ``multiply``): :func:`multiplied_params`
+    where :func:`make_grad_fn` differentiates them, which then gives the same result for
+    them as for the parameters (plain and logits-SAM gradients); None for SAM and the split
+    head, which differentiate the stored weights.
+    """
+    if mode == "sam" or (mode == "logits-sam" and head_dtype == SPLIT):
+        return None
+    return functools.partial(multiplied_params, cfg)
+
+
 def make_model_grad_fn(
     hidden_fn: Callable[[Params, jax.Array, jax.Array], jax.Array],
     head_fn: Callable[[Params], jax.Array],

@@ -160,8 +160,8 @@ def accumulate_gradients(grad_fn: Callable, num_micro_batches: int, *,
                          batch_sharding: Any = None) -> Callable:
     """``grad_fn(params, batch, ref_params)`` averaged over ``num_micro_batches`` equal
     micro-batches (:func:`split_micro_batches`; ``batch_sharding`` as there) with
-    ``lax.scan`` (sums in float32; each gradient returned in the wider of its own dtype and
-    its parameter's, the rest in their own).
+    ``lax.scan`` (sums in float32; each gradient returned in the dtype it was summed in,
+    the loss and metrics in their own).
 
     Equal micro-batches make the average of the per-micro-batch means the full-batch
     mean, so for plain gradients the result equals ``grad_fn`` on the whole batch.
@@ -182,14 +182,13 @@ def accumulate_gradients(grad_fn: Callable, num_micro_batches: int, *,
         zeros = jax.tree_util.tree_map(
             lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), shapes)
         total, _ = jax.lax.scan(body, zeros, micro)
-        (loss, metrics, grads), (_, _, grad_shapes) = total, shapes
+        loss, metrics, grads = total
         loss, metrics = jax.tree_util.tree_map(
             lambda t, s: (t / num_micro_batches).astype(s.dtype), (loss, metrics), shapes[:2])
-        # A gradient computed in a narrower dtype than its parameter's
-        # (lm.objectives.multiplied_params) keeps its average in the parameter's.
-        grads = jax.tree_util.tree_map(
-            lambda t, s, p: (t / num_micro_batches).astype(jnp.promote_types(s.dtype, p.dtype)),
-            grads, grad_shapes, params)
+        # A gradient computed in bf16 for a float32 master weight
+        # (lm.objectives.multiplied_params) keeps its average in float32: ``params`` may
+        # hold the bf16 copies (lm.train.make_train_step's multiply), not the master's dtype.
+        grads = jax.tree_util.tree_map(lambda t: t / num_micro_batches, grads)
         return loss, metrics, grads
 
     return accumulated

@@ -46,12 +46,15 @@ class Checkpointer:
         return os.path.join(self.directory, str(step))
 
     def save(self, state: TrainState, meta: dict[str, Any]) -> int:
-        """Save ``state`` at its own step (asynchronously; :meth:`close` waits)."""
+        """Save ``state`` at its own step (asynchronously; :meth:`close` waits), without
+        ``state.multiplied``: a function of the parameters, which a resume writes again
+        (:func:`lm.train.state.with_multiplied`)."""
         step = int(jax.device_get(state.step))
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta, step=step))
+                state=ocp.args.StandardSave(state.replace(multiplied=None)),
+                meta=ocp.args.JsonSave(dict(meta, step=step))
             ),
             force=True,
         )
@@ -69,13 +72,15 @@ class Checkpointer:
         except Exception as err:  # Orbax raises many types for damaged folders.
             raise _corrupt(self.step_dir(step), err) from err
 
-    def restore(self, target: Any, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
-        """Restore into ``target``: a pytree of ``jax.ShapeDtypeStruct`` with shardings.
+    def restore(self, target: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
+        """Restore into ``target``: a :class:`TrainState` of ``jax.ShapeDtypeStruct`` with
+        shardings; the state comes back with ``multiplied`` None (see :meth:`save`).
 
         Raises ``CheckpointError`` naming the folder when nothing restorable is there, and
         before reading any array, when the arrays saved there are not ``target``'s
         (another model or optimizer: the folder is intact but belongs to another run).
         """
+        target = target.replace(multiplied=None)
         self._manager.wait_until_finished()
         step = self.latest_step() if step is None else step
         if step is None:

@@ -25,7 +25,7 @@ from lm.train import mesh as mesh_lib
 from lm.train.checkpoint import Checkpointer, abstract_like
 from lm.train.logging import MetricsLog, ProgressBar, plot_metrics, read_jsonl, write_text_atomic
 from lm.train.mesh import ConfigError
-from lm.train.state import TrainState, create_train_state
+from lm.train.state import Multiply, TrainState, create_train_state, objective_params, with_multiplied
 
 Batch = Mapping[str, np.ndarray]
 GradFn = Callable[[Any, Any, Any], tuple[jax.Array, dict[str, jax.Array], Any]]
@@ -80,7 +80,8 @@ class TrainResult:
 
 
 def make_train_step(
-    grad_fn: GradFn, tx: optax.GradientTransformation, *, skip_nonfinite: bool = False
+    grad_fn: GradFn, tx: optax.GradientTransformation, *, skip_nonfinite: bool = False,
+    multiply: Multiply | None = None,
 ) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """The un-jitted step ``(state, batch, ref_params) -> (state, metrics)``.
 
@@ -89,10 +90,16 @@ def make_train_step(
     With ``skip_nonfinite`` the batch is consumed and ``skipped`` counts it; otherwise
     ``halted_at`` records the step and the state freezes (every later step is a no-op)
     until the host, at its next sync, stops the run.
+
+    ``multiply`` (:func:`lm.objectives.kept_multiply`) keeps the parameters as the
+    objective multiplies them in the state (:func:`lm.train.state.multiplied_copies`),
+    written with each update, and hands them to ``grad_fn`` in place of ``params``; only
+    for a ``grad_fn`` whose result is the same for both. The state must have been created
+    with the same ``multiply``.
     """
 
     def step(state: TrainState, batch: Any, ref_params: Any):
-        loss, metrics, grads = grad_fn(state.params, batch, ref_params)
+        loss, metrics, grads = grad_fn(objective_params(state), batch, ref_params)
         # A gradient in the compute dtype (lm.objectives.multiplied_params) is updated in the
         # parameters' dtype, as it would have been computed; an elementwise cast that XLA can
         # fuse into its readers (the norm, the update) rather than write out.
@@ -120,6 +127,7 @@ def make_train_step(
             advanced = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
             new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite & running, n, o), advanced, state)
             new = new.replace(halted_at=jnp.where(running & ~finite, state.step, state.halted_at))
+        new = with_multiplied(new, multiply)
         out = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=new.skipped)
         return new, out
 
@@ -311,6 +319,7 @@ def train(
     meta: Mapping[str, Any] | None = None,
     paths: Collection[str] = (),
     files: Mapping[str, str] | None = None,
+    multiply: Callable[[Any], Any] | None = None,
 ) -> TrainResult:
     """Train for ``config.steps`` steps from scratch or, with ``resume``, from the latest
     checkpoint in ``out_dir/checkpoints``.
@@ -349,6 +358,8 @@ def train(
         the files they name, not as typed (:func:`resolved`).
       files: ``name -> text`` written by process 0 into ``out_dir``, each atomically,
         once every refusal has passed (so a refused call leaves the folder as it was).
+      multiply: what the step keeps of the parameters as ``grad_fn`` multiplies them
+        (:func:`make_train_step`; :func:`lm.objectives.kept_multiply`), or None.
 
     Raises:
       ConfigError: before any compilation, for a mesh or batch size that cannot run, or a
@@ -372,12 +383,15 @@ def train(
                             "error); stopping")
     meta = resolved(meta, paths)
 
-    init = lambda p: create_train_state(p, tx, config.seed)
+    init = lambda p: create_train_state(p, tx, config.seed, multiply)
     abstract = jax.eval_shape(init, params)
     shardings = mesh_lib.state_shardings(abstract, mesh)
     saved: dict[str, Any] = {}
     if resume_from is not None:
         state, saved = ckpt.restore(abstract_like(abstract, shardings), resume_from)
+        if multiply is not None:
+            state = jax.jit(lambda s: with_multiplied(s, multiply), out_shardings=shardings,
+                            donate_argnums=0)(state)
     else:
         if resume:
             print(f"--resume: no checkpoint in {ckpt.directory}; starting from step 0", file=sys.stderr)
@@ -403,7 +417,7 @@ def train(
     if ref_params is not None:
         ref_params = jax.device_put(ref_params, ref_sh)
     step_fn = _jit_with_ref(
-        make_train_step(grad_fn, tx, skip_nonfinite=config.skip_nonfinite),
+        make_train_step(grad_fn, tx, skip_nonfinite=config.skip_nonfinite, multiply=multiply),
         ref_params,
         (shardings, batch_sh, ref_sh),
         out_shardings=(shardings, repl),

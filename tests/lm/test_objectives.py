@@ -511,6 +511,26 @@ def test_gradients_of_the_multiplied_matrices_are_the_stored_ones_bit_for_bit(na
                                           err_msg=f"{mode} {name_}")
 
 
+def test_kept_multiply_names_the_modes_whose_gradients_take_the_bf16_copies():
+    """Where :func:`O.kept_multiply` gives a function, ``grad_fn`` of the multiplied tree
+    (the bf16 copies a step keeps) is ``grad_fn`` of the float32 parameters bit for bit;
+    where it gives None (full SAM, the split head: their perturbations and corrections
+    reach the stored weights), the copies would change the gradients."""
+    cfg = builtin_config("gpt2-tiny", dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(8))
+    batch = _batch(vocab=cfg.vocab_size)
+    copies = O.multiplied_params(cfg, params)
+    for mode, head_dtype in (("plain", None), ("logits-sam", None), ("logits-sam", "float32"),
+                             ("sam", None), ("logits-sam", "split")):
+        grad_fn = jax.jit(O.make_grad_fn(cfg, mode=mode, rho=0.05, chunk_size=4,
+                                         head_dtype=head_dtype))
+        stored, kept = grad_fn(params, batch, params), grad_fn(copies, batch, params)
+        same = all(np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+                   for a, b in zip(jax.tree_util.tree_leaves(stored),
+                                   jax.tree_util.tree_leaves(kept)))
+        assert same == (O.kept_multiply(cfg, mode, head_dtype) is not None), (mode, head_dtype)
+
+
 def test_scanned_frozen_reference_is_stacked_once_not_every_step():
     """Under ``scan_layers`` the frozen reference comes stacked: its log-probs are those of
     the per-layer tree bit for bit, and the step's program stacks only the policy."""

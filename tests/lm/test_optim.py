@@ -146,11 +146,13 @@ def test_accumulation_averages_bfloat16_grads_of_float32_params_in_float32():
     assert not rounded_back
 
 
-def test_accumulation_keeps_bfloat16_grads_in_their_dtype():
+def test_accumulation_averages_in_float32_whatever_the_parameters_dtype():
+    """bf16 parameters (the step's kept bf16 copies, lm.train.make_train_step's multiply)
+    give float32 averages: the step casts each to its master parameter's dtype."""
     params, batch = _toy(2)
     params = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), params)
     _, _, grads = optim.accumulate_gradients(_toy_grad_fn, 4)(params, batch)
-    assert all(g.dtype == jnp.bfloat16 for g in jax.tree_util.tree_leaves(grads))
+    assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(grads))
 
 
 @pytest.mark.parametrize(
