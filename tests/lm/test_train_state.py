@@ -1,6 +1,11 @@
 """The step's kept copies of the multiplied weights (lm.train.state): the same training,
-bit for bit, as casting the weights at each step's start; left out of checkpoints and
-written again on resume."""
+bit for bit, as casting the weights at each step's start, on one device and FSDP-sharded;
+left out of checkpoints and written again on resume."""
+
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +19,7 @@ from lm.train import Checkpointer, TrainConfig, create_train_state, make_train_s
 from lm.train.checkpoint import _saved_tree
 from lm.train.loop import CHECKPOINTS
 from lm.train.state import multiplied_copies
+from train_helpers import env
 
 TM = jax.tree_util.tree_map
 CFG = builtin_config("gpt2-tiny", dtype="bfloat16")
@@ -110,3 +116,16 @@ def test_a_checkpoint_leaves_the_copies_out_and_a_resume_writes_them_again(tmp_p
     finally:
         ckpt.close()
     _assert_same(state.params, whole.state.params, "restored params")
+
+
+def test_kept_copies_shard_as_their_parameters_and_train_alike_over_4_devices(tmp_path):
+    """FSDP over 4 forced host devices (tests/lm/sharded_kept_copies.py): the copies are
+    split like their parameters, and the training is the one that casts, bit for bit."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_kept_copies.py")
+    proc = subprocess.run([sys.executable, script, str(tmp_path)], env=env(4), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 4 and result["copies"] > 0
+    assert result["sharded_alike"] and result["some_split"]
+    assert result["kept_vs_cast"] == 0.0
