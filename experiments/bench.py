@@ -35,7 +35,12 @@ each; nothing inside the step talks to the host) and reports:
                   step needs.
   memory          the compile-time estimate argument + output + temp − alias of the compiled
                   step (every backend, CPU included, so modes compare without a GPU) and,
-                  where the device reports it, ``peak_bytes_in_use``.
+                  where the device reports it, ``peak_bytes_in_use``; with ``--live-peak``
+                  also ``live_peak_bytes``, what the step holds at the busiest point of its
+                  schedule (arguments included) by XLA's buffer assignment: the estimate
+                  exceeds it by the holes between the temporaries XLA packs into one
+                  allocation, which move with any change of the program, so two modes'
+                  live peaks and their allocations can compare differently.
   overhead        for logits-sam and sam, step time and memory relative to adamw; for
                   logits-sam next to its FLOP lower bound: the inner head forward and the head
                   gradient, 4 · N · V · d for the N = pairs · 2 · (seq − 1) positions that go
@@ -243,6 +248,20 @@ def compiled_memory(compiled: Any) -> dict[str, int]:
     return out
 
 
+def live_peak_bytes(dump_dir: str, since: float) -> int | None:
+    """The bytes live at the busiest point of the step's schedule (arguments included), from
+    the buffer assignment XLA wrote to ``dump_dir`` (``--xla_dump_to``) since the wall time
+    ``since``: its newest ``jit_step`` live ranges, whose peak XLA totals in one line. None
+    when there are none."""
+    files = [f for f in pathlib.Path(dump_dir).glob("*jit_step*-live-range.txt")
+             if f.stat().st_mtime >= since]
+    if not files:
+        return None
+    text = max(files, key=lambda f: f.stat().st_mtime).read_text()
+    found = re.search(r"breakdown for peak usage: ([\d ]+) bytes", text)
+    return int(found.group(1).replace(" ", "")) if found else None
+
+
 def device_memory_limit(device: Any) -> int | None:
     """Bytes a computation may use: the allocator's limit on accelerators, free RAM on CPU."""
     stats = device.memory_stats()
@@ -373,6 +392,7 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
         compiled = traced.lower().compile()
         return compiled, time.perf_counter() - t0, traced.jaxpr
 
+    started = time.time()
     try:
         try:
             compiled, row["compile_s"], jaxpr = compiled_with(step)
@@ -390,6 +410,12 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
     except jax.errors.JaxRuntimeError as e:
         return {**row, "status": "skipped", "reason": f"compilation failed: {_first_line(e)}"}
     row["memory"] = compiled_memory(compiled)
+    if args.dump_dir:
+        live = live_peak_bytes(args.dump_dir, started)
+        if live is None:
+            row["memory"]["live_peak_error"] = f"XLA wrote no live ranges of the step to {args.dump_dir}"
+        else:
+            row["memory"]["live_peak_bytes"] = live
     # The batch's prompt-only head chunks skip their matmuls.
     row["matmul_flops_per_step"] = flops.jaxpr_matmul_flops(
         jaxpr, cond_share=flops.head_chunk_share(case.seq, case.prompt, args.chunk_size))
@@ -634,26 +660,35 @@ def _gib(n: float) -> float:
 
 def run_isolated(case: Case, mode: str, args: argparse.Namespace) -> dict:
     """:func:`run_case` in a child process, so ``peak_bytes_in_use`` is this case's alone."""
-    result, error = _run_child(case, mode, args, ["--child"])
+    result, error = _run_child(case, mode, args, ["--child"], live_peak=args.live_peak)
     if error is None:
         return result["rows"][0]
     return {**dataclasses.asdict(case), "mode": mode, "status": "skipped", "reason": error}
 
 
-def _run_child(case: Case, modes: str, args: argparse.Namespace, role: list[str]
-               ) -> tuple[Any, str | None]:
+def _run_child(case: Case, modes: str, args: argparse.Namespace, role: list[str], *,
+               live_peak: bool = False) -> tuple[Any, str | None]:
     """(the JSON a child bench wrote, None), or (None, why it failed): the child runs
-    ``case`` in ``modes`` with ``role``'s flag. Its stderr (progress lines, XLA's warnings)
-    is passed on as it comes: a run cut off by a time limit shows how far it got."""
+    ``case`` in ``modes`` with ``role``'s flag; with ``live_peak``, XLA dumps its buffer
+    assignments to a folder of its own, which it reads (``--dump-dir``). Its stderr
+    (progress lines, XLA's warnings) is passed on as it comes: a run cut off by a time
+    limit shows how far it got."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "child.json")
         argv = [sys.executable, "-m", "experiments.bench", "--isolate", "never", *role,
                 "--out", out, "--shapes", case.shape, "--pairs", str(case.pairs),
                 "--seq", str(case.seq), "--prompt", str(case.prompt), "--remat", case.remat,
                 "--modes", modes, *_shared_flags(args)]
+        env = None
+        if live_peak:
+            dump = os.path.join(tmp, "xla")
+            argv += ["--dump-dir", dump]
+            # XLA reads its flags once, when the process starts its first backend.
+            env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                       f"--xla_dump_to={dump} --xla_dump_hlo_module_re=jit_step".strip())
         tail: collections.deque[str] = collections.deque(maxlen=20)
         with subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True) as proc:
+                              text=True, env=env) as proc:
             for line in proc.stderr:
                 sys.stderr.write(line)
                 if line.strip():
@@ -733,9 +768,11 @@ def add_overheads(rows: list[dict]) -> None:
             r["counted_extra_flops_vs_adamw"] = (
                 (r["matmul_flops_per_step"] - b["matmul_flops_per_step"])
                 / b["model_flops_per_step"])
-        peaks = (r["memory"].get("peak_bytes_in_use"), b["memory"].get("peak_bytes_in_use"))
-        if all(peaks):
-            r["peak_memory_ratio_vs_adamw"] = peaks[0] / peaks[1]
+        for field, ratio in (("peak_bytes_in_use", "peak_memory_ratio_vs_adamw"),
+                             ("live_peak_bytes", "live_memory_ratio_vs_adamw")):
+            peaks = (r["memory"].get(field), b["memory"].get(field))
+            if all(peaks):
+                r[ratio] = peaks[0] / peaks[1]
         timed = [a for a in group if a["status"] == "ok"]
         if r["status"] == "ok" and timed:
             base_ms = sum(a["step_ms"] for a in timed) / len(timed)
@@ -890,7 +927,9 @@ def _overhead(r: dict) -> str:
         parts.append(f"interleaved {r['interleaved_overhead_vs_adamw']:+.1%} "
                      f"({low:+.1%}..{high:+.1%})")
     if "memory_ratio_vs_adamw" in r:
-        parts.append(f"mem {r['memory_ratio_vs_adamw']:.3f}x")
+        parts.append(f"mem {r['memory_ratio_vs_adamw']:.3f}x" + (
+            f" (live {r['live_memory_ratio_vs_adamw']:.3f}x)"
+            if "live_memory_ratio_vs_adamw" in r else ""))
     return ", ".join(parts) or "-"
 
 
@@ -1009,7 +1048,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "estimate and fusions; needs jax's CUDA plugin; implies --compile-only")
     p.add_argument("--isolate", default="auto", choices=("auto", "always", "never"),
                    help="one child process per (case, mode); auto: where the device reports "
-                        "peak memory")
+                        "peak memory, or with --live-peak")
+    p.add_argument("--live-peak", action="store_true",
+                   help="also report each step's live peak: the bytes live at the busiest "
+                        "point of its schedule, from the buffer assignment XLA dumps; the "
+                        "allocation exceeds it by how the temporaries are packed (each row in "
+                        "a child process)")
+    # A child's --xla_dump_to folder, which its parent set: its rows' live peaks.
+    p.add_argument("--dump-dir", help=argparse.SUPPRESS)
     # A row of an isolated run: its parent shows the row.
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--profile", action="store_true",
@@ -1066,6 +1112,9 @@ def _check(args: argparse.Namespace) -> None:
         raise BenchError(f"--peak-flops must be > 0, got {args.peak_flops}")
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise BenchError(f"--out: directory of {args.out!r} does not exist")
+    if args.live_peak and args.isolate == "never" and not args.child:
+        raise BenchError("--live-peak runs each row in a child process (XLA dumps what it "
+                         "needs only from a process's start): drop --isolate never")
     if args.target:
         args.compile_only = True
         compile_device(args.target)
@@ -1084,9 +1133,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         result = time_interleaved(cases(args)[0], args)
         write_text_atomic(args.out, json.dumps(result))
         return result
-    isolate = args.isolate == "always" or (
-        args.isolate == "auto" and not args.target
-        and device_peak_bytes(jax.devices()[0]) is not None)
+    isolate = args.isolate == "always" or (args.isolate == "auto" and (
+        args.live_peak or (not args.target and device_peak_bytes(jax.devices()[0]) is not None)))
     run = run_isolated if isolate else run_case
     rows = []
     try:

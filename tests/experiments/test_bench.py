@@ -524,6 +524,7 @@ def test_random_batch_masks_the_prompt():
     (["--vocab", "1"], "--vocab"),
     (["--interleave", "-1"], "--interleave"),
     (["--target", "no/such/gpu.txtpb"], "--target"),
+    (["--live-peak", "--isolate", "never"], "--live-peak"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(flags, culprit, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -540,6 +541,40 @@ def test_bad_flag_from_the_command_line_has_no_traceback():
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--modes" in lines[0] and "lion" in lines[0]
+
+
+def test_live_peak_is_the_bytes_xla_holds_at_once(tmp_path):
+    """A step whose peak is known: two arguments and two outputs of 64 × 64 float32, all
+    live at its end (no donation), and the output tuple's two pointers; a dump older than
+    the compile is not read."""
+    dump = tmp_path / "xla"
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "module_0001.jit_step.cpu_after_optimizations-live-range.txt").write_text(
+        "  Stack trace breakdown for peak usage: 1 000 bytes\n")
+    script = ("import jax, jax.numpy as jnp\n"
+              "def step(x, y):\n    return x + 1, y * 2\n"
+              "jax.jit(step)(jnp.ones((64, 64)), jnp.ones((64, 64)))\n")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={dump} --xla_dump_hlo_module_re=jit_step",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert bench.live_peak_bytes(str(dump), since=0) == 4 * 64 * 64 * 4 + 2 * 8
+    assert bench.live_peak_bytes(str(stale), since=0) == 1000
+    assert bench.live_peak_bytes(str(stale), since=2e9) is None
+
+
+def test_live_peaks_of_every_row_and_their_ratio(tmp_path):
+    out = tmp_path / "live.json"
+    bench.main(["--compile-only", "--live-peak", "--dtype", "bfloat16", "--chunk-size", "16",
+                "--modes", "adamw,logits-sam", "--out", str(out)])
+    adamw, sam = json.loads(out.read_text())["rows"]
+    for row in (adamw, sam):
+        memory = row["memory"]
+        assert memory["argument_bytes"] < memory["live_peak_bytes"] <= memory["estimate_bytes"]
+    assert sam["live_memory_ratio_vs_adamw"] == (sam["memory"]["live_peak_bytes"]
+                                                 / adamw["memory"]["live_peak_bytes"])
+    assert "(live 1.0" in bench.format_table([adamw, sam])
 
 
 TARGETS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "targets")
