@@ -548,7 +548,10 @@ def time_interleaved(case: Case, args: argparse.Namespace) -> dict:
     Separate processes time the same compiled step several percent apart (the 2.65B adamw
     step: 123.2 and 114.8 ms in one run on an H200), more than the 1-pp goal on logits-SAM's
     overhead; here the modes share the process, the device's memory layout and its clocks.
-    The modes' states are alike (the same optimizer), so each step continues the last.
+    The modes' states are alike (the same optimizer), so each step continues the last; a
+    mode that keeps the bf16 copies of the multiplied matrices (:func:`train_state`) and one
+    that does not hand the state over through :func:`lm.train.state.with_multiplied`,
+    before their round's timing starts.
     Returns ``{"rounds", "steps_per_round", "round_ms": {mode: [each round's ms a step]},
     "step_ms": {mode: median of its rounds}}``, or ``{"error": ...}``: the rows stand
     without it.
@@ -556,11 +559,13 @@ def time_interleaved(case: Case, args: argparse.Namespace) -> dict:
     modes = list(dict.fromkeys(args.modes))
     key = jax.random.PRNGKey(args.seed)
     try:
-        steps, kept, tx = {}, {}, None
+        steps, adopt, tx = {}, {}, None
         for mode in modes:
             cfg = case_config(case, args, mode)
             steps[mode], tx = build_step(cfg, mode, args, case.remat)
-            kept[mode] = objectives.kept_multiply(cfg, mode, args.head_dtype)
+            multiply = objectives.kept_multiply(cfg, mode, args.head_dtype)
+            adopt[mode] = (multiply is None, jax.jit(
+                functools.partial(with_multiplied, multiply=multiply), donate_argnums=0))
         cfg = case_config(case, args, modes[0])
         state, ref = initial_state(cfg, modes[0], tx, key, args)
         batch = random_batch(key, case.pairs, case.seq, case.prompt, cfg.vocab_size,
@@ -568,11 +573,11 @@ def time_interleaved(case: Case, args: argparse.Namespace) -> dict:
 
         def runner(mode):
             nonlocal state
-            # SAM's state keeps no copies of the multiplied matrices; the others' do.
-            if (state.multiplied is None) != (kept[mode] is None):
-                state = jax.block_until_ready(jax.jit(
-                    functools.partial(with_multiplied, multiply=kept[mode]),
-                    donate_argnums=0)(state))
+            # The state of a mode that differentiates the stored weights (SAM, the split
+            # head) keeps no copies of the multiplied matrices; the others' do.
+            without, write = adopt[mode]
+            if (state.multiplied is None) != without:
+                state = jax.block_until_ready(write(state))
 
             def one_step():
                 nonlocal state

@@ -180,14 +180,29 @@ def multiplied_params(cfg, params: Params) -> Params:
     return matrices_in(cfg.compute_dtype, params, keep=output_head(cfg, params))
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"--mode: unknown gradient mode {mode!r}; choose from {', '.join(MODES)}")
+
+
+def differentiates_multiplied(mode: str, head_dtype: str | None = None) -> bool:
+    """Whether ``mode``'s gradient is taken with respect to the parameters as the model
+    multiplies them (``compute_params`` of :func:`make_model_grad_fn`): plain and logits-SAM;
+    not SAM and the split head, whose perturbations must reach the stored weights."""
+    _check_mode(mode)
+    return mode != "sam" and not (mode == "logits-sam" and head_dtype == SPLIT)
+
+
 def kept_multiply(cfg, mode: str, head_dtype: str | None = None) -> Callable[[Params], Params] | None:
     """What a training step may keep of the parameters between steps for ``mode``'s
     gradients (:func:`lm.train.make_train_step`'s ``multiply``): :func:`multiplied_params`
-    where :func:`make_grad_fn` differentiates them, which then gives the same result for
-    them as for the parameters (plain and logits-SAM gradients); None for SAM and the split
-    head, which differentiate the stored weights.
+    where :func:`make_grad_fn` differentiates them (:func:`differentiates_multiplied`), which
+    then gives the same result for them as for the parameters. None for the other modes, and
+    under ``scan_layers``: each step stacks the blocks' matrices in the compute dtype anyway
+    (:func:`lm.models.stacked_layers`), so kept per-block copies would save no pass and cost
+    their memory.
     """
-    if mode == "sam" or (mode == "logits-sam" and head_dtype == SPLIT):
+    if cfg.scan_layers or not differentiates_multiplied(mode, head_dtype):
         return None
     return functools.partial(multiplied_params, cfg)
 
@@ -245,8 +260,7 @@ def make_model_grad_fn(
       ValueError: one line naming the flag (``--mode``, ``--reference``, ``--rho``,
         ``--loss`` and its hyper-parameters).
     """
-    if mode not in MODES:
-        raise ValueError(f"--mode: unknown gradient mode {mode!r}; choose from {', '.join(MODES)}")
+    _check_mode(mode)
     if reference not in REFERENCES:
         raise ValueError(
             f"--reference: unknown reference {reference!r}; choose from {', '.join(REFERENCES)}"
@@ -347,17 +361,17 @@ def make_model_grad_fn(
     def grad_fn(params, batch, ref_params=None):
         ids, attn, mask = flatten_pairs(batch)
         ref = reference_for(batch, ref_params, ids.shape[0])
-        if mode == "sam":
+        if differentiates_multiplied(mode, head_dtype):
+            multiplied = params if compute_params is None else compute_params(params)
+            (_, metrics), grads = jax.value_and_grad(model_loss, has_aux=True)(
+                multiplied, ids, attn, mask, ref)
+        elif mode == "sam":
             def perturbed(p):
                 out, metrics = sam_loss(model_loss, p, rho, ids, attn, mask, ref, has_aux=True)
                 return out, {**metrics, "sam/perturbed_loss": out}
             (_, metrics), grads = jax.value_and_grad(perturbed, has_aux=True)(params)
-        elif mode == "logits-sam" and head_dtype == SPLIT:
-            metrics, grads = split_logits_sam(params, ids, attn, mask, ref)
         else:
-            multiplied = params if compute_params is None else compute_params(params)
-            (_, metrics), grads = jax.value_and_grad(model_loss, has_aux=True)(
-                multiplied, ids, attn, mask, ref)
+            metrics, grads = split_logits_sam(params, ids, attn, mask, ref)
         return metrics["loss"], metrics, grads
 
     return grad_fn

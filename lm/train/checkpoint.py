@@ -11,6 +11,7 @@ with the target's, so another model's folder is reported as such, not as damaged
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -47,13 +48,12 @@ class Checkpointer:
 
     def save(self, state: TrainState, meta: dict[str, Any]) -> int:
         """Save ``state`` at its own step (asynchronously; :meth:`close` waits), without
-        ``state.multiplied``: a function of the parameters, which a resume writes again
-        (:func:`lm.train.state.with_multiplied`)."""
+        ``state.multiplied`` (:func:`_saved_fields`)."""
         step = int(jax.device_get(state.step))
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state.replace(multiplied=None)),
+                state=ocp.args.StandardSave(_saved_fields(state)),
                 meta=ocp.args.JsonSave(dict(meta, step=step))
             ),
             force=True,
@@ -100,10 +100,11 @@ class Checkpointer:
             restored = self._manager.restore(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+                    state=ocp.args.StandardRestore(_saved_fields(target)),
+                    meta=ocp.args.JsonRestore()
                 ),
             )
-            state, meta = restored["state"], restored["meta"]
+            state, meta = TrainState(**restored["state"]), restored["meta"]
         except Exception as err:  # Orbax raises many types for damaged folders.
             raise _corrupt(path, err) from err
         if int(meta.get("step", -1)) != step or int(jax.device_get(state.step)) != step:
@@ -116,6 +117,15 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _saved_fields(state: TrainState) -> dict[str, Any]:
+    """What a checkpoint holds of ``state``: every field but ``multiplied``, a function of
+    the parameters (:func:`lm.train.state.with_multiplied` writes it again on resume).
+    Orbax stores a dataclass as the dict of its fields, so this is the layout of the
+    checkpoints written before the state had ``multiplied``, which therefore restore."""
+    return {field.name: getattr(state, field.name) for field in dataclasses.fields(state)
+            if field.name != "multiplied"}
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

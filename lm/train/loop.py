@@ -99,6 +99,13 @@ def make_train_step(
     """
 
     def step(state: TrainState, batch: Any, ref_params: Any):
+        if (state.multiplied is None) != (multiply is None):
+            # Copies handed to a grad_fn that differentiates the stored weights (SAM) would
+            # change its gradients.
+            raise ValueError("make_train_step: the state keeps copies of the multiplied "
+                             "parameters where the step has no multiply, or the other way "
+                             "round; create the state with the step's multiply "
+                             "(lm.train.create_train_state)")
         loss, metrics, grads = grad_fn(objective_params(state), batch, ref_params)
         # A gradient in the compute dtype (lm.objectives.multiplied_params) is updated in the
         # parameters' dtype, as it would have been computed; an elementwise cast that XLA can
@@ -319,7 +326,7 @@ def train(
     meta: Mapping[str, Any] | None = None,
     paths: Collection[str] = (),
     files: Mapping[str, str] | None = None,
-    multiply: Callable[[Any], Any] | None = None,
+    multiply: Multiply | None = None,
 ) -> TrainResult:
     """Train for ``config.steps`` steps from scratch or, with ``resume``, from the latest
     checkpoint in ``out_dir/checkpoints``.

@@ -529,6 +529,9 @@ def test_kept_multiply_names_the_modes_whose_gradients_take_the_bf16_copies():
                    for a, b in zip(jax.tree_util.tree_leaves(stored),
                                    jax.tree_util.tree_leaves(kept)))
         assert same == (O.kept_multiply(cfg, mode, head_dtype) is not None), (mode, head_dtype)
+    # Scanned blocks are stacked in the compute dtype at every step: no copies to keep.
+    assert O.kept_multiply(builtin_config("gpt2-tiny", dtype="bfloat16", scan_layers=True),
+                           "plain") is None
 
 
 def test_scanned_frozen_reference_is_stacked_once_not_every_step():

@@ -2,6 +2,7 @@
 bit for bit, as casting the weights at each step's start, on one device and FSDP-sharded;
 left out of checkpoints and written again on resume."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from lm import objectives as O
@@ -77,6 +79,17 @@ def test_kept_copies_train_bit_for_bit_like_casting_every_step(mode):
     assert int(kept.halted_at) == 1 and int(kept.step) == 1
 
 
+def test_a_state_and_a_step_that_disagree_on_the_copies_are_refused():
+    """A SAM step given a state with copies would differentiate the bf16 copies."""
+    params = init_params(CFG, jax.random.key(3))
+    multiply = O.kept_multiply(CFG, "plain")
+    for state_multiply, step_multiply in ((multiply, None), (None, multiply)):
+        state = create_train_state(params, TX, 0, state_multiply)
+        step = make_train_step(O.make_grad_fn(CFG), TX, multiply=step_multiply)
+        with pytest.raises(ValueError, match="create the state with the step's multiply"):
+            jax.eval_shape(step, state, _batch_at(0), params)
+
+
 def test_a_checkpoint_leaves_the_copies_out_and_a_resume_writes_them_again(tmp_path):
     multiply = O.kept_multiply(CFG, "plain")
     grad_fn = O.make_grad_fn(CFG, chunk_size=4)
@@ -106,7 +119,7 @@ def test_a_checkpoint_leaves_the_copies_out_and_a_resume_writes_them_again(tmp_p
     _assert_same(resumed.state.params, whole.state.params, "params")
     _assert_same(resumed.state.multiplied, multiplied_copies(multiply, resumed.state.params),
                  "copies")
-    # The copies' checkpoints restore into a run that keeps none (and back).
+    # A checkpoint of the copies' run restores into a state that keeps none.
     ckpt = Checkpointer(str(tmp_path / "cut" / CHECKPOINTS))
     try:
         abstract = jax.eval_shape(lambda p: create_train_state(p, TX, 0), params)
@@ -129,3 +142,35 @@ def test_kept_copies_shard_as_their_parameters_and_train_alike_over_4_devices(tm
     assert result["devices"] == 4 and result["copies"] > 0
     assert result["sharded_alike"] and result["some_split"]
     assert result["kept_vs_cast"] == 0.0
+
+
+# The fields of lm.train.TrainState before it had ``multiplied``; Orbax saved the dataclass
+# as the dict of its fields (a checkpoint written by c3b2fa5's code resumed the same way).
+FIELDS_BEFORE_COPIES = ("step", "params", "opt_state", "rng", "skipped", "halted_at")
+
+
+def test_a_checkpoint_written_before_the_copies_resumes_with_them(tmp_path):
+    multiply = O.kept_multiply(CFG, "plain")
+    grad_fn = O.make_grad_fn(CFG, chunk_size=4)
+    params = init_params(CFG, jax.random.key(5))
+    ref = O.frozen_reference(CFG, params)
+    config = TrainConfig(steps=4, batch_size=2, checkpoint_every=2, progress=False, plots=False)
+
+    def run(out, steps=4):
+        return train(grad_fn, TX, TM(jnp.copy, params), _batch_at,
+                     dataclasses.replace(config, steps=steps), str(out), ref_params=ref,
+                     resume=True, multiply=multiply)
+
+    whole = run(tmp_path / "whole")
+    at_2 = run(tmp_path / "two", steps=2).state
+    old = Checkpointer(str(tmp_path / "old" / CHECKPOINTS))
+    try:
+        old._manager.save(2, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({name: getattr(at_2, name) for name in FIELDS_BEFORE_COPIES}),
+            meta=ocp.args.JsonSave({"step": 2, "seed": 0, "batch_size": 2})))
+    finally:
+        old.close()
+    resumed = run(tmp_path / "old")
+    _assert_same(resumed.state.params, whole.state.params, "params")
+    _assert_same(resumed.state.opt_state, whole.state.opt_state, "opt_state")
+    assert set(_saved_tree(str(tmp_path / "old" / CHECKPOINTS / "4"))) == set(FIELDS_BEFORE_COPIES)
