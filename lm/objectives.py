@@ -202,7 +202,7 @@ def kept_multiply(cfg, mode: str, head_dtype: str | None = None) -> Callable[[Pa
     (:func:`lm.models.stacked_layers`), so kept per-block copies would save no pass and cost
     their memory.
     """
-    if cfg.scan_layers or not differentiates_multiplied(mode, head_dtype):
+    if not differentiates_multiplied(mode, head_dtype) or cfg.scan_layers:
         return None
     return functools.partial(multiplied_params, cfg)
 

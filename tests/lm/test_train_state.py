@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import struct
 
 from lm import objectives as O
 from lm import optim
@@ -144,9 +145,11 @@ def test_kept_copies_shard_as_their_parameters_and_train_alike_over_4_devices(tm
     assert result["kept_vs_cast"] == 0.0
 
 
-# The fields of lm.train.TrainState before it had ``multiplied``; Orbax saved the dataclass
-# as the dict of its fields (a checkpoint written by c3b2fa5's code resumed the same way).
+# lm.train.TrainState before it had ``multiplied`` (a checkpoint written by c3b2fa5's code
+# resumed the same way).
 FIELDS_BEFORE_COPIES = ("step", "params", "opt_state", "rng", "skipped", "halted_at")
+StateBeforeCopies = struct.dataclass(type("StateBeforeCopies", (), {
+    "__annotations__": {name: object for name in FIELDS_BEFORE_COPIES}}))
 
 
 def test_a_checkpoint_written_before_the_copies_resumes_with_them(tmp_path):
@@ -166,7 +169,8 @@ def test_a_checkpoint_written_before_the_copies_resumes_with_them(tmp_path):
     old = Checkpointer(str(tmp_path / "old" / CHECKPOINTS))
     try:
         old._manager.save(2, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({name: getattr(at_2, name) for name in FIELDS_BEFORE_COPIES}),
+            state=ocp.args.StandardSave(StateBeforeCopies(
+                **{name: getattr(at_2, name) for name in FIELDS_BEFORE_COPIES})),
             meta=ocp.args.JsonSave({"step": 2, "seed": 0, "batch_size": 2})))
     finally:
         old.close()
