@@ -324,18 +324,24 @@ def case_config(case: Case, args: argparse.Namespace, mode: str):
     return cfg
 
 
+def step_multiply(cfg: Any, mode: str, args: argparse.Namespace):
+    """What ``mode``'s step keeps of the parameters between steps, as the trainer does
+    (:func:`lm.objectives.kept_multiply`): the one answer its step and its state share."""
+    return objectives.kept_multiply(cfg, mode, args.head_dtype)
+
+
 def build_step(cfg: Any, mode: str, args: argparse.Namespace, remat: str):
     """The trainer's DPO step for ``mode`` (:func:`lm.train.make_train_step`: clipped AdamW
     of :mod:`lm.optim` on the plain, logits-SAM or SAM gradient, keeping the multiplied
-    matrices as the trainer does: :func:`lm.objectives.kept_multiply`), jitted with the
+    matrices as the trainer does: :func:`step_multiply`), jitted with the
     :class:`lm.train.TrainState` (of :func:`train_state`) donated, and the optimizer."""
     grad_fn = objectives.make_grad_fn(
         cfg, loss="dpo", mode=mode, rho=args.rho, chunk_size=args.chunk_size,
         reference=args.reference, remat=remat != "none", head_dtype=args.head_dtype)
     tx = optim.make_optimizer(args.lr, total_steps=1, schedule="constant",
                               mu_dtype=args.mu_dtype)
-    multiply = objectives.kept_multiply(cfg, mode, args.head_dtype)
-    return jax.jit(make_train_step(grad_fn, tx, multiply=multiply), donate_argnums=0), tx
+    return jax.jit(make_train_step(grad_fn, tx, multiply=step_multiply(cfg, mode, args)),
+                   donate_argnums=0), tx
 
 
 # ----------------------------------------------------------------------------- one case
@@ -512,8 +518,7 @@ def _time_steps(compiled, tx, cfg, mode, key, batch, args, label: str
 
 def train_state(cfg, mode: str, params, tx, args) -> Any:
     """The :class:`lm.train.TrainState` that ``mode``'s step (:func:`build_step`) takes."""
-    return create_train_state(params, tx, args.seed,
-                              objectives.kept_multiply(cfg, mode, args.head_dtype))
+    return create_train_state(params, tx, args.seed, step_multiply(cfg, mode, args))
 
 
 def initial_state(cfg, mode: str, tx, key, args) -> tuple[Any, Any]:
@@ -563,7 +568,7 @@ def time_interleaved(case: Case, args: argparse.Namespace) -> dict:
         for mode in modes:
             cfg = case_config(case, args, mode)
             steps[mode], tx = build_step(cfg, mode, args, case.remat)
-            multiply = objectives.kept_multiply(cfg, mode, args.head_dtype)
+            multiply = step_multiply(cfg, mode, args)
             adopt[mode] = (multiply is None, jax.jit(
                 functools.partial(with_multiplied, multiply=multiply), donate_argnums=0))
         cfg = case_config(case, args, modes[0])
