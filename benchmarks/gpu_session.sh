@@ -33,10 +33,12 @@ out=$(cd "$out" && pwd)  # absolute: a TREE= run starts elsewhere
 log="$out/session.log"
 # The GPU image has every dependency but no network: run from the checkout, no install.
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# One compilation cache for every run (outside $OUT, which comes back): the modes of a shape
-# share their initialisation programs, and a rerun of a case compiles nothing.
+# One compilation cache for every run (outside $OUT, which comes back): the rows of a shape,
+# each its own process, share their small initialisation programs (every one cached, however
+# quick: a GPU compiles each in a tenth of a second or more), and a rerun of a case compiles
+# nothing.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/gpu-session-jax-cache}
-export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-1}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0}
 # Every fusion's autotuning result, a file per fusion (no process overwrites another's).
 aot=${AOT_DIR:-/tmp/gpu-session-aot}
 mkdir -p "$aot/autotune"
@@ -110,34 +112,36 @@ started=$(date +%s)
 # The third H200 loan measured the chunked head's kept softmax gradients (124M: 27.3 ms,
 # 2.94x TRL; logits-SAM +11.7% against its 11.63% bound) and the 2.65B step without remat
 # (114.8-123.2 ms; logits-SAM +1.8% against 1.82%, memory 1.0204x), benchmarks/README.md.
-# This session first times the changes made since (the logsumexp's one read of the logits,
-# the padded ∂W sum, the bf16 copies of the weights written by the update) against that
-# code, then the rows the README's table still lacks; each case is compared with a baseline
-# row of the same run or session.
+# This session first measures the goals with the changes made since (the logsumexp's one
+# read of the logits, the padded ∂W sum, the bf16 copies of the weights written by the
+# update), then the shapes whose logits-SAM rows were never measured, then the code the third
+# loan measured ($BEFORE) for what the changes took off. Every case's modes are also
+# interleaved in one process (the goals are held to those), so a case needs no second adamw
+# row. A shape's first row on a fresh machine spends ~5 s on its random parameters
+# (experiments.bench.random_params; the model's jitted init took 40-86 s there).
 chunked=(--chunk-size 128)
-# The baseline, with its profile and parts.
-run gpt2-124m 160 "${small[@]}" "${common[@]}" "${chunked[@]}" --modes adamw,logits-sam \
+# The baseline, with its profile and parts, and full SAM for contrast.
+run gpt2-124m 150 "${small[@]}" "${common[@]}" "${chunked[@]}" --modes adamw,logits-sam,sam \
   --breakdown "${paired[@]}"
-# The same rows from the code the third loan measured ($BEFORE), in the same session.
-run gpt2-124m-before 100 TREE="$before" "${small[@]}" "${timing[@]}" "${chunked[@]}" \
-  --modes adamw,logits-sam --breakdown
 # The 2.65B step without remat, logits-SAM against adamw run before and after it (the same
 # adamw step measured 123.2 and 114.8 ms in two processes of one run), profiled.
-run gpt2-2.65b-noremat 240 "${large[@]}" "${common[@]}" "${chunked[@]}" --remat none \
+run gpt2-2.65b-noremat 200 "${large[@]}" "${common[@]}" "${chunked[@]}" --remat none \
   --modes adamw,logits-sam,adamw "${paired[@]}"
-# The issue's other shapes, where memory allows (a shape that does not fit is a skipped row),
-# each logits-SAM row between two adamw rows: gpt2-medium's +7.7% against its 5.44% bound was
-# one pair of processes.
-run gpt2-medium-large 200 "${mid[@]}" "${timing[@]}" "${chunked[@]}" --remat none \
-  --modes adamw,logits-sam,adamw "${paired[@]}"
-run pythia-mistral 240 "${big[@]}" "${timing[@]}" "${chunked[@]}" \
-  --remat dots_with_no_batch_dims_saveable --modes adamw,logits-sam,adamw "${paired[@]}"
+# The issue's other shapes, where memory allows (a shape that does not fit is a skipped row);
+# Mistral-7B's step needs ~114 GiB (compiled for the H200), so it runs on an H200 alone.
+run pythia-mistral 330 "${big[@]}" "${timing[@]}" "${chunked[@]}" \
+  --remat dots_with_no_batch_dims_saveable --modes adamw,logits-sam "${paired[@]}"
+# gpt2-medium's +7.7% against its 5.44% bound was one pair of processes.
+run gpt2-medium-large 220 "${mid[@]}" "${timing[@]}" "${chunked[@]}" --remat none \
+  --modes adamw,logits-sam "${paired[@]}"
+# The same 124M rows from the code the third loan measured ($BEFORE), in the same session.
+run gpt2-124m-before 100 TREE="$before" "${small[@]}" "${timing[@]}" "${chunked[@]}" \
+  --modes adamw,logits-sam --breakdown
 # The 2.65B adamw step from $BEFORE, profiled: what the changes since the third loan took off
 # it (about 2.9 ms expected of the bf16 copies written by the update, 1 ms of the padded ∂W
 # sum, a little of the one-read logsumexp), in the same session. One row of another process
 # drifts by more than that (123.2 and 114.8 ms on the third loan): compare the profiles'
-# back-to-back steps and their parts (matrices_in, the ∂W adds), as the third loan did. After
-# the shapes never measured; pick it in the second call.
+# back-to-back steps and their parts (matrices_in, the ∂W adds), as the third loan did.
 run gpt2-2.65b-noremat-before 210 TREE="$before" "${large[@]}" "${common[@]}" "${chunked[@]}" \
   --remat none --modes adamw
 # GPT-2's vocabulary, 50257, makes every head matmul's V dimension odd; its Triton GEMM

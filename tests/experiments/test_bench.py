@@ -514,6 +514,35 @@ def test_random_batch_masks_the_prompt():
     assert "ref_logps" not in bench.random_batch(jax.random.PRNGKey(0), 3, 10, 4, 50, "frozen")
 
 
+
+@pytest.mark.parametrize("shape", ["gpt2-tiny", "llama-tiny", "pythia-tiny"])
+def test_random_params_draw_what_the_models_init_draws(shape):
+    cfg = models.builtin_config(shape)
+    init = models.init_params(cfg, jax.random.PRNGKey(0))
+    drawn = bench.random_params(cfg, jax.random.PRNGKey(0))
+    assert jax.tree_util.tree_structure(drawn) == jax.tree_util.tree_structure(init)
+    matrices = []
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(init),
+                            jax.tree_util.tree_leaves(drawn)):
+        name = jax.tree_util.keystr(path)
+        assert (b.shape, b.dtype) == (a.shape, a.dtype), name
+        if a.ndim < 2:
+            np.testing.assert_array_equal(b, a, err_msg=name)
+        else:
+            std = 0.01 if "pos_embed" in name else 0.02
+            assert np.std(a) == pytest.approx(std, rel=0.15), name
+            assert np.std(b) == pytest.approx(0.02, rel=0.15), name
+            matrices.append(np.asarray(b).ravel())
+    # Every matrix its own draw: the layers' same-shaped kernels differ.
+    firsts = [m[:8].tobytes() for m in matrices]
+    assert len(set(firsts)) == len(firsts)
+    again = bench.random_params(cfg, jax.random.PRNGKey(0))
+    other = bench.random_params(cfg, jax.random.PRNGKey(1))
+    for a, b, c in zip(*map(jax.tree_util.tree_leaves, (drawn, again, other))):
+        np.testing.assert_array_equal(a, b)
+        assert a.ndim < 2 or not np.array_equal(a, c)
+
+
 @pytest.mark.parametrize("flags, culprit", [
     (["--shapes", "gpt2-huge"], "--shapes"),
     (["--modes", "adamw,lion"], "--modes"),
