@@ -5,6 +5,9 @@ chain here is
 
     clip_by_global_norm(clip_norm) → adamw(schedule, b1, b2, eps, weight_decay, mask)
 
+with optax's transformations, the clipping's norm excepted: :func:`global_norm`, the same
+norm in fewer GPU kernels, which the train step also logs (``grad_norm``).
+
 The first moment is stored in ``mu_dtype`` (default: the parameters' dtype). bfloat16
 halves its bytes, which every step reads and writes (4 of the 28–32 bytes a float32 AdamW
 step moves per parameter). Each step rounds the running mean of the gradients to bf16's 8
@@ -122,7 +125,45 @@ def make_optimizer(
         return adamw
     if not (math.isfinite(clip_norm) and clip_norm > 0):
         raise ValueError(f"--clip-norm must be > 0 (or unset), got {clip_norm}")
-    return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
+    return optax.chain(clip_by_global_norm(clip_norm), adamw)
+
+
+def global_norm(tree: Any) -> jax.Array:
+    """‖tree‖₂ over every entry of every leaf, summed in float32 (or wider): the norm
+    ``optax.tree.norm`` computes, in fewer kernels.
+
+    optax sums each leaf to a scalar and adds the scalars; XLA:GPU runs each large leaf's
+    sum as two kernels, so the norm of 2.65B's 389 gradients took 711 kernels and 2.7 ms a
+    step on an H200, where its 5.3 GB of bf16 reads take about 1.2 ms. Here each matrix is
+    summed along its last axis (a kernel a matrix), and those row sums with the vectors'
+    squares are concatenated (a few kernels) and summed: 202 kernels at 2.65B (compiled for
+    the H200), 76 instead of 271 at gpt2-124m. The optimization barrier keeps XLA from
+    rewriting the sum of the concatenation back into a sum per leaf. The order of the
+    float32 sums differs from optax's, so the two agree to rounding, not bit for bit.
+    """
+    parts = []
+    for x in jax.tree_util.tree_leaves(tree):
+        squares = jnp.square(x.astype(jnp.result_type(jnp.float32, x)))
+        parts.append(jnp.sum(squares, axis=-1).ravel() if x.ndim >= 2 else squares.ravel())
+    if not parts:
+        return jnp.float32(0)
+    return jnp.sqrt(jnp.sum(jax.lax.optimization_barrier(jnp.concatenate(parts))))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm`` on :func:`global_norm`: updates scaled by
+    max_norm / ‖u‖ where ‖u‖ ≥ max_norm, its empty state and its arithmetic. The train
+    step's ``grad_norm`` metric is the same :func:`global_norm` of the same gradients, which
+    XLA computes once for both."""
+    def update(updates, state, params=None):
+        del params
+        norm = global_norm(updates)
+        keep = norm < max_norm
+        return jax.tree_util.tree_map(
+            lambda u: jax.lax.select(keep, u, (u / norm.astype(u.dtype)) * max_norm),
+            updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
 
 
 def split_micro_batches(batch: Any, num_micro_batches: int, batch_sharding: Any = None) -> Any:

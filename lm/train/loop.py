@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lm import optim
 from lm.train import mesh as mesh_lib
 from lm.train.checkpoint import Checkpointer, abstract_like
 from lm.train.logging import MetricsLog, ProgressBar, plot_metrics, read_jsonl, write_text_atomic
@@ -115,7 +116,7 @@ def make_train_step(
         # norm itself overflows, a blow-up too). It is the norm that clipping and the metrics
         # compute anyway; a per-leaf isfinite reduction also costs one more read of every
         # gradient, and made XLA compile a 2.65B step several times slower.
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = optim.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

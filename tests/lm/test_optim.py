@@ -70,6 +70,51 @@ def test_first_adamw_step_by_hand():
     jax.tree_util.tree_map(lambda u, w: np.testing.assert_allclose(u, w, rtol=1e-5), updates, want)
 
 
+def _mixed_tree():
+    rng = np.random.default_rng(7)
+    return {"stacked": jnp.asarray(rng.normal(size=(3, 5, 4)), jnp.float32),
+            "kernel": jnp.asarray(rng.normal(size=(6, 9)), jnp.bfloat16),
+            "bias": jnp.asarray(rng.normal(size=(9,)), jnp.float32),
+            "scalar": jnp.float32(-2.5),
+            "head": jnp.asarray(1e3 * rng.normal(size=(33, 7)), jnp.float32)}
+
+
+def test_global_norm_is_optaxs_norm_in_a_reduction_a_matrix():
+    import optax
+    tree = _mixed_tree()
+    want = float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
+                             for x in jax.tree_util.tree_leaves(tree))))
+    got = optim.global_norm(tree)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(float(got), want, rtol=1e-6)
+    np.testing.assert_allclose(float(got), float(optax.tree.norm(tree)), rtol=1e-6)
+    assert float(optim.global_norm({})) == 0.0
+    # One sum per matrix and one for everything else, where optax has one a leaf and adds.
+    sums = [e for e in jax.make_jaxpr(optim.global_norm)(tree).jaxpr.eqns
+            if e.primitive.name == "reduce_sum"]
+    assert len(sums) == 3 + 1
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1.0])  # ‖tree‖ about 0.015 and 15000
+def test_clipping_is_optaxs_and_keeps_its_state(scale):
+    """Below and above the clip norm, the updates of optax.clip_by_global_norm, to
+    rounding; the state optax's (empty), so checkpoints keep their layout."""
+    import optax
+    tree = jax.tree_util.tree_map(lambda x: scale * x.astype(jnp.float32), _mixed_tree())
+    ours, theirs = optim.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+    got, state = ours.update(tree, ours.init(tree))
+    want, _ = theirs.update(tree, theirs.init(tree))
+    assert state == theirs.init(tree) == optax.EmptyState()
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=2e-6)
+    if scale == 1.0:
+        np.testing.assert_allclose(float(optim.global_norm(got)), 1.0, rtol=1e-6)
+    else:
+        jax.tree_util.tree_map(np.testing.assert_array_equal, got, tree)
+    clip_state, _ = optim.make_optimizer(0.1, total_steps=2, clip_norm=1.0).init(tree)
+    assert clip_state == optax.EmptyState()
+
+
 def _toy_grad_fn(params, batch, ref_params=None):
     def loss_fn(p):
         per = jnp.sum((batch["x"] @ p["w"] + p["b"] - batch["y"]) ** 2, axis=-1)
