@@ -73,8 +73,8 @@ common=("${timing[@]}")
 #   BIG="$SMALL" bash benchmarks/gpu_session.sh /tmp/dry   (--chunk-size 128 > seq: unchunked)
 read -ra small <<<"${SMALL:---shapes gpt2-124m --pairs 8 --seq 512 --prompt 128}"
 read -ra large <<<"${LARGE:---shapes gpt2-2.65b --pairs 2 --seq 512 --prompt 128}"
-read -ra mid <<<"${MID:---shapes gpt2-medium,gpt2-large --pairs 8 --seq 512 --prompt 128}"
-read -ra big <<<"${BIG:---shapes pythia-2.8b,mistral-7b --pairs 2 --seq 512 --prompt 128}"
+read -ra mid <<<"${MID:---shapes gpt2-large --pairs 8 --seq 512 --prompt 128}"
+read -ra big <<<"${BIG:---shapes mistral-7b --pairs 2 --seq 512 --prompt 128}"
 small+=(--remat none)
 large+=(--remat block)
 
@@ -109,41 +109,34 @@ run() {  # run NAME LIMIT_S [VAR=VALUE...] BENCH_FLAGS...: VAR=VALUE set for thi
 written=()  # this session's JSON files: only these are ever packed
 started=$(date +%s)
 
-# The third H200 loan measured the chunked head's kept softmax gradients (124M: 27.3 ms,
-# 2.94x TRL; logits-SAM +11.7% against its 11.63% bound) and the 2.65B step without remat
-# (114.8-123.2 ms; logits-SAM +1.8% against 1.82%, memory 1.0204x), benchmarks/README.md.
-# This session first measures the goals with the changes made since (the logsumexp's one
-# read of the logits, the padded ∂W sum, the bf16 copies of the weights written by the
-# update), then the shapes whose logits-SAM rows were never measured, then the code the third
-# loan measured ($BEFORE) for what the changes took off. Every case's modes are also
-# interleaved in one process (the goals are held to those), so a case needs no second adamw
-# row. A shape's first row on a fresh machine spends ~5 s on its random parameters
-# (experiments.bench.random_params; the model's jitted init took 40-86 s there).
+# The fourth H200 loan measured every goal but three (benchmarks/README.md, *The fourth GPU
+# session*): gpt2-124m's logits-SAM interleaved (pipelined +13.0% against its 11.63% bound),
+# gpt2-large's logits-SAM row and mistral-7b; and 2.65B's MFU was 39.3-40.0% pipelined against
+# the goal's 40%. Since, the gradient norm (clipping and the logged grad_norm) runs in 202
+# kernels instead of 711 at 2.65B (lm.optim.global_norm; 2.7 ms in that loan's profile for
+# 1.2 ms of reads). This session measures those first, then the 2.65B step of the code that
+# loan measured ($BEFORE: 009d577) for what the norm took off. Every case's modes are also
+# interleaved in one process (the goals are held to those).
 chunked=(--chunk-size 128)
-# The baseline, with its profile and parts, and full SAM for contrast.
-run gpt2-124m 150 "${small[@]}" "${common[@]}" "${chunked[@]}" --modes adamw,logits-sam,sam \
-  --breakdown "${paired[@]}"
-# The 2.65B step without remat, logits-SAM against adamw run before and after it (the same
-# adamw step measured 123.2 and 114.8 ms in two processes of one run), profiled.
+# The baseline, profiled, and logits-SAM interleaved (about 90 s).
+run gpt2-124m 150 "${small[@]}" "${common[@]}" "${chunked[@]}" --modes adamw,logits-sam \
+  "${paired[@]}"
+# The 2.65B step without remat, logits-SAM between two adamw rows, profiled (about 170 s).
 run gpt2-2.65b-noremat 200 "${large[@]}" "${common[@]}" "${chunked[@]}" --remat none \
   --modes adamw,logits-sam,adamw "${paired[@]}"
-# The issue's other shapes, where memory allows (a shape that does not fit is a skipped row);
-# Mistral-7B's step needs ~114 GiB (compiled for the H200), so it runs on an H200 alone.
-run pythia-mistral 330 "${big[@]}" "${timing[@]}" "${chunked[@]}" \
+# Mistral-7B's step needs ~114 GiB (compiled for the H200): an H200 alone (about 250 s).
+run mistral-7b 280 "${big[@]}" "${timing[@]}" "${chunked[@]}" \
   --remat dots_with_no_batch_dims_saveable --modes adamw,logits-sam "${paired[@]}"
-# gpt2-medium's +7.7% against its 5.44% bound was one pair of processes.
-run gpt2-medium-large 220 "${mid[@]}" "${timing[@]}" "${chunked[@]}" --remat none \
+# The second command's (about 160 s).
+run gpt2-large 200 "${mid[@]}" "${timing[@]}" "${chunked[@]}" --remat none \
   --modes adamw,logits-sam "${paired[@]}"
-# The same 124M rows from the code the third loan measured ($BEFORE), in the same session.
-run gpt2-124m-before 100 TREE="$before" "${small[@]}" "${timing[@]}" "${chunked[@]}" \
-  --modes adamw,logits-sam --breakdown
-# The 2.65B adamw step from $BEFORE, profiled: what the changes since the third loan took off
-# it (about 2.9 ms expected of the bf16 copies written by the update, 1 ms of the padded ∂W
-# sum, a little of the one-read logsumexp), in the same session. One row of another process
-# drifts by more than that (123.2 and 114.8 ms on the third loan): compare the profiles'
-# back-to-back steps and their parts (matrices_in, the ∂W adds), as the third loan did.
+# The 2.65B adamw step from $BEFORE, profiled: what the norm's kernels took off it; compare
+# the profiles' tree_sum lines and the back-to-back steps (one process's rows drift by more).
 run gpt2-2.65b-noremat-before 210 TREE="$before" "${large[@]}" "${common[@]}" "${chunked[@]}" \
   --remat none --modes adamw
+# The same 124M rows from $BEFORE.
+run gpt2-124m-before 100 TREE="$before" "${small[@]}" "${common[@]}" "${chunked[@]}" \
+  --modes adamw,logits-sam
 # GPT-2's vocabulary, 50257, makes every head matmul's V dimension odd; its Triton GEMM
 # fusions ran at ~44% of peak (profile). 50304 = 393 * 128 (nanoGPT's padding) shows what
 # the alignment costs, in the head part and the step.
