@@ -58,9 +58,9 @@ each; nothing inside the step talks to the host) and reports:
 (:mod:`experiments.step_profile`): per kind of op (matmul, attention, other fusions, copies,
 collectives, control flow), the fraction of the wall time in which the device was busy, the
 longest ops with their JAX source, the lines of Python whose ops took longest, and
-device-to-host copies per step. ``--breakdown`` times the step's parts alone
-(:mod:`experiments.step_parts`: optimizer, reference forward, policy trunk, policy head,
-and the rest), which needs no profiler; logits-SAM's rows time their head, next to
+device-to-host copies per step. ``--breakdown`` times the step's parts alone, each
+pipelined as the step is (:mod:`experiments.step_parts`: optimizer, reference forward,
+policy trunk, policy head, and the rest of the pipelined step), which needs no profiler; logits-SAM's rows time their head, next to
 adamw's.
 
 ``--interleave ROUNDS`` times a case's modes once more after their rows, all in one process
@@ -458,7 +458,7 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
         # Extra, like the profile: the step's timing stands whatever the parts do.
         try:
             row["parts_ms"] = step_parts.time_parts(cfg, options, tx, params, ref, batch,
-                                                    args.steps, 1e3 * step_s)
+                                                    args.steps, 1e3 * pipelined_s)
         except Exception as e:
             row["parts_ms"] = {"error": f"{type(e).__name__}: {_first_line(e)}"}
         phases["parts"] = time.perf_counter() - t0
@@ -813,7 +813,6 @@ def add_overheads(rows: list[dict]) -> None:
                 r[ratio] = peaks[0] / peaks[1]
         timed = [a for a in group if a["status"] == "ok"]
         if r["status"] == "ok" and timed:
-            base_ms = sum(a["step_ms"] for a in timed) / len(timed)
             for prefix, ms in (("time", "step_ms"), ("pipelined", "pipelined_step_ms")):
                 if ms not in r or not all(ms in a for a in timed):  # older files
                     continue
@@ -827,7 +826,7 @@ def add_overheads(rows: list[dict]) -> None:
             if "head" in r.get("parts_ms", {}) and parted:
                 # How much of the step's extra time the head alone shows.
                 r["head_extra_ms_vs_adamw"] = r["parts_ms"]["head"] - parted[0]["parts_ms"]["head"]
-                r["step_extra_ms_vs_adamw"] = r["step_ms"] - base_ms
+                r["step_extra_ms_vs_adamw"] = r["pipelined_step_ms"] - parted[0]["pipelined_step_ms"]
 
 
 def own_vocab(shape: str) -> int:
@@ -943,7 +942,7 @@ def _parts_line(r: dict) -> str:
     if "error" in r["parts_ms"]:
         return f"{label}: no parts: {r['parts_ms']['error']}"
     parts = ", ".join(f"{name} {ms:.2f}" for name, ms in r["parts_ms"].items())
-    line = f"{label}: parts alone (ms): {parts}; step {r['step_ms']:.2f}"
+    line = f"{label}: parts alone, pipelined (ms): {parts}; step {r['pipelined_step_ms']:.2f}"
     if "head_extra_ms_vs_adamw" in r:
         line += (f"; head {r['head_extra_ms_vs_adamw']:+.2f} ms of the step's "
                  f"{r['step_extra_ms_vs_adamw']:+.2f} ms over adamw")
@@ -1100,9 +1099,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help=f"after timing, trace {PROFILE_STEPS} more steps and report where the "
                         "time goes: per kind of op, the busy fraction, the longest ops")
     p.add_argument("--breakdown", action="store_true",
-                   help="after timing, time the step's parts alone (optimizer, reference, "
-                        "policy trunk, policy head; experiments.step_parts): where the time "
-                        "goes without a profiler")
+                   help="after timing, time the step's parts alone, pipelined (optimizer, "
+                        "reference, policy trunk, policy head; experiments.step_parts): "
+                        "where the time goes without a profiler")
     p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                    help="after a case's rows, time all its modes again in one process, "
                         "alternating in ROUNDS rounds (A B, B A, ...) of --steps pipelined "
