@@ -41,6 +41,10 @@ each; nothing inside the step talks to the host) and reports:
                   exceeds it by the holes between the temporaries XLA packs into one
                   allocation, which move with any change of the program, so two modes'
                   live peaks and their allocations can compare differently.
+  hlo_traffic     with ``--live-peak``, the kernels the compiled step launches and the bytes
+                  they read and write (:mod:`experiments.hlo_traffic`), from the same dump:
+                  what a change of the program does to a memory-bound GPU step, compiled
+                  for it without one (``--target``).
   overhead        for logits-sam and sam, step time and memory relative to adamw; for
                   logits-sam next to its FLOP lower bound: the inner head forward and the head
                   gradient, 4 · N · V · d for the N = pairs · 2 · (seq − 1) positions that go
@@ -107,7 +111,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import _cli, flops, step_parts, step_profile
+from experiments import _cli, flops, hlo_traffic, step_parts, step_profile
 from lm import models
 from lm import objectives
 from lm import optim
@@ -260,6 +264,18 @@ def live_peak_bytes(dump_dir: str, since: float) -> int | None:
     text = max(files, key=lambda f: f.stat().st_mtime).read_text()
     found = re.search(r"breakdown for peak usage: ([\d ]+) bytes", text)
     return int(found.group(1).replace(" ", "")) if found else None
+
+
+def step_traffic(dump_dir: str, since: float) -> dict[str, float] | None:
+    """:func:`experiments.hlo_traffic.summary` of the step XLA wrote to ``dump_dir`` since the
+    wall time ``since`` (its newest ``jit_step`` after its optimizations): the kernels it
+    launches and the bytes they read and write. None when there is none."""
+    files = [f for f in pathlib.Path(dump_dir).glob("*jit_step*after_optimizations.txt")
+             if f.stat().st_mtime >= since]
+    if not files:
+        return None
+    return hlo_traffic.summary(hlo_traffic.kernels(
+        max(files, key=lambda f: f.stat().st_mtime).read_text()))
 
 
 def device_memory_limit(device: Any) -> int | None:
@@ -422,6 +438,9 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
             row["memory"]["live_peak_error"] = f"XLA wrote no live ranges of the step to {args.dump_dir}"
         else:
             row["memory"]["live_peak_bytes"] = live
+        traffic = step_traffic(args.dump_dir, started)
+        if traffic is not None:
+            row["hlo_traffic"] = traffic
     # The batch's prompt-only head chunks skip their matmuls.
     row["matmul_flops_per_step"] = flops.jaxpr_matmul_flops(
         jaxpr, cond_share=flops.head_chunk_share(case.seq, case.prompt, args.chunk_size))

@@ -607,6 +607,9 @@ def test_live_peaks_of_every_row_and_their_ratio(tmp_path):
     assert sam["live_memory_ratio_vs_adamw"] == (sam["memory"]["live_peak_bytes"]
                                                  / adamw["memory"]["live_peak_bytes"])
     assert "(live 1.0" in bench.format_table([adamw, sam])
+    # The same dump's kernels: logits-SAM's inner head pass adds launches and bytes.
+    assert 0 < adamw["hlo_traffic"]["kernels"] < sam["hlo_traffic"]["kernels"]
+    assert 0 < adamw["hlo_traffic"]["bytes"] < sam["hlo_traffic"]["bytes"]
 
 
 TARGETS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "targets")
