@@ -5,7 +5,9 @@
 Each part is the trainer's own code, compiled and timed on its own, as the bench's
 pipelined step is (``steps`` calls dispatched back to back and waited for once,
 :func:`pipelined_ms`: the device's time; waited for one by one, a part pays the host's
-dispatch of every array it takes, about 6 ms of the optimizer's ~860 at gpt2-124m; built by
+dispatch of every array it takes, about 6 ms of the optimizer's ~860 at gpt2-124m. A part
+whose calls do not consume each other's results is waited for every few calls, so that the
+results its queued calls hold stay under :data:`IN_FLIGHT_BYTES`; built by
 :func:`part_calls`, from :func:`head_call` and :func:`optimizer_call` among others), so the
 parts of one step are
 
@@ -72,23 +74,39 @@ def call_seconds(call: Callable[[], Any], steps: int, warmup: int = 1) -> list[f
     return times
 
 
-def pipelined_seconds(call: Callable[[], Any], steps: int) -> float:
+#: Results held at once by a part's queued calls (module docstring): a call that does not
+#: consume the one before keeps its results until it has run, so those calls are waited
+#: for in groups whose results stay under this (the trunk's gradients at 2.65B, 5.3 GB, are
+#: waited for one by one).
+IN_FLIGHT_BYTES = 2 << 30
+
+
+def pipelined_seconds(call: Callable[[], Any], steps: int, group: int | None = None) -> float:
     """Wall seconds a call takes when ``steps`` calls are dispatched back to back and only
     the last result is waited for (each call consumes the one before: a train step on its
-    donated state), as the trainer runs its steps between syncs."""
+    donated state), as the trainer runs its steps between syncs; with ``group``, every
+    ``group``-th result is waited for too."""
     t0 = time.perf_counter()
-    for _ in range(steps):
+    for i in range(steps):
         out = call()
+        if group and (i + 1) % group == 0:
+            jax.block_until_ready(out)
     jax.block_until_ready(out)
     return (time.perf_counter() - t0) / steps
 
 
-def pipelined_ms(call: Callable[[], Any], steps: int, warmup: int = 1) -> float:
-    """:func:`pipelined_seconds` in ms, after ``warmup`` calls waited for one by one (the
-    first compiles)."""
+def pipelined_ms(call: Callable[[], Any], steps: int, warmup: int = 1,
+                 chained: bool = False) -> float:
+    """:func:`pipelined_seconds` in ms, after ``warmup`` (≥ 1) calls waited for one by one
+    (the first compiles). Unless ``chained`` (each call consumes the last one's donated
+    results, so they are never held twice), in groups whose results stay under
+    :data:`IN_FLIGHT_BYTES`."""
     for _ in range(warmup):
-        jax.block_until_ready(call())
-    return 1e3 * pipelined_seconds(call, steps)
+        results = jax.block_until_ready(call())
+    size = sum(getattr(x, "nbytes", 0) for x in jax.tree_util.tree_leaves(results))
+    del results
+    group = None if chained else max(1, IN_FLIGHT_BYTES // max(1, size))
+    return 1e3 * pipelined_seconds(call, steps, group)
 
 
 def part_names(options: StepOptions) -> tuple[str, ...]:
@@ -133,7 +151,7 @@ def time_parts(cfg: Any, options: StepOptions, tx: optax.GradientTransformation,
     """Pipelined ms of each part (:func:`part_calls`, :func:`pipelined_ms`) and, with every
     part of an adamw step, ``rest``, ``step_ms`` (the pipelined step's) less their sum
     (module docstring). ``params`` is consumed."""
-    out = {part: pipelined_ms(call, steps)
+    out = {part: pipelined_ms(call, steps, chained=part == "optimizer")
            for part, call in part_calls(cfg, options, tx, params, ref_params, batch).items()}
     if options.mode == "adamw":
         out["rest"] = step_ms - sum(out.values())

@@ -84,3 +84,17 @@ def test_pipelined_ms_waits_for_the_warmup_calls_and_the_last_one(monkeypatch):
     assert step_parts.pipelined_ms(call, steps=3, warmup=2) >= 0
     assert len(results) == 5
     assert [id(w) for w in waited] == [id(results[0]), id(results[1]), id(results[4])]
+
+
+def test_calls_that_hold_their_results_are_waited_for_in_groups(monkeypatch):
+    """Calls that do not consume each other's results hold them until they run: waited for
+    every IN_FLIGHT_BYTES of results (here 2 calls' worth, 12 bytes each); chained calls
+    only at the end."""
+    waited = []
+    monkeypatch.setattr(step_parts, "IN_FLIGHT_BYTES", 24)
+    monkeypatch.setattr(step_parts.jax, "block_until_ready", lambda x: waited.append(x) or x)
+    step_parts.pipelined_ms(lambda: jnp.ones(3), steps=5, warmup=1)
+    assert len(waited) == 1 + 2 + 1  # the warm-up, after calls 2 and 4, the last
+    waited.clear()
+    step_parts.pipelined_ms(lambda: jnp.ones(3), steps=5, warmup=1, chained=True)
+    assert len(waited) == 1 + 1
