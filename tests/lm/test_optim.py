@@ -76,7 +76,7 @@ def _mixed_tree():
             "kernel": jnp.asarray(rng.normal(size=(6, 9)), jnp.bfloat16),
             "bias": jnp.asarray(rng.normal(size=(9,)), jnp.float32),
             "scalar": jnp.float32(-2.5),
-            "head": jnp.asarray(1e3 * rng.normal(size=(33, 7)), jnp.float32)}
+            "head": jnp.asarray(rng.normal(size=(33, 7)), jnp.float32)}
 
 
 def test_global_norm_is_optaxs_norm_in_a_reduction_a_matrix():
@@ -87,15 +87,37 @@ def test_global_norm_is_optaxs_norm_in_a_reduction_a_matrix():
     got = optim.global_norm(tree)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(float(got), want, rtol=1e-6)
-    np.testing.assert_allclose(float(got), float(optax.tree.norm(tree)), rtol=1e-6)
+    # optax squares a bf16 leaf in bf16; in float32 the two agree.
+    as_float32 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), tree)
+    np.testing.assert_allclose(float(got), float(optax.tree.norm(as_float32)), rtol=1e-6)
     assert float(optim.global_norm({})) == 0.0
+    # Every kind of leaf counts: each alone, the others zero.
+    for name in tree:
+        alone = {k: (v if k == name else jnp.zeros_like(v)) for k, v in tree.items()}
+        np.testing.assert_allclose(
+            float(optim.global_norm(alone)),
+            float(np.sqrt(np.sum(np.square(np.asarray(tree[name], np.float64))))), rtol=1e-6)
+    # bf16 squared in float32: 4096 entries of 1.0078125 sum to 4160.0..., not bf16's 4160
+    # rounded sums.
+    ones = jnp.full((64, 64), 1.0078125, jnp.bfloat16)
+    np.testing.assert_allclose(float(optim.global_norm(ones)), 64 * 1.0078125, rtol=1e-7)
+    np.testing.assert_allclose(float(optim.global_norm({"z": jnp.array([3 + 4j])})), 5.0)
     # One sum per matrix and one for everything else, where optax has one a leaf and adds.
     sums = [e for e in jax.make_jaxpr(optim.global_norm)(tree).jaxpr.eqns
             if e.primitive.name == "reduce_sum"]
     assert len(sums) == 3 + 1
 
 
-@pytest.mark.parametrize("scale", [1e-6, 1.0])  # ‖tree‖ about 0.015 and 15000
+@pytest.mark.parametrize("leaf", ["stacked", "kernel", "bias", "scalar", "head"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_entry_in_any_leaf_makes_the_norm_non_finite(leaf, bad):
+    """The train step's one test of a step's gradients (lm.train.make_train_step)."""
+    tree = _mixed_tree()
+    tree[leaf] = tree[leaf].at[(0,) * tree[leaf].ndim].set(bad)
+    assert not np.isfinite(float(optim.global_norm(tree)))
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0])  # ‖tree‖ about 0.03 and 30
 def test_clipping_is_optaxs_and_keeps_its_state(scale):
     """Below and above the clip norm, the updates of optax.clip_by_global_norm, to
     rounding; the state optax's (empty), so checkpoints keep their layout."""
