@@ -269,13 +269,12 @@ def live_peak_bytes(dump_dir: str, since: float) -> int | None:
 def step_traffic(dump_dir: str, since: float) -> dict[str, float] | None:
     """:func:`experiments.hlo_traffic.summary` of the step XLA wrote to ``dump_dir`` since the
     wall time ``since`` (its newest ``jit_step`` after its optimizations): the kernels it
-    launches and the bytes they read and write. None when there is none."""
+    launches a step and the bytes they read and write. None when there is none."""
     files = [f for f in pathlib.Path(dump_dir).glob("*jit_step*after_optimizations.txt")
              if f.stat().st_mtime >= since]
     if not files:
         return None
-    return hlo_traffic.summary(hlo_traffic.kernels(
-        max(files, key=lambda f: f.stat().st_mtime).read_text()))
+    return hlo_traffic.summary(max(files, key=lambda f: f.stat().st_mtime).read_text())
 
 
 def device_memory_limit(device: Any) -> int | None:
@@ -438,9 +437,14 @@ def run_case(case: Case, mode: str, args: argparse.Namespace) -> dict:
             row["memory"]["live_peak_error"] = f"XLA wrote no live ranges of the step to {args.dump_dir}"
         else:
             row["memory"]["live_peak_bytes"] = live
-        traffic = step_traffic(args.dump_dir, started)
-        if traffic is not None:
-            row["hlo_traffic"] = traffic
+        # Extra, like the profile: the row stands whatever the parser makes of XLA's dump.
+        try:
+            traffic = step_traffic(args.dump_dir, started)
+        except (OSError, ValueError, AttributeError) as e:
+            row["hlo_traffic_error"] = f"{type(e).__name__}: {_first_line(e)}"
+        else:
+            if traffic is not None:
+                row["hlo_traffic"] = traffic
     # The batch's prompt-only head chunks skip their matmuls.
     row["matmul_flops_per_step"] = flops.jaxpr_matmul_flops(
         jaxpr, cond_share=flops.head_chunk_share(case.seq, case.prompt, args.chunk_size))

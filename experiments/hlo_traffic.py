@@ -3,11 +3,13 @@ bytes each reads and writes, from the HLO text XLA dumps after its optimizations
 (``XLA_FLAGS=--xla_dump_to=DIR``, ``*after_optimizations.txt``).
 
 What a step costs on a memory-bound GPU without timing it: a kernel is an instruction that
-launches work (a fusion, a library call such as cuBLAS's or cuDNN's, a lone copy), in the
-entry computation or in a branch or body of its control flow (``conditional``, ``while``,
-``call``: each branch counted once, whichever runs); its bytes are its operands' and its
-results' sizes, what it must read and write at least. Parameters, constants, bitcasts and
-tuples launch nothing. The sums compare two compiles of one step (``bench --target`` for a
+launches work (a fusion, a library call such as cuBLAS's or cuDNN's, a lone copy, the start
+of an asynchronous one), in the entry computation or in a branch or body of its control flow
+(``conditional``: each branch counted once, whichever runs; ``while``: its body as many
+times as XLA knows it loops, ``known_trip_count``, else once and counted in
+``unknown_trip_counts``; ``call``); its bytes are its operands' and its results' sizes,
+what it must read and write at least. Parameters, constants, bitcasts, tuples and the
+``-done`` halves of asynchronous pairs launch nothing. The sums compare two compiles of one step (``bench --target`` for a
 GPU without one: the kernels XLA:GPU would launch; ``bench --live-peak`` writes each row's
 ``hlo_traffic``): the gradient norm's 711 → 202 kernels at 2.65B were counted so. A
 kernel that reads only part of an operand (a slice fused into its reader) is counted with
@@ -27,13 +29,14 @@ from typing import Sequence
 _TYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
                "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
                "c64": 8, "c128": 16, "token": 0}
-#: Opcodes that launch no work of their own.
+#: Opcodes that launch no work of their own (nor does any ``*-done``).
 _NOT_KERNELS = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element", "after-all",
                 "opt-barrier", "partition-id", "replica-id", "add-dependency", "conditional",
                 "while", "call"}
-#: Attributes naming the computations control flow runs (not a fusion's ``calls=``).
-_CONTROL_FLOW = re.compile(r"\b(?:true_computation|false_computation|body|condition|to_apply)"
-                           r"=%([\w.\-]+)|branch_computations=\{([^}]*)\}")
+#: A conditional's branches (not a fusion's ``calls=``, nor a reduction's or a sort's
+#: ``to_apply``, whose scalar ops are part of their kernel).
+_BRANCHES = re.compile(r"\b(?:true_computation|false_computation)=%([\w.\-]+)"
+                       r"|branch_computations=\{([^}]*)\}")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
 
 
@@ -48,6 +51,7 @@ class Kernel:
     op_name: str
     bytes_read: float
     bytes_written: float
+    runs: int = 1
 
 
 def _element_bytes(text: str) -> float:
@@ -129,15 +133,21 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
     return computations, entry
 
 
-def kernels(hlo_text: str) -> list[Kernel]:
-    """Every kernel of the module in ``hlo_text`` (module docstring), entry first."""
+def kernels(hlo_text: str) -> tuple[list[Kernel], int]:
+    """(every kernel of the module in ``hlo_text``, entry first, with the times it runs a
+    step; the number of loops whose trip count XLA does not know, each counted once)."""
     computations, entry = _computations(hlo_text)
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
     found: list[Kernel] = []
     seen: set[str] = set()
+    unknown = 0
 
-    def walk(name: str) -> None:
+    def called(attribute: str, attributes: str) -> str:
+        return re.search(rf"\b{attribute}=%([\w.\-]+)", attributes).group(1)
+
+    def walk(name: str, runs: int) -> None:
+        nonlocal unknown
         if name in seen or name not in computations:
             return
         seen.add(name)
@@ -150,27 +160,44 @@ def kernels(hlo_text: str) -> list[Kernel]:
             shape, rest = _shape_and_rest(rhs)
             sizes[result] = _shape_bytes(shape)
             opcode, operands, attributes = _opcode_and_operands(rest)
-            for single, listed in _CONTROL_FLOW.findall(attributes):
-                for called in [single] if single else re.findall(r"%([\w.\-]+)", listed):
-                    walk(called)
-            if opcode in _NOT_KERNELS:
+            for single, listed in _BRANCHES.findall(attributes):
+                for branch in [single] if single else re.findall(r"%([\w.\-]+)", listed):
+                    walk(branch, runs)
+            if opcode == "call":
+                walk(called("to_apply", attributes), runs)
+            elif opcode == "while":
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', attributes)
+                unknown += trips is None
+                n = int(trips.group(1)) if trips else 1
+                walk(called("body", attributes), runs * n)
+                walk(called("condition", attributes), runs * (n + 1 if trips else 1))
+            if opcode in _NOT_KERNELS or opcode.endswith("-done"):
                 continue
             read = 0.0
             for operand, index in re.findall(r"%([\w.\-]+)(?:#(\d+))?", operands):
                 element = sizes.get(operand, [0.0])
                 read += element[int(index)] if index and int(index) < len(element) else sum(element)
+            written = sizes[result]
+            if opcode.endswith("-start") and len(written) > 1:
+                # What it writes: an async-start's (operands, result, context) element 1; a
+                # copy's (destination, source, …) or a collective's (operand, result) largest.
+                written = [written[1] if opcode == "async-start" else max(written)]
             op_name = re.search(r'op_name="([^"]*)"', attributes)
             found.append(Kernel(result, opcode, name, op_name.group(1) if op_name else "",
-                                read, sum(sizes[result])))
+                                read, sum(written), runs))
 
-    walk(entry)
-    return found
+    walk(entry, 1)
+    return found, unknown
 
 
-def summary(found: Sequence[Kernel]) -> dict[str, float]:
-    """``{"kernels", "bytes"}``: how many, and the bytes they read and write together."""
-    return {"kernels": len(found),
-            "bytes": float(sum(k.bytes_read + k.bytes_written for k in found))}
+def summary(hlo_text: str) -> dict[str, float]:
+    """``{"kernels", "bytes", "unknown_trip_counts"}`` of the module in ``hlo_text``: the
+    launches a step makes, the bytes they read and write together, and the loops counted
+    once for want of a trip count."""
+    found, unknown = kernels(hlo_text)
+    return {"kernels": sum(k.runs for k in found),
+            "bytes": float(sum(k.runs * (k.bytes_read + k.bytes_written) for k in found)),
+            "unknown_trip_counts": unknown}
 
 
 def by_source(found: Sequence[Kernel]) -> list[tuple[str, int, float, float]]:
@@ -182,9 +209,9 @@ def by_source(found: Sequence[Kernel]) -> list[tuple[str, int, float, float]]:
         source = re.sub(r"layers_\d+", "layers_*", k.op_name)
         key = f"{kind} | {source}"
         group = groups[key]
-        group[0] += 1
-        group[1] += k.bytes_read
-        group[2] += k.bytes_written
+        group[0] += k.runs
+        group[1] += k.runs * k.bytes_read
+        group[2] += k.runs * k.bytes_written
     rows = [(key, int(n), r, w) for key, (n, r, w) in groups.items()]
     return sorted(rows, key=lambda row: -(row[2] + row[3]))
 
@@ -198,12 +225,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         with open(args.file) as f:
-            found = kernels(f.read())
+            text = f.read()
+        found, _ = kernels(text)
         pattern = re.compile(args.match)
     except (OSError, UnicodeDecodeError, ValueError, re.error) as e:
         p.exit(2, f"{p.prog}: {args.file if not isinstance(e, re.error) else '--match'}: {e}\n")
-    total = summary(found)
-    print(f"{total['kernels']} kernels, {total['bytes'] / 1e9:.2f} GB read and written")
+    total = summary(text)
+    unknown = total["unknown_trip_counts"]
+    print(f"{total['kernels']} kernels, {total['bytes'] / 1e9:.2f} GB read and written"
+          + (f" ({unknown} loops of unknown trip count counted once)" if unknown else ""))
     rows = [row for row in by_source(found) if pattern.search(row[0])][:args.top]
     for key, n, read, written in rows:
         print(f"{(read + written) / 1e9:8.3f} GB  {n:5d} kernels  read {read / 1e9:7.3f}  "

@@ -101,6 +101,9 @@ def pipelined_ms(call: Callable[[], Any], steps: int, warmup: int = 1,
     (the first compiles). Unless ``chained`` (each call consumes the last one's donated
     results, so they are never held twice), in groups whose results stay under
     :data:`IN_FLIGHT_BYTES`."""
+    if warmup < 1:
+        raise ValueError(f"pipelined_ms: warmup must be at least 1 (the call that compiles), "
+                         f"got {warmup}")
     for _ in range(warmup):
         results = jax.block_until_ready(call())
     size = sum(getattr(x, "nbytes", 0) for x in jax.tree_util.tree_leaves(results))

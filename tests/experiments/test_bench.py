@@ -519,7 +519,7 @@ def test_random_batch_masks_the_prompt():
 
 
 @pytest.mark.parametrize("shape", ["gpt2-tiny", "llama-tiny", "pythia-tiny"])
-def test_random_params_draw_what_the_models_init_draws(shape):
+def test_random_params_draw_what_the_models_init_draws(shape, monkeypatch):
     cfg = models.builtin_config(shape)
     init = models.init_params(cfg, jax.random.PRNGKey(0))
     drawn = bench.random_params(cfg, jax.random.PRNGKey(0))
@@ -539,6 +539,13 @@ def test_random_params_draw_what_the_models_init_draws(shape):
     # Every matrix its own draw: the layers' same-shaped kernels differ.
     firsts = [m[:8].tobytes() for m in matrices]
     assert len(set(firsts)) == len(firsts)
+    # The bench's states start from these, never from the model's jitted init.
+    monkeypatch.setattr(bench.models, "init_params", lambda *a: pytest.fail("init_params"))
+    args = bench.parse_args(["--shapes", shape])
+    tx = bench.build_step(cfg, "adamw", args, "none")[1]
+    state, _ = bench.initial_state(cfg, "adamw", tx, jax.random.PRNGKey(0), args)
+    for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(drawn)):
+        np.testing.assert_array_equal(a, b)
     again = bench.random_params(cfg, jax.random.PRNGKey(0))
     other = bench.random_params(cfg, jax.random.PRNGKey(1))
     for a, b, c in zip(*map(jax.tree_util.tree_leaves, (drawn, again, other))):
@@ -610,6 +617,17 @@ def test_live_peaks_of_every_row_and_their_ratio(tmp_path):
     # The same dump's kernels: logits-SAM's inner head pass adds launches and bytes.
     assert 0 < adamw["hlo_traffic"]["kernels"] < sam["hlo_traffic"]["kernels"]
     assert 0 < adamw["hlo_traffic"]["bytes"] < sam["hlo_traffic"]["bytes"]
+
+
+def test_a_dump_the_parser_cannot_read_costs_the_traffic_not_the_row(tmp_path, monkeypatch):
+    def broken(dump_dir, since):
+        raise ValueError("no ENTRY computation in the HLO text")
+
+    monkeypatch.setattr(bench, "step_traffic", broken)
+    args = bench.parse_args(["--compile-only", "--dump-dir", str(tmp_path)])
+    row = bench.run_case(bench.cases(args)[0], "adamw", args)
+    assert row["status"] == "compiled" and "hlo_traffic" not in row
+    assert row["hlo_traffic_error"] == "ValueError: no ENTRY computation in the HLO text"
 
 
 TARGETS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "targets")
