@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dynamics.sam import sum_of_squares
+
 SCHEDULES = ("cosine", "linear", "constant")
 MU_DTYPES = (None, "float32", "bfloat16")
 
@@ -129,29 +131,12 @@ def make_optimizer(
 
 
 def global_norm(tree: Any) -> jax.Array:
-    """‖tree‖₂ over every entry of every leaf, summed in float32 (or wider): the norm
-    ``optax.tree.norm`` computes, in fewer kernels.
-
-    optax sums each leaf to a scalar and adds the scalars; XLA:GPU runs each large leaf's
-    sum as two kernels, so the norm of 2.65B's 389 gradients took 711 kernels and 2.7 ms a
-    step on an H200, where its 5.3 GB of bf16 reads take about 1.2 ms. Here each matrix is
-    summed along its last axis (a kernel a matrix), and those row sums with the vectors'
-    squares are concatenated (a few kernels) and summed: 202 kernels at 2.65B (compiled for
-    the H200), 76 instead of 271 at gpt2-124m. The optimization barrier keeps XLA from
-    rewriting the sum of the concatenation back into a sum per leaf. The order of the
-    float32 sums differs from optax's, so the two agree to rounding, not bit for bit.
-    Sharded (FSDP), the concatenation gathers the row sums (a few MB at 2.65B) where optax
-    all-reduces one scalar a leaf.
-    """
-    parts = []
-    for x in jax.tree_util.tree_leaves(tree):
-        x = jnp.asarray(x)
-        x = x.astype(jnp.result_type(jnp.float32, x))
-        squares = jnp.square(jnp.abs(x)) if jnp.iscomplexobj(x) else jnp.square(x)
-        parts.append(jnp.sum(squares, axis=-1).ravel() if x.ndim >= 2 else squares.ravel())
-    if not parts:
-        return jnp.float32(0)
-    return jnp.sqrt(jnp.sum(jax.lax.optimization_barrier(jnp.concatenate(parts))))
+    """‖tree‖₂ over every entry of every leaf, summed in float32 (or wider) by
+    :func:`dynamics.sam.sum_of_squares` (few GPU kernels): the norm ``optax.tree.norm``
+    computes, to float32 rounding (the order of the sums differs). Unscaled, unlike SAM's
+    ``global_norm``: a norm past the float range is inf, which the train step treats as a
+    blow-up, and it reads the gradients once (no pass for their largest entry)."""
+    return jnp.sqrt(sum_of_squares(tree))
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
