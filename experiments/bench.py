@@ -115,6 +115,7 @@ from experiments import _cli, flops, hlo_traffic, step_parts, step_profile
 from lm import models
 from lm import objectives
 from lm import optim
+from lm.models.layers import weight_init
 from lm.train import create_train_state, make_train_step
 from lm.train.state import with_multiplied
 from lm.train.logging import write_text_atomic
@@ -257,12 +258,8 @@ def live_peak_bytes(dump_dir: str, since: float) -> int | None:
     the buffer assignment XLA wrote to ``dump_dir`` (``--xla_dump_to``) since the wall time
     ``since``: its newest ``jit_step`` live ranges, whose peak XLA totals in one line. None
     when there are none."""
-    files = [f for f in pathlib.Path(dump_dir).glob("*jit_step*-live-range.txt")
-             if f.stat().st_mtime >= since]
-    if not files:
-        return None
-    text = max(files, key=lambda f: f.stat().st_mtime).read_text()
-    found = re.search(r"breakdown for peak usage: ([\d ]+) bytes", text)
+    text = _newest_step_dump(dump_dir, "-live-range.txt", since)
+    found = text and re.search(r"breakdown for peak usage: ([\d ]+) bytes", text)
     return int(found.group(1).replace(" ", "")) if found else None
 
 
@@ -270,11 +267,16 @@ def step_traffic(dump_dir: str, since: float) -> dict[str, float] | None:
     """:func:`experiments.hlo_traffic.summary` of the step XLA wrote to ``dump_dir`` since the
     wall time ``since`` (its newest ``jit_step`` after its optimizations): the kernels it
     launches a step and the bytes they read and write. None when there is none."""
-    files = [f for f in pathlib.Path(dump_dir).glob("*jit_step*after_optimizations.txt")
+    text = _newest_step_dump(dump_dir, "after_optimizations.txt", since)
+    return None if text is None else hlo_traffic.summary(text)
+
+
+def _newest_step_dump(dump_dir: str, suffix: str, since: float) -> str | None:
+    """The text of the newest ``*jit_step*<suffix>`` file XLA wrote to ``dump_dir`` since
+    the wall time ``since``, or None."""
+    files = [f for f in pathlib.Path(dump_dir).glob(f"*jit_step*{suffix}")
              if f.stat().st_mtime >= since]
-    if not files:
-        return None
-    return hlo_traffic.summary(max(files, key=lambda f: f.stat().st_mtime).read_text())
+    return max(files, key=lambda f: f.stat().st_mtime).read_text() if files else None
 
 
 def device_memory_limit(device: Any) -> int | None:
@@ -546,8 +548,9 @@ def train_state(cfg, mode: str, params, tx, args) -> Any:
 
 def random_params(cfg, key: jax.Array) -> Any:
     """Parameters of ``cfg``'s shapes and dtypes (:func:`lm.models.abstract_params`) drawn
-    as :func:`lm.models.init_params` draws them: N(0, 0.02²) matrices (GPT-2's position
-    table included, which the init draws from N(0, 0.01²)), norm scales one, biases zero;
+    as :func:`lm.models.init_params` draws them: matrices by its ``weight_init``, N(0, 0.02²)
+    (GPT-2's position table included, which the init draws from N(0, 0.01²)), norm scales
+    one, biases zero;
     leaf ``i``'s draw keyed by ``fold_in(key, i)``.
 
     The step's time does not depend on these values. What differs is the compile: XLA:GPU
@@ -569,7 +572,7 @@ def random_params(cfg, key: jax.Array) -> Any:
 
 @functools.partial(jax.jit, static_argnames=("shape", "dtype"))
 def _normal_leaf(key: jax.Array, index: int, shape: tuple[int, ...], dtype: Any) -> jax.Array:
-    return 0.02 * jax.random.normal(jax.random.fold_in(key, index), shape, dtype)
+    return weight_init(jax.random.fold_in(key, index), shape, dtype)
 
 
 def initial_state(cfg, mode: str, tx, key, args) -> tuple[Any, Any]:

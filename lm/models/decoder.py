@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.models.config import ModelConfig
-from lm.models.layers import Block, KVCache, Norm, RightPadded, _init, make_attention_mask
+from lm.models.layers import Block, KVCache, Norm, RightPadded, make_attention_mask, weight_init
 
 Params = dict[str, Any]
 
@@ -40,7 +40,7 @@ class Decoder(nn.Module):
                  cache_index=None):
         cfg = self.cfg
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
-                         param_dtype=cfg.params_dtype, embedding_init=_init, name="embed")
+                         param_dtype=cfg.params_dtype, embedding_init=weight_init, name="embed")
         x = embed(input_ids)
         if cfg.family == "gpt2":
             x = x + nn.Embed(cfg.max_position_embeddings, cfg.hidden_size,
@@ -48,7 +48,7 @@ class Decoder(nn.Module):
                              embedding_init=nn.initializers.normal(0.01),
                              name="pos_embed")(positions)
         if not cfg.tie_word_embeddings:
-            self.param("lm_head", _init, (cfg.vocab_size, cfg.hidden_size), cfg.params_dtype)
+            self.param("lm_head", weight_init, (cfg.vocab_size, cfg.hidden_size), cfg.params_dtype)
         block = Block
         scan = cfg.scan_layers and caches is None
         if self.remat:

@@ -42,7 +42,8 @@ _ACTIVATIONS = {
     "relu": jax.nn.relu,
 }
 
-_init = nn.initializers.normal(stddev=0.02)
+#: GPT-2's N(0, 0.02²) for every weight matrix (the position table: N(0, 0.01²)).
+weight_init = nn.initializers.normal(stddev=0.02)
 
 
 def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
@@ -125,7 +126,7 @@ def Norm(cfg: ModelConfig, name: str) -> nn.Module:
 
 def _dense(cfg: ModelConfig, features: int, bias: bool, name: str) -> nn.Dense:
     return nn.Dense(features, use_bias=bias, dtype=cfg.compute_dtype,
-                    param_dtype=cfg.params_dtype, kernel_init=_init, name=name)
+                    param_dtype=cfg.params_dtype, kernel_init=weight_init, name=name)
 
 
 class Attention(nn.Module):
