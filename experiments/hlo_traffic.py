@@ -8,12 +8,15 @@ of an asynchronous one), in the entry computation or in a branch or body of its 
 (``conditional``: each branch counted once, whichever runs; ``while``: its body as many
 times as XLA knows it loops, ``known_trip_count``, else once and counted in
 ``unknown_trip_counts``; ``call``); its bytes are its operands' and its results' sizes,
-what it must read and write at least. Parameters, constants, bitcasts, tuples and the
-``-done`` halves of asynchronous pairs launch nothing. The sums compare two compiles of one step (``bench --target`` for a
-GPU without one: the kernels XLA:GPU would launch; ``bench --live-peak`` writes each row's
-``hlo_traffic``): the gradient norm's 711 → 202 kernels at 2.65B were counted so. A
-kernel that reads only part of an operand (a slice fused into its reader) is counted with
-the whole operand.
+what it must read and write at least, except where a fusion only gathers or slices from an
+operand (it reads what it takes) or updates one in place (a scatter or dynamic update
+slice: it writes the update alone). Parameters, constants, bitcasts, tuples and the
+``-done`` halves of asynchronous pairs launch nothing. The sums compare two compiles of one
+step (``bench --target`` for a GPU without one: the kernels XLA:GPU would launch;
+``bench --live-peak`` writes each row's ``hlo_traffic``): the gradient norm's 711 → 202
+kernels at 2.65B were counted so. Every branch of a conditional counts, so a step whose
+chunks choose between two paths at run time (the perturbed head's shifted and exact
+passes, ``lm.losses``) is charged both.
 """
 
 from __future__ import annotations
@@ -133,6 +136,69 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
     return computations, entry
 
 
+#: Fused ops that read only part of their first operand (what their result holds); those
+#: that update their first operand in place, by the operand at this position (the update).
+_PARTIAL_READS = {"gather", "dynamic-slice", "slice"}
+_IN_PLACE = {"scatter": -1, "dynamic-update-slice": 1}
+_PASS_THROUGH = {"bitcast", "reshape"}
+
+
+def _partial_access(lines: list[str]) -> tuple[dict[int, float], float | None]:
+    """What a fused computation reads of the parameters it only slices or gathers from, and
+    writes when its root updates one in place: ({parameter number: bytes read}, bytes
+    written or None). A parameter read only as the first operand of a gather, a (dynamic)
+    slice, a scatter or a dynamic update slice (through bitcasts) costs what those read:
+    their results', or nothing for the destination of an update, which is in place; such
+    a root writes its update alone."""
+    parameters: dict[str, int] = {}
+    producers: dict[str, tuple[str, list[str], float]] = {}
+    users: dict[str, list[tuple[str, str, int]]] = {}
+    root = None
+    for line in lines:
+        instruction = _INSTRUCTION.match(line)
+        if not instruction:
+            continue
+        result = instruction.group(1)
+        shape, rest = _shape_and_rest(instruction.group(2))
+        opcode, operands, _ = _opcode_and_operands(rest)
+        names = re.findall(r"%([\w.\-]+)", operands)
+        producers[result] = (opcode, names, sum(_shape_bytes(shape)))
+        if opcode == "parameter":
+            parameters[result] = int(operands)
+        for position, name in enumerate(names):
+            users.setdefault(name, []).append((result, opcode, position))
+        if line.lstrip().startswith("ROOT"):
+            root = result
+
+    def reads(name: str) -> float | None:
+        total = 0.0
+        for user, opcode, position in users.get(name, []):
+            if opcode in _PASS_THROUGH:
+                part = reads(user)
+            elif opcode in _PARTIAL_READS and position == 0:
+                part = producers[user][2]
+            elif opcode in _IN_PLACE and position == 0:
+                part = 0.0
+            else:
+                return None
+            if part is None:
+                return None
+            total += part
+        return total
+
+    partial = {number: part for name, number in parameters.items()
+               if (part := reads(name)) is not None}
+    in_place = None
+    if root is not None and producers[root][0] in _IN_PLACE:
+        opcode, names, _ = producers[root]
+        destination = names[0]
+        while producers.get(destination, ("",))[0] in _PASS_THROUGH:
+            destination = producers[destination][1][0]
+        if destination in parameters:
+            in_place = producers.get(names[_IN_PLACE[opcode]], ("", [], 0.0))[2]
+    return partial, in_place
+
+
 def kernels(hlo_text: str) -> tuple[list[Kernel], int]:
     """(every kernel of the module in ``hlo_text``, entry first, with the times it runs a
     step; the number of loops whose trip count XLA does not know, each counted once)."""
@@ -173,11 +239,16 @@ def kernels(hlo_text: str) -> tuple[list[Kernel], int]:
                 walk(called("condition", attributes), runs * (n + 1 if trips else 1))
             if opcode in _NOT_KERNELS or opcode.endswith("-done"):
                 continue
+            partial, in_place = {}, None
+            if opcode == "fusion":
+                partial, in_place = _partial_access(computations.get(called("calls", attributes), []))
             read = 0.0
-            for operand, index in re.findall(r"%([\w.\-]+)(?:#(\d+))?", operands):
+            for position, (operand, index) in enumerate(
+                    re.findall(r"%([\w.\-]+)(?:#(\d+))?", operands)):
                 element = sizes.get(operand, [0.0])
-                read += element[int(index)] if index and int(index) < len(element) else sum(element)
-            written = sizes[result]
+                whole = element[int(index)] if index and int(index) < len(element) else sum(element)
+                read += partial.get(position, whole)
+            written = sizes[result] if in_place is None else [in_place]
             if opcode.endswith("-start") and len(written) > 1:
                 # What it writes: an async-start's (operands, result, context) element 1; a
                 # copy's (destination, source, …) or a collective's (operand, result) largest.

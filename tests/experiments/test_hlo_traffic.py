@@ -95,6 +95,73 @@ def test_kernels_and_their_bytes_by_hand():
     assert ("step_fusion | ", 3, 108.0, 108.0) in hlo_traffic.by_source(found)
 
 
+# Fusions that read part of an operand: a gather of a row from a bitcast parameter beside a
+# whole read, a scatter of one row and a dynamic update slice, each into its destination
+# in place.
+PARTIAL = """HloModule jit_step, entry_computation_layout={(f32[64,8]{1,0})->f32[64,8]{0}}
+
+%fused_gather (p0: f32[64,8], p1: s32[1,1], p2: f32[8]) -> f32[1,8] {
+  %p0 = f32[64,8]{1,0} parameter(0)
+  %flat = f32[512]{0} bitcast(%p0)
+  %again = f32[64,8]{1,0} bitcast(%flat)
+  %p1 = s32[1,1]{1,0} parameter(1)
+  %row = f32[1,8]{1,0} gather(%again, %p1), offset_dims={1}, collapsed_slice_dims={0}, start_index_map={0}, index_vector_dim=1, slice_sizes={1,8}
+  %p2 = f32[8]{0} parameter(2)
+  %whole = f32[1,8]{1,0} bitcast(%p2)
+  ROOT %sum = f32[1,8]{1,0} add(%row, %whole)
+}
+
+%fused_scatter (q0: f32[64,8], q1: s32[1,1], q2: f32[1,8]) -> f32[64,8] {
+  %q0 = f32[64,8]{1,0} parameter(0)
+  %q1 = s32[1,1]{1,0} parameter(1)
+  %q2 = f32[1,8]{1,0} parameter(2)
+  ROOT %put = f32[64,8]{1,0} scatter(%q0, %q1, %q2), update_window_dims={1}, inserted_window_dims={0}, scatter_dims_to_operand_dims={0}, index_vector_dim=1, to_apply=%add
+}
+
+%fused_update (u0: f32[64,8], u1: f32[1,8], u2: s32[]) -> f32[64,8] {
+  %u0 = f32[64,8]{1,0} parameter(0)
+  %u1 = f32[1,8]{1,0} parameter(1)
+  %u2 = s32[] parameter(2)
+  ROOT %into = f32[64,8]{1,0} dynamic-update-slice(%u0, %u1, %u2, %u2)
+}
+
+%fused_read (r0: f32[64,8], r1: s32[1,1]) -> f32[64,8] {
+  %r0 = f32[64,8]{1,0} parameter(0)
+  %r1 = s32[1,1]{1,0} parameter(1)
+  %part = f32[1,8]{1,0} gather(%r0, %r1), offset_dims={1}, collapsed_slice_dims={0}, start_index_map={0}, index_vector_dim=1, slice_sizes={1,8}
+  ROOT %neg = f32[64,8]{1,0} negate(%r0)
+}
+
+%add (l: f32[], r: f32[]) -> f32[] {
+  %l = f32[] parameter(0)
+  %r = f32[] parameter(1)
+  ROOT %s = f32[] add(%l, %r)
+}
+
+ENTRY %main.1 (x: f32[64,8], i: s32[1,1], v: f32[8]) -> f32[64,8] {
+  %x = f32[64,8]{1,0} parameter(0)
+  %i = s32[1,1]{1,0} parameter(1)
+  %v = f32[8]{0} parameter(2)
+  %gathered = f32[1,8]{1,0} fusion(%x, %i, %v), kind=kLoop, calls=%fused_gather
+  %negated = f32[64,8]{1,0} fusion(%x, %i), kind=kLoop, calls=%fused_read
+  %updated = f32[64,8]{1,0} fusion(%negated, %i, %gathered), kind=kInput, calls=%fused_scatter
+  %k = s32[] constant(3)
+  ROOT %placed = f32[64,8]{1,0} fusion(%updated, %gathered, %k), kind=kLoop, calls=%fused_update
+}
+"""
+
+
+def test_fused_gathers_and_in_place_scatters_count_what_they_touch():
+    """A parameter only gathered from (through bitcasts) costs the rows gathered; the
+    destination of a scatter or a dynamic update slice costs nothing read, and its fusion
+    writes the update alone; a parameter also read whole costs its whole."""
+    by_name = {k.name: (k.bytes_read, k.bytes_written) for k in hlo_traffic.kernels(PARTIAL)[0]}
+    assert by_name["gathered"] == (32 + 4 + 32, 32)
+    assert by_name["negated"] == (64 * 8 * 4 + 4, 64 * 8 * 4)
+    assert by_name["updated"] == (0 + 4 + 32, 32)
+    assert by_name["placed"] == (0 + 32 + 4, 32)
+
+
 def test_a_loop_of_unknown_trip_count_is_counted_once_and_said():
     text = MODULE.replace(', backend_config={"known_trip_count":{"n":"3"}}', "")
     found, unknown = hlo_traffic.kernels(text)
