@@ -89,6 +89,7 @@ def sam_loss(
     *args: Any,
     has_aux: bool = False,
     perturb: Callable[[jax.Array, jax.Array], Any] = jnp.add,
+    reuse: Callable[[Any], dict[str, Any]] | None = None,
 ) -> Any:
     """The SAM objective ``loss_fn(params + e, *args)`` with ``e`` from the gradient at ``params``.
 
@@ -104,17 +105,25 @@ def sam_loss(
       perturb: ``perturb(leaf, e_leaf)``, what ``loss_fn`` gets for each leaf: the sum
         ``leaf + e_leaf`` by default. A caller whose ``loss_fn`` forms the sum itself,
         where it is used, can keep the two apart (``lm.objectives``: no stored W + e).
+      reuse: with ``has_aux``, ``reuse(aux) -> kwargs``: what the perturbed evaluation
+        ``loss_fn(params + e, *args, **kwargs)`` takes from the unperturbed one's aux
+        (``lm.objectives``: each token's logsumexp, with which the perturbed output layer
+        reads its logits once). Constants: no gradient flows through them.
 
     Returns:
       ``out`` (and ``aux``), whose gradient w.r.t. ``params`` and ``args`` is the SAM
       gradient.
     """
+    if reuse is not None and not has_aux:
+        raise ValueError("sam_loss: reuse reads the unperturbed evaluation's aux; "
+                         "pass has_aux=True")
     frozen = jax.lax.stop_gradient((params, args))
     inner = jax.grad(lambda p: loss_fn(p, *frozen[1]), has_aux=has_aux)(frozen[0])
     grads, aux = inner if has_aux else (inner, None)
     e = jax.lax.stop_gradient(sam_perturbation(grads, rho))
     perturbed = jax.tree_util.tree_map(perturb, params, e)
-    out = loss_fn(perturbed, *args)
+    reused = {} if reuse is None else jax.lax.stop_gradient(reuse(aux))
+    out = loss_fn(perturbed, *args, **reused)
     if has_aux:
         return out[0], aux
     return out
@@ -128,6 +137,7 @@ def logits_sam_loss(
     *args: Any,
     has_aux: bool = False,
     perturb: Callable[[jax.Array, jax.Array], Any] = jnp.add,
+    reuse: Callable[[Any], dict[str, Any]] | None = None,
 ) -> Any:
     """The logits-SAM objective ``L(h, W + e)`` (paper §3.3, Algorithm 1).
 
@@ -141,11 +151,11 @@ def logits_sam_loss(
       rho: signed radius; ``rho = 0`` gives the plain loss and its gradient.
       *args: further loss inputs (labels, masks, reference log-probs), constants of the
         inner gradient.
-      has_aux, perturb: see :func:`sam_loss`.
+      has_aux, perturb, reuse: see :func:`sam_loss`.
     """
     return sam_loss(
-        lambda w, h, *rest: loss_fn(h, w, *rest), head, rho, hidden, *args, has_aux=has_aux,
-        perturb=perturb,
+        lambda w, h, *rest, **reused: loss_fn(h, w, *rest, **reused), head, rho, hidden, *args,
+        has_aux=has_aux, perturb=perturb, reuse=reuse,
     )
 
 

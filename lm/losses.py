@@ -149,20 +149,29 @@ def sequence_logps_from_logits(
 class PerturbedHead(NamedTuple):
     """The output layer W + e, kept as its two terms (logits-SAM's, :mod:`lm.objectives`):
     :func:`token_logps` forms the sum in ``weight``'s dtype where it casts the head to the
-    compute dtype, so the sum in ``weight``'s dtype is never stored."""
+    compute dtype, so the sum in ``weight``'s dtype is never stored.
+
+    ``unperturbed_lse``, if given, is the logsumexp of the unperturbed logits h Wᵀ at every
+    target position (N, T − 1), at the very features h the perturbed head is applied to:
+    what :func:`token_logps` of W returns ``with_lse``. A chunked head that keeps its
+    softmax gradients then reads each chunk's perturbed logits once instead of twice
+    (:func:`_shifted_chunk`); elsewhere it is not read.
+    """
 
     weight: jax.Array
     perturbation: jax.Array
+    unperturbed_lse: jax.Array | None = None
 
 
 def token_logps(
     hidden: jax.Array,
-    head: jax.Array,
+    head: jax.Array | PerturbedHead,
     input_ids: jax.Array,
     loss_mask: jax.Array,
     *,
     chunk_size: int | None = None,
-) -> jax.Array:
+    with_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Masked per-token log-probs of the next token: (N, T, d), (V, d) → (N, T − 1) float32.
 
     Entry [n, t] is log π(x_{n,t+1} | x_{n,≤t}) where ``loss_mask[n, t+1]`` is set, else 0.
@@ -186,12 +195,27 @@ def token_logps(
       loss_mask: (N, T), 1 on the tokens whose log-probs count (the response, EOS incl.).
       chunk_size: target positions per chunk (each chunk holds N·c·V float32 logits);
         ``None`` = all at once.
+      with_lse: also return logsumexp(z_t) (N, T − 1) float32 at every target position,
+        counted or not (0 in the chunks skipped), without derivative: a perturbed head's
+        ``unperturbed_lse``.
     """
-    if _chunks(input_ids.shape[1], chunk_size) is None:
-        return _chunked(lambda h, tg: target_logps(logits_from_hidden(h, _multiplied_head(
-            head, h.dtype)), tg), (hidden,), (), input_ids, loss_mask, chunk_size)
-    counted, targets, (h_prev,), _ = _chunk_layout((hidden,), (), input_ids, loss_mask, chunk_size)
-    return _unchunked(_head_chunks_logps(h_prev, head, targets, counted), loss_mask)
+    t = input_ids.shape[1]
+    shift = None
+    if isinstance(head, PerturbedHead):
+        shift, head = head.unperturbed_lse, head._replace(unperturbed_lse=None)
+    if _chunks(t, chunk_size) is None:
+        z = logits_from_hidden(hidden[:, :-1], _multiplied_head(head, hidden.dtype))
+        target_logit, lse = _target_logit_and_lse(z, input_ids[:, 1:])
+        logps = _masked(target_logit - lse, loss_mask)
+    else:
+        # The shift is indexed by target position already: entry 0 (no target) unused.
+        aligned = () if shift is None else (jnp.pad(shift.astype(jnp.float32), ((0, 0), (1, 0))),)
+        counted, targets, (h_prev,), aligned = _chunk_layout((hidden,), aligned, input_ids,
+                                                              loss_mask, chunk_size)
+        logps, lse = _head_chunks_logps(h_prev, head, targets, counted,
+                                        aligned[0] if aligned else None)
+        logps, lse = _unchunked(logps, loss_mask), _target_positions(lse, t)
+    return (logps, jax.lax.stop_gradient(lse)) if with_lse else logps
 
 
 def _multiplied_head(head: jax.Array | PerturbedHead, dtype: Any) -> jax.Array:
@@ -202,10 +226,14 @@ def _multiplied_head(head: jax.Array | PerturbedHead, dtype: Any) -> jax.Array:
 
 
 @jax.custom_vjp
-def _head_chunks_logps(hidden, head, targets, counted):
-    """Unmasked log-probs [K, N, c] of chunked targets: features [K, N, c, d] (each chunk's
-    predecessors, :func:`_chunk_layout`), ``head`` as :func:`token_logps` takes it, int
-    ``targets`` and bool ``counted`` [K, N, c]. A chunk without a counted target is 0.
+def _head_chunks_logps(hidden, head, targets, counted, shift):
+    """(Unmasked log-probs, lse) [K, N, c] of chunked targets: features [K, N, c, d] (each
+    chunk's predecessors, :func:`_chunk_layout`), ``head`` as :func:`token_logps` takes it
+    (a :class:`PerturbedHead` without its lse), int ``targets`` and bool ``counted``
+    [K, N, c], and ``shift``: None or the unperturbed head's lse [K, N, c] (float32), read
+    by the kept forward of a perturbed head (:func:`_shifted_chunk`). A chunk without a
+    counted target is 0. The lse has no derivative (:func:`token_logps` returns it under
+    ``stop_gradient``).
 
     Forward, per chunk: z = h Wᵀ, log π = z[target] − lse(z). Backward, with c the
     cotangent of a chunk's log-probs [N, c] and Q = onehot(target) − softmax(z) the
@@ -235,7 +263,7 @@ def _head_chunks_logps(hidden, head, targets, counted):
     (``benchmarks/README.md``, *XLA:GPU compiled here*). ∂h and ∂W are formed only for the
     inputs that are differentiated.
     """
-    return _head_chunks_forward(hidden, head, targets, counted)[0]
+    return _head_chunks_forward(hidden, head, targets, counted)[:2]
 
 
 #: The chunked head multiplies W with its rows zero-padded to a multiple of this, and leaves
@@ -278,73 +306,161 @@ def _softmax_gradient(z, targets, lse, vocab):
     return jnp.where(column < vocab, onehot - jnp.exp(z - lse[..., None]), 0.0)
 
 
-def _head_chunks_forward(hidden, head, targets, counted, keep=()):
+def _head_chunks_forward(hidden, head, targets, counted, keep=(), shift=None):
     """(log-probs, lse, kept) of :func:`_head_chunks_logps`; ``keep`` names the kept
-    residuals to form, each a list of K chunks' [N, c, ·]: "head" (Q, for ∂W) and "hidden"
-    (U = Q W, for ∂h).
+    residuals to form, each a list of K chunks' [N, c, ·]: "head" (Q̃ and r [N, c] with
+    Q = r Q̃, for ∂W) and "hidden" (U = Q W, for ∂h). A ``shift`` (the unperturbed lse of a
+    perturbed head) lets each kept chunk whose rows provably stay near it read its logits
+    once (:func:`_shifted_chunk`); the others run as without it.
 
-    Kept, the few chunks (:func:`keeps_softmax_gradient`) run unrolled, each Q an array of
+    Kept, the few chunks (:func:`keeps_softmax_gradient`) run unrolled, each Q̃ an array of
     its own, allocated where it is formed: a loop would stack them into one buffer that
     XLA may allocate before the loop (logits-SAM: before its inner pass has freed its own).
     """
     w, vocab = _aligned_head(head, hidden.dtype)
 
-    def chunk(h, tg, m):
-        def run():
-            z = logits_from_hidden(h, w)
-            target_logit, lse = _target_logit_and_lse(z, tg, vocab)
-            kept = {}
-            if keep:
-                kept["head"] = _softmax_gradient(z, tg, lse, vocab).astype(h.dtype)
-                if "hidden" in keep:
-                    kept["hidden"] = _dot(kept["head"], w, "...v,vd->...d")
-            return target_logit, lse, {k: kept[k] for k in keep}
+    def exact(h, tg, _):
+        z = logits_from_hidden(h, w)
+        target_logit, lse = _target_logit_and_lse(z, tg, vocab)
+        kept = {}
+        if keep:
+            q = _softmax_gradient(z, tg, lse, vocab).astype(h.dtype)
+            kept["head"] = (q, jnp.ones(tg.shape, jnp.float32))
+            if "hidden" in keep:
+                kept["hidden"] = _dot(q, w, "...v,vd->...d")
+        return target_logit, lse, {k: kept[k] for k in keep}
 
-        def skip():
-            zeros = {"head": jnp.zeros((*tg.shape, w.shape[0]), h.dtype),
-                     "hidden": jnp.zeros(h.shape, jnp.float32)}
-            return (*(jnp.zeros(tg.shape, jnp.float32),) * 2, {k: zeros[k] for k in keep})
+    def shifted(h, tg, s):
+        return _shifted_chunk(h, w, tg, s, vocab, keep)
 
-        return jax.lax.cond(jnp.any(m), run, skip)
+    def skip(h, tg, _):
+        zeros = {"head": (jnp.zeros((*tg.shape, w.shape[0]), h.dtype),
+                          jnp.zeros(tg.shape, jnp.float32)),
+                 "hidden": jnp.zeros(h.shape, jnp.float32)}
+        return (*(jnp.zeros(tg.shape, jnp.float32),) * 2, {k: zeros[k] for k in keep})
 
     if not keep:
-        target_logit, lse, _ = jax.lax.map(lambda xs: chunk(*xs), (hidden, targets, counted))
+        target_logit, lse, _ = jax.lax.map(
+            lambda xs: jax.lax.cond(jnp.any(xs[2]), exact, skip, xs[0], xs[1], None),
+            (hidden, targets, counted))
         return target_logit - lse, lse, {}
-    chunks = [chunk(hidden[k], targets[k], counted[k]) for k in range(targets.shape[0])]
+    if shift is None:
+        chunks = [jax.lax.cond(jnp.any(counted[k]), exact, skip, hidden[k], targets[k], None)
+                  for k in range(targets.shape[0])]
+    else:
+        # Per chunk, whether its rows' perturbed lse provably lies within SHIFT_RANGE of the
+        # shift; the slots without a target (zero features: lse = log V, shift 0) do for
+        # any V < e^23.
+        largest = jnp.sqrt(jnp.max(jnp.sum(jnp.square(hidden.astype(jnp.float32)), axis=-1),
+                                   axis=(1, 2)))
+        near = largest * _perturbation_bound(head, hidden.dtype) + 1.0 <= SHIFT_RANGE
+        branch = jnp.where(jnp.any(counted, axis=(1, 2)), jnp.where(near, 2, 1), 0)
+        chunks = [jax.lax.switch(branch[k], (skip, exact, shifted), hidden[k], targets[k],
+                                 shift[k]) for k in range(targets.shape[0])]
     target_logit, lse = (jnp.stack([c[i] for c in chunks]) for i in (0, 1))
     return target_logit - lse, lse, {name: [c[2][name] for c in chunks] for name in keep}
 
 
-def _head_chunks_fwd(hidden, head, targets, counted):
+#: How far (in nats) a perturbed head's logsumexp may provably lie from the unperturbed one
+#: for :func:`_shifted_chunk` to shift its exponentials by the latter: exp(z − shift) then
+#: stays under e^24 an entry and V′·e^24 a row (no overflow), and flushes to zero only the
+#: probabilities under about 1e-38 · e^24 ≈ 3e-28 (1e-38 unshifted).
+SHIFT_RANGE = 24.0
+
+
+def _perturbation_bound(head: PerturbedHead, dtype: Any) -> jax.Array:
+    """B with |lse(z′)_n − lse(z)_n| ≤ ‖h_n‖ B for every feature row h_n, z = h wᵀ and
+    z′ = h w′ᵀ with w, w′ the heads W and W + e as the logits multiply them (cast to
+    ``dtype``, float32 accumulation): lse is 1-Lipschitz in the max norm, and
+
+        |z′_v − z_v| ≤ ‖h‖ ‖w′_v − w_v‖ + (rounding of both products)
+                     ≤ ‖h‖ (max_v ‖w′_v − w_v‖ + 2 d ε max_v max(‖w_v‖, ‖w′_v‖))
+
+    (Cauchy–Schwarz; each float32 accumulation of d products errs by at most about
+    d (ε/2) ‖h‖ ‖w_v‖, ε the machine epsilon, here counted twice over)."""
+    def rounded(x):
+        # x.astype(dtype) in float32, by an op of its own: the cast itself would be merged
+        # with the inner pass's cast of W and hold that [V, d] array until here. Padded as
+        # the perturbed head is (_aligned_head): XLA:GPU then sums these squares in the
+        # kernel that casts W + e, which reads W and e anyway.
+        bits = jnp.finfo(dtype)
+        x = jax.lax.reduce_precision(x.astype(jnp.float32), bits.nexp, bits.nmant)
+        return jnp.pad(x, ((0, -x.shape[0] % HEAD_ALIGNMENT), (0, 0)))
+
+    w = rounded(head.weight)
+    w1 = rounded(head.weight + head.perturbation.astype(head.weight.dtype))
+    # Both sums of squares a row in one reduction (nothing [V, d] stored on the CPU);
+    # max(‖w_v‖, ‖w′_v‖) ≤ ‖w_v‖ + ‖w′_v − w_v‖.
+    zero = jnp.float32(0)
+    squares = jax.lax.reduce((jnp.square(w1 - w), jnp.square(w)), (zero, zero),
+                             lambda a, b: (a[0] + b[0], a[1] + b[1]), (w.ndim - 1,))
+    change, size = (jnp.sqrt(jnp.max(x)) for x in squares)
+    return change + 2 * w.shape[-1] * jnp.finfo(jnp.float32).eps * (size + change)
+
+
+def _shifted_chunk(h, w, targets, shift, vocab, keep):
+    """The kept forward of one chunk of a perturbed head, its float32 logits z = h w′ᵀ read
+    once: with s the unperturbed head's lse at each row (within :data:`SHIFT_RANGE` of
+    lse(z), :func:`_perturbation_bound`),
+
+        E = exp(z − s),   Σ = Σ_v E_v,   lse(z) = s + log Σ,
+        Q = onehot − E / Σ = r Q̃,   Q̃ = Σ onehot − E,   r = 1 / Σ
+
+    where the plain forward reads z twice: its logsumexp, then Q = onehot − exp(z − lse).
+    One pass over z writes −E in h's dtype and sums E; Q̃'s target entries, Σ − E_target
+    (from the gathered target logit), are then written into it in place. The backward
+    scales c h by r for ∂W = Q̃ᵀ (r c h) (:func:`_kept_cotangents`), and U = r (Q̃ w′).
+    An lse with log Σ outside the range, which the bound excludes, is NaN: an
+    ``unperturbed_lse`` that is not the unperturbed head's cannot pass unnoticed.
+    """
+    z = logits_from_hidden(h, w)
+    target_logit = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+    column = jnp.arange(z.shape[-1])
+    e = jnp.where(column < vocab, jnp.exp(z - shift[..., None]), 0.0)
+    total = jnp.sum(e.reshape(*e.shape[:-1], -1, HEAD_ALIGNMENT), axis=-1).sum(axis=-1)
+    target_entry = (total - jnp.exp(target_logit - shift)).astype(h.dtype)
+    q = (-e).astype(h.dtype).at[(*jnp.indices(targets.shape, sparse=True), targets)].set(
+        target_entry, unique_indices=True)
+    log_total = jnp.log(total)
+    lse = shift + jnp.where(jnp.abs(log_total) <= SHIFT_RANGE, log_total, jnp.nan)
+    scale = 1.0 / total
+    kept = {"head": (q, scale)}
+    if "hidden" in keep:
+        kept["hidden"] = scale[..., None] * _dot(q, w, "...v,vd->...d")
+    return target_logit, lse, {k: kept[k] for k in keep}
+
+
+def _head_chunks_fwd(hidden, head, targets, counted, shift):
     # symbolic_zeros: every leaf comes as a CustomVJPPrimal (value, perturbed).
     needed = ("hidden",) if hidden.perturbed else ()
     if any(x.perturbed for x in jax.tree_util.tree_leaves(head)):
         needed += ("head",)
-    hidden, head, targets, counted = jax.tree_util.tree_map(
-        lambda x: x.value, (hidden, head, targets, counted))
+    hidden, head, targets, counted, shift = jax.tree_util.tree_map(
+        lambda x: x.value, (hidden, head, targets, counted, shift))
     chunks, n, c = targets.shape
     keep = needed if keeps_softmax_gradient(chunks * c, c, hidden.dtype) else ()
-    logps, lse, kept = _head_chunks_forward(hidden, head, targets, counted, keep)
+    logps, lse, kept = _head_chunks_forward(hidden, head, targets, counted, keep, shift)
     # Names as a pytree's structure (residuals are arrays): {name: ()}.
-    return logps, (hidden, head, targets, counted, lse, dict.fromkeys(needed, ()), kept)
+    return (logps, lse), (hidden, head, targets, counted, lse, dict.fromkeys(needed, ()), kept)
 
 
 def _head_chunks_bwd(res, ct):
     hidden, head, targets, counted, lse, needed, kept = res
+    ct = ct[0]  # the lse's is zero: token_logps returns it under stop_gradient
     if isinstance(ct, jax.custom_derivatives.SymbolicZero):
-        return None, None, None, None
+        return None, None, None, None, None
     if kept:
         d_head, d_hidden = _kept_cotangents(hidden, head, counted, ct, kept)
     else:
         d_head, d_hidden = _recomputed_cotangents(hidden, head, targets, counted, lse, ct, needed)
     if d_head is not None:
         d_head = jax.tree_util.tree_map(lambda x: d_head.astype(x.dtype), head)
-    return d_hidden, d_head, None, None
+    return d_hidden, d_head, None, None, None
 
 
 def _kept_cotangents(hidden, head, counted, ct, kept):
-    """(∂W float32 or None, ∂h or None) from the forward's Q and U (chunk by chunk, unrolled
-    as the forward kept them)."""
+    """(∂W float32 or None, ∂h or None) from the forward's Q̃, r and U (chunk by chunk,
+    unrolled as the forward kept them)."""
     d_hidden = None
     if "hidden" in kept:
         d_hidden = jnp.stack([ct_k[..., None] * u for ct_k, u in zip(ct, kept["hidden"])]
@@ -352,12 +468,12 @@ def _kept_cotangents(hidden, head, counted, ct, kept):
     if "head" not in kept:
         return None, d_hidden
     vocab = jax.tree_util.tree_leaves(head)[0].shape[0]
-    d_head = jnp.zeros((kept["head"][0].shape[-1], hidden.shape[-1]), jnp.float32)
-    for q, h, m, ct_k in zip(kept["head"], hidden, counted, ct):
+    d_head = jnp.zeros((kept["head"][0][0].shape[-1], hidden.shape[-1]), jnp.float32)
+    for (q, scale), h, m, ct_k in zip(kept["head"], hidden, counted, ct):
         d_head = jax.lax.cond(
             jnp.any(m),
-            lambda d, q=q, h=h, ct_k=ct_k: d + head_cotangent(
-                q, (ct_k[..., None] * h).astype(h.dtype)),
+            lambda d, q=q, h=h, g=ct_k * scale: d + head_cotangent(
+                q, (g[..., None] * h).astype(h.dtype)),
             lambda d: d, d_head)
     return d_head[:vocab], d_hidden
 
@@ -490,10 +606,14 @@ def _chunk_layout(shifted, aligned, input_ids, loss_mask, chunk_size):
             [split(pad_right(x)) for x in aligned])
 
 
+def _target_positions(x: jax.Array, t: int) -> jax.Array:
+    """Chunked per-target values [K, N, c] back to (N, T − 1), target positions 1..T − 1."""
+    return jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1)[:, 1:t]
+
+
 def _unchunked(logps: jax.Array, loss_mask: jax.Array) -> jax.Array:
     """Chunked log-probs [K, N, c] back to the masked (N, T − 1) of target positions 1..T − 1."""
-    n, t = loss_mask.shape
-    return _masked(jnp.moveaxis(logps, 0, 1).reshape(n, -1)[:, 1:t], loss_mask)
+    return _masked(_target_positions(logps, loss_mask.shape[1]), loss_mask)
 
 
 def _chunked(fn, shifted, aligned, input_ids, loss_mask, chunk_size):

@@ -326,6 +326,16 @@ def make_model_grad_fn(
                                        head_vjp(inner + d_head)[0], trunk)
         return {**metrics, "sam/perturbed_loss": out}, grads
 
+    def head_loss(hidden, head, mask, ids, ref, unperturbed_lse=None):
+        """:func:`pair_loss` whose aux also holds each token's logsumexp, which the perturbed
+        head takes from the unperturbed one (``reuse``) to read its logits once."""
+        if unperturbed_lse is not None:
+            head = head._replace(unperturbed_lse=unperturbed_lse)
+        token_logps, lse = losses.token_logps(hidden, head, ids, mask, chunk_size=chunk_size,
+                                              with_lse=True)
+        out, metrics = tokens_loss(token_logps, mask, ref)
+        return out, (metrics, lse)
+
     def model_loss(params, ids, attn, mask, ref):
         hidden = hidden_fn(params, ids, attn)
         head = head_fn(params)
@@ -334,10 +344,10 @@ def make_model_grad_fn(
             # per pass): a stored float32 W + e would be one more (V, d) float32 array live
             # through the head's backward (+2.4% of the step's memory at gpt2-124m, 8 × 512,
             # --chunk-size 128).
-            out, metrics = logits_sam_loss(pair_loss, hidden, head, rho, mask, ids, ref,
-                                           has_aux=True,
-                                           perturb=lambda w, e: losses.PerturbedHead(
-                                               w, e.astype(hidden.dtype)))
+            out, (metrics, _) = logits_sam_loss(
+                head_loss, hidden, head, rho, mask, ids, ref, has_aux=True,
+                perturb=lambda w, e: losses.PerturbedHead(w, e.astype(hidden.dtype)),
+                reuse=lambda aux: {"unperturbed_lse": aux[1]})
             return out, {**metrics, "sam/perturbed_loss": out}
         return pair_loss(hidden, head, mask, ids, ref)
 

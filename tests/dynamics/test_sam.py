@@ -187,6 +187,36 @@ def test_has_aux_returns_unperturbed_aux():
     _allclose(grads, want)
 
 
+def test_reuse_hands_the_unperturbed_aux_to_the_perturbed_evaluation():
+    """``reuse(aux)``: keyword arguments of the perturbed evaluation from the unperturbed
+    one's aux, as constants: the value and gradient are the plain SAM ones (here the reused
+    term is added and subtracted), and without ``has_aux`` it is refused."""
+    head = _head(jax.random.PRNGKey(12))
+    h = jax.random.normal(jax.random.PRNGKey(13), (4, 4))
+    labels = jnp.array([1, 0, 3, 2])
+    seen = []
+
+    def with_aux(h, w, labels, offset=None):
+        loss = _mlp_head_loss(h, w, labels)
+        if offset is not None:
+            seen.append(offset)
+            loss = loss + offset - jax.lax.stop_gradient(offset)
+        return loss, {"loss": loss}
+
+    out, grads = jax.value_and_grad(lambda w: sam.logits_sam_loss(
+        with_aux, h, w, 0.3, labels, has_aux=True,
+        reuse=lambda aux: {"offset": 2 * aux["loss"]})[0])(head)
+    want, want_value = _hand_sam_grad(lambda w, h, l: _mlp_head_loss(h, w, l), head, 0.3, h, labels)
+    assert len(seen) == 1
+    np.testing.assert_allclose(float(seen[0]), 2 * float(_mlp_head_loss(h, head, labels)),
+                               rtol=1e-12)
+    assert np.isclose(float(out), float(want_value), rtol=1e-12)
+    _allclose(grads, want)
+    with pytest.raises(ValueError, match="has_aux"):
+        sam.logits_sam_loss(lambda h, w, l: with_aux(h, w, l)[0], h, head, 0.3, labels,
+                            reuse=lambda aux: {})
+
+
 def test_jit_matches_eager():
     head = _head(jax.random.PRNGKey(10))
     h = jax.random.normal(jax.random.PRNGKey(11), (3, 4))

@@ -455,3 +455,93 @@ def test_a_perturbed_head_is_its_sum_in_value_and_gradient(chunk_size, e_dtype):
 
     np.testing.assert_allclose(f(head, True), f(head, False), rtol=1e-6)
     np.testing.assert_allclose(jax.grad(f)(head, True), jax.grad(f)(head, False), atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3, 4])
+def test_with_lse_is_each_targets_logsumexp(chunk_size):
+    """``with_lse``: logsumexp of the logits at every target position, counted or not,
+    without derivative; 0 where a chunk without counted targets skipped its matmul."""
+    hidden, head, ids, _ = _inputs(9)
+    mask = jnp.zeros((N, T), jnp.int32).at[:, 4:].set(1).at[1, 6].set(0)
+    logps, lse = L.token_logps(hidden, head, ids, mask, chunk_size=chunk_size, with_lse=True)
+    np.testing.assert_allclose(logps, L.token_logps(hidden, head, ids, mask), atol=1e-5)
+    full = np.array(jax.nn.logsumexp(jnp.einsum("ntd,vd->ntv", hidden[:, :-1], head), axis=-1))
+    if chunk_size is not None:  # the first chunk's targets, 0 .. c − 1 < 4, all uncounted
+        full[:, :chunk_size - 1] = 0.0
+    np.testing.assert_allclose(lse, full, atol=1e-5)
+    grad = jax.grad(lambda h: jnp.sum(L.token_logps(h, head, ids, mask, chunk_size=chunk_size,
+                                                    with_lse=True)[1]))(hidden)
+    assert not np.any(np.asarray(grad))
+
+
+def _perturbed_inputs(scale, seed=10):
+    hidden, head, ids, mask = _inputs(seed)
+    e = scale * jax.random.normal(jax.random.PRNGKey(seed), head.shape)
+    return hidden, head, e, ids, mask
+
+
+def _perturbed_objective(head, e, ids, mask, chunk, lse):
+    """Σ_n w_n log π(y_n) under the perturbed head, shifted by ``lse`` when given."""
+    w = jnp.arange(N, dtype=jnp.float32) - 0.7
+
+    def f(h, W):
+        return jnp.sum(w * L.sequence_logps(h, L.PerturbedHead(W, e, lse), ids, mask,
+                                            chunk_size=chunk)[0])
+
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+
+@pytest.mark.parametrize("path, chunk", [("kept", 3), ("kept", 4), ("recomputed", 3)])
+def test_a_perturbed_head_shifted_by_the_unperturbed_lse_is_unchanged(path, chunk):
+    """Given the unperturbed lse, a kept chunk of the perturbed head reads its logits once
+    (E = exp(z − lse₀), lse = lse₀ + log Σ E, Q = onehot − E/Σ E): its log-probs and both
+    gradients are those computed without the shift, to float32 rounding. The recomputed
+    path does not read the shift."""
+    hidden, head, e, ids, mask = _perturbed_inputs(0.05)
+    _, lse = L.token_logps(hidden, head, ids, mask, chunk_size=chunk, with_lse=True)
+    plain = _perturbed_objective(head, e, ids, mask, chunk, None)(hidden, head)
+    shifted = _perturbed_objective(head, e, ids, mask, chunk, lse)(hidden, head)
+    for a, b in zip(jax.tree_util.tree_leaves(shifted), jax.tree_util.tree_leaves(plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # It was the shifted pass: a shift off by more than SHIFT_RANGE makes the kept chunks'
+    # lse NaN (what the bound rules out for the unperturbed lse), not a wrong number.
+    wrong = _perturbed_objective(head, e, ids, mask, chunk, lse + 2 * L.SHIFT_RANGE)
+    value, _ = wrong(hidden, head)
+    assert np.isnan(value) == (path == "kept")
+
+
+@pytest.mark.parametrize("path", ["kept"])
+def test_a_perturbed_head_out_of_the_shifts_reach_reads_its_logits_twice(path):
+    """Where the bound cannot promise that the perturbed lse lies within SHIFT_RANGE of the
+    shift (a large e), the chunk runs the exact pass: the same numbers, whatever the shift."""
+    hidden, head, e, ids, mask = _perturbed_inputs(50.0)
+    _, lse = L.token_logps(hidden, head, ids, mask, chunk_size=3, with_lse=True)
+    bound = L._perturbation_bound(L.PerturbedHead(head, e), hidden.dtype)
+    assert np.max(np.linalg.norm(hidden, axis=-1)) * bound + 1 > L.SHIFT_RANGE
+    plain = _perturbed_objective(head, e, ids, mask, 3, None)(hidden, head)
+    for shift in (lse, lse + 2 * L.SHIFT_RANGE):
+        shifted = _perturbed_objective(head, e, ids, mask, 3, shift)(hidden, head)
+        for a, b in zip(jax.tree_util.tree_leaves(shifted), jax.tree_util.tree_leaves(plain)):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_perturbation_bound_bounds_the_change_of_every_rows_lse(dtype):
+    """|lse(h w′ᵀ) − lse(h wᵀ)| ≤ ‖h‖ B for the heads as the logits multiply them (cast to
+    the features' dtype), with w′ − w from a tiny e whose bf16 sum rounds W's entries too."""
+    rng = np.random.default_rng(11)
+    head = jnp.asarray(rng.normal(size=(300, 16)), jnp.float32)
+    e = jnp.asarray(1e-3 * rng.normal(size=head.shape), jnp.float32)
+    h = jnp.asarray(rng.normal(size=(500, 16)) * rng.uniform(0.1, 30, size=(500, 1)), dtype)
+    bound = L._perturbation_bound(L.PerturbedHead(head, e), dtype)
+
+    def lse(w):
+        return jax.nn.logsumexp(jnp.einsum("nd,vd->nv", h, w.astype(dtype),
+                                           preferred_element_type=jnp.float32), axis=-1)
+
+    change = np.abs(np.asarray(lse(head + e) - lse(head)))
+    norms = np.linalg.norm(np.asarray(h, np.float32), axis=-1)
+    assert np.all(change <= norms * float(bound))
+    assert float(bound) < 10 * float(jnp.max(jnp.linalg.norm(
+        (head + e).astype(dtype).astype(jnp.float32) - head.astype(dtype).astype(jnp.float32),
+        axis=-1)))
