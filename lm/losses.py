@@ -419,8 +419,10 @@ def _shifted_chunk(h, w, targets, shift, vocab, keep):
     e = jnp.where(column < vocab, jnp.exp(z - shift[..., None]), 0.0)
     total = jnp.sum(e.reshape(*e.shape[:-1], -1, HEAD_ALIGNMENT), axis=-1).sum(axis=-1)
     target_entry = (total - jnp.exp(target_logit - shift)).astype(h.dtype)
-    q = (-e).astype(h.dtype).at[(*jnp.indices(targets.shape, sparse=True), targets)].set(
-        target_entry, unique_indices=True)
+    # A row-wise scatter (vmapped: its rows are batch dimensions, so a data-parallel shard
+    # writes its own rows without gathering the indices).
+    set_target = jax.vmap(jax.vmap(lambda row, t, v: row.at[t].set(v, unique_indices=True)))
+    q = set_target((-e).astype(h.dtype), targets, target_entry)
     log_total = jnp.log(total)
     lse = shift + jnp.where(jnp.abs(log_total) <= SHIFT_RANGE, log_total, jnp.nan)
     scale = 1.0 / total

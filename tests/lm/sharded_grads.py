@@ -5,7 +5,9 @@ Prints one JSON line: the largest gradient difference between the sharded and th
 single-device computation, and between the single-device one and a per-shard-norm
 variant (each half of the batch perturbed by its own ‖g‖), which is what a wrong,
 shard-local norm would compute; then the same sharded check for ``head_dtype="split"``
-and its difference from plain logits-SAM (float32: the same math).
+and its difference from plain logits-SAM (float32: the same math); then bf16 with a kept
+chunked head, whose perturbed pass reads its logits once (the relative difference of all
+gradients, and the all-gathers its target scatter needs under data parallelism: none).
 """
 
 import json
@@ -22,6 +24,13 @@ PAIRS, LENGTH, PROMPT = 8, 16, 6
 def max_diff(a, b):
     return max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
                for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def relative_diff(a, b):
+    flat = [np.ravel(np.asarray(x, np.float32)) for x in jax.tree_util.tree_leaves((a, b))]
+    half = len(flat) // 2
+    a, b = np.concatenate(flat[:half]), np.concatenate(flat[half:])
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def main():
@@ -50,10 +59,20 @@ def main():
     split_fn = jax.jit(objectives.make_grad_fn(cfg, mode="logits-sam", rho=0.05, head_dtype="split"))
     split_single = split_fn(policy, batch, reference)[2]
     split_sharded = split_fn(shard(policy), mesh_lib.put_batch(batch, mesh), shard(reference))[2]
+    # bf16 with a kept chunked head (4 chunks of 4): the perturbed head's one-read pass.
+    kept_cfg = models.builtin_config("gpt2-tiny", dtype="bfloat16")
+    kept_fn = jax.jit(objectives.make_grad_fn(kept_cfg, mode="logits-sam", rho=0.05, chunk_size=4))
+    kept_single = kept_fn(policy, batch, reference)[2]
+    kept_sharded = kept_fn(shard(policy), mesh_lib.put_batch(batch, mesh), shard(reference))[2]
+    data_mesh = mesh_lib.make_mesh("data=8")
+    hlo = kept_fn.lower(policy, mesh_lib.put_batch(batch, data_mesh), reference).compile().as_text()
+    gathers = [line for line in hlo.splitlines() if " all-gather(" in line and "scatter" in line]
     print(json.dumps({"devices": jax.device_count(), "sharded": max_diff(sharded, single),
                       "per_shard_norm": max_diff(per_shard, single),
                       "split_sharded": max_diff(split_sharded, split_single),
-                      "split_vs_plain": max_diff(split_single, single)}))
+                      "split_vs_plain": max_diff(split_single, single),
+                      "kept_sharded": relative_diff(kept_sharded, kept_single),
+                      "kept_scatter_gathers": len(gathers)}))
 
 
 if __name__ == "__main__":
