@@ -318,6 +318,9 @@ def _head_chunks_forward(hidden, head, targets, counted, keep=(), shift=None):
     XLA may allocate before the loop (logits-SAM: before its inner pass has freed its own).
     """
     w, vocab = _aligned_head(head, hidden.dtype)
+    # r exists where a chunk may take the shifted pass; elsewhere Q̃ is Q (r = 1, no kernel).
+    def scale(value):
+        return None if shift is None else jnp.full(hidden.shape[1:3], value, jnp.float32)
 
     def exact(h, tg, _):
         z = logits_from_hidden(h, w)
@@ -325,7 +328,7 @@ def _head_chunks_forward(hidden, head, targets, counted, keep=(), shift=None):
         kept = {}
         if keep:
             q = _softmax_gradient(z, tg, lse, vocab).astype(h.dtype)
-            kept["head"] = (q, jnp.ones(tg.shape, jnp.float32))
+            kept["head"] = (q, scale(1.0))
             if "hidden" in keep:
                 kept["hidden"] = _dot(q, w, "...v,vd->...d")
         return target_logit, lse, {k: kept[k] for k in keep}
@@ -334,8 +337,7 @@ def _head_chunks_forward(hidden, head, targets, counted, keep=(), shift=None):
         return _shifted_chunk(h, w, tg, s, vocab, keep)
 
     def skip(h, tg, _):
-        zeros = {"head": (jnp.zeros((*tg.shape, w.shape[0]), h.dtype),
-                          jnp.zeros(tg.shape, jnp.float32)),
+        zeros = {"head": (jnp.zeros((*tg.shape, w.shape[0]), h.dtype), scale(0.0)),
                  "hidden": jnp.zeros(h.shape, jnp.float32)}
         return (*(jnp.zeros(tg.shape, jnp.float32),) * 2, {k: zeros[k] for k in keep})
 
@@ -461,8 +463,8 @@ def _head_chunks_bwd(res, ct):
 
 
 def _kept_cotangents(hidden, head, counted, ct, kept):
-    """(∂W float32 or None, ∂h or None) from the forward's Q̃, r and U (chunk by chunk,
-    unrolled as the forward kept them)."""
+    """(∂W float32 or None, ∂h or None) from the forward's Q̃, r (None: 1) and U (chunk by
+    chunk, unrolled as the forward kept them)."""
     d_hidden = None
     if "hidden" in kept:
         d_hidden = jnp.stack([ct_k[..., None] * u for ct_k, u in zip(ct, kept["hidden"])]
@@ -474,7 +476,7 @@ def _kept_cotangents(hidden, head, counted, ct, kept):
     for (q, scale), h, m, ct_k in zip(kept["head"], hidden, counted, ct):
         d_head = jax.lax.cond(
             jnp.any(m),
-            lambda d, q=q, h=h, g=ct_k * scale: d + head_cotangent(
+            lambda d, q=q, h=h, g=ct_k if scale is None else ct_k * scale: d + head_cotangent(
                 q, (g[..., None] * h).astype(h.dtype)),
             lambda d: d, d_head)
     return d_head[:vocab], d_hidden

@@ -287,10 +287,16 @@ def make_model_grad_fn(
         per_pair = objective(pairs)
         return jnp.mean(per_pair), objective.metrics(pairs, per_pair)
 
-    def pair_loss(hidden, head, mask, ids, ref):
-        """Mean loss and metrics of the pairs from trunk output ``hidden`` and head ``head``."""
-        return tokens_loss(losses.token_logps(hidden, head, ids, mask, chunk_size=chunk_size),
-                           mask, ref)
+    def pair_loss(hidden, head, mask, ids, ref, unperturbed_lse=None):
+        """Mean loss, and as aux (metrics, each token's logsumexp), of the pairs from trunk
+        output ``hidden`` and head ``head``; logits-SAM's perturbed head takes the
+        unperturbed logsumexp (``reuse``) to read its logits once."""
+        if unperturbed_lse is not None:
+            head = head._replace(unperturbed_lse=unperturbed_lse)
+        token_logps, lse = losses.token_logps(hidden, head, ids, mask, chunk_size=chunk_size,
+                                              with_lse=True)
+        out, metrics = tokens_loss(token_logps, mask, ref)
+        return out, (metrics, lse)
 
     def split_logits_sam(params, ids, attn, mask, ref):
         """Metrics and ∇θ L(h(θ), W + e) for ``head_dtype="split"``.
@@ -326,16 +332,6 @@ def make_model_grad_fn(
                                        head_vjp(inner + d_head)[0], trunk)
         return {**metrics, "sam/perturbed_loss": out}, grads
 
-    def head_loss(hidden, head, mask, ids, ref, unperturbed_lse=None):
-        """:func:`pair_loss` whose aux also holds each token's logsumexp, which the perturbed
-        head takes from the unperturbed one (``reuse``) to read its logits once."""
-        if unperturbed_lse is not None:
-            head = head._replace(unperturbed_lse=unperturbed_lse)
-        token_logps, lse = losses.token_logps(hidden, head, ids, mask, chunk_size=chunk_size,
-                                              with_lse=True)
-        out, metrics = tokens_loss(token_logps, mask, ref)
-        return out, (metrics, lse)
-
     def model_loss(params, ids, attn, mask, ref):
         hidden = hidden_fn(params, ids, attn)
         head = head_fn(params)
@@ -345,11 +341,12 @@ def make_model_grad_fn(
             # through the head's backward (+2.4% of the step's memory at gpt2-124m, 8 × 512,
             # --chunk-size 128).
             out, (metrics, _) = logits_sam_loss(
-                head_loss, hidden, head, rho, mask, ids, ref, has_aux=True,
+                pair_loss, hidden, head, rho, mask, ids, ref, has_aux=True,
                 perturb=lambda w, e: losses.PerturbedHead(w, e.astype(hidden.dtype)),
                 reuse=lambda aux: {"unperturbed_lse": aux[1]})
             return out, {**metrics, "sam/perturbed_loss": out}
-        return pair_loss(hidden, head, mask, ids, ref)
+        out, (metrics, _) = pair_loss(hidden, head, mask, ids, ref)
+        return out, metrics
 
     def reference_for(batch, ref_params, n):
         if objective.reference_free:
