@@ -136,20 +136,20 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
     return computations, entry
 
 
-#: Fused ops that read only part of their first operand (what their result holds); those
-#: that update their first operand in place, by the operand at this position (the update).
+#: Fused ops that read only part of their first operand (what their result holds), and those
+#: that update their first operand in place when they are the fusion's root.
 _PARTIAL_READS = {"gather", "dynamic-slice", "slice"}
-_IN_PLACE = {"scatter": -1, "dynamic-update-slice": 1}
+_IN_PLACE = {"scatter", "dynamic-update-slice"}
 _PASS_THROUGH = {"bitcast", "reshape"}
 
 
 def _partial_access(lines: list[str]) -> tuple[dict[int, float], float | None]:
     """What a fused computation reads of the parameters it only slices or gathers from, and
     writes when its root updates one in place: ({parameter number: bytes read}, bytes
-    written or None). A parameter read only as the first operand of a gather, a (dynamic)
-    slice, a scatter or a dynamic update slice (through bitcasts) costs what those read:
-    their results', or nothing for the destination of an update, which is in place; such
-    a root writes its update alone."""
+    written or None). A parameter read only (through bitcasts and reshapes) as the first
+    operand of a gather or a (dynamic) slice costs what those take; as the destination of
+    the root's scatter or dynamic update slice, the rows it updates (a scatter's may add
+    to them) or nothing, and that root writes its updates alone."""
     parameters: dict[str, int] = {}
     producers: dict[str, tuple[str, list[str], float]] = {}
     users: dict[str, list[tuple[str, str, int]]] = {}
@@ -170,15 +170,37 @@ def _partial_access(lines: list[str]) -> tuple[dict[int, float], float | None]:
         if line.lstrip().startswith("ROOT"):
             root = result
 
+    # The root's in-place update (under bitcasts), its destination parameter, its updates.
+    update = root
+    while update is not None and producers[update][0] in _PASS_THROUGH:
+        update = producers[update][1][0]
+    in_place, updates = None, []
+    if update is not None and producers[update][0] not in _IN_PLACE:
+        update = None
+    if update is not None:
+        opcode, names, _ = producers[update]
+        destination = names[0]
+        while producers.get(destination, ("",))[0] in _PASS_THROUGH:
+            destination = producers[destination][1][0]
+        if destination in parameters:
+            # scatter(operands…, indices, updates…) has as many updates as operands.
+            count = (len(names) - 1) // 2 if opcode == "scatter" else 1
+            first = len(names) - count if opcode == "scatter" else 1
+            updates = [producers.get(name, ("", [], 0.0))[2]
+                       for name in names[first:first + count]]
+            in_place = sum(updates)
+        else:
+            update = None
+
     def reads(name: str) -> float | None:
         total = 0.0
         for user, opcode, position in users.get(name, []):
-            if opcode in _PASS_THROUGH:
+            if opcode in _PASS_THROUGH and users.get(user):
                 part = reads(user)
             elif opcode in _PARTIAL_READS and position == 0:
                 part = producers[user][2]
-            elif opcode in _IN_PLACE and position == 0:
-                part = 0.0
+            elif user == update and position < len(updates):
+                part = updates[position] if opcode == "scatter" else 0.0
             else:
                 return None
             if part is None:
@@ -188,14 +210,6 @@ def _partial_access(lines: list[str]) -> tuple[dict[int, float], float | None]:
 
     partial = {number: part for name, number in parameters.items()
                if (part := reads(name)) is not None}
-    in_place = None
-    if root is not None and producers[root][0] in _IN_PLACE:
-        opcode, names, _ = producers[root]
-        destination = names[0]
-        while producers.get(destination, ("",))[0] in _PASS_THROUGH:
-            destination = producers[destination][1][0]
-        if destination in parameters:
-            in_place = producers.get(names[_IN_PLACE[opcode]], ("", [], 0.0))[2]
     return partial, in_place
 
 

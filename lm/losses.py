@@ -318,11 +318,14 @@ def _head_chunks_forward(hidden, head, targets, counted, keep=(), shift=None):
     XLA may allocate before the loop (logits-SAM: before its inner pass has freed its own).
     """
     w, vocab = _aligned_head(head, hidden.dtype)
+    if jnp.finfo(hidden.dtype).maxexp < jnp.finfo(jnp.float32).maxexp:
+        shift = None  # float16's E = exp(z − shift) would overflow within the range
+
     # r exists where a chunk may take the shifted pass; elsewhere Q̃ is Q (r = 1, no kernel).
     def scale(value):
         return None if shift is None else jnp.full(hidden.shape[1:3], value, jnp.float32)
 
-    def exact(h, tg, _):
+    def exact(h, tg, *_):
         z = logits_from_hidden(h, w)
         target_logit, lse = _target_logit_and_lse(z, tg, vocab)
         kept = {}
@@ -333,32 +336,32 @@ def _head_chunks_forward(hidden, head, targets, counted, keep=(), shift=None):
                 kept["hidden"] = _dot(q, w, "...v,vd->...d")
         return target_logit, lse, {k: kept[k] for k in keep}
 
-    def shifted(h, tg, s):
-        return _shifted_chunk(h, w, tg, s, vocab, keep)
+    def shifted(h, tg, s, m):
+        return _shifted_chunk(h, w, tg, s, m, vocab, keep)
 
-    def skip(h, tg, _):
+    def skip(h, tg, *_):
         zeros = {"head": (jnp.zeros((*tg.shape, w.shape[0]), h.dtype), scale(0.0)),
                  "hidden": jnp.zeros(h.shape, jnp.float32)}
         return (*(jnp.zeros(tg.shape, jnp.float32),) * 2, {k: zeros[k] for k in keep})
 
     if not keep:
         target_logit, lse, _ = jax.lax.map(
-            lambda xs: jax.lax.cond(jnp.any(xs[2]), exact, skip, xs[0], xs[1], None),
+            lambda xs: jax.lax.cond(jnp.any(xs[2]), exact, skip, xs[0], xs[1]),
             (hidden, targets, counted))
         return target_logit - lse, lse, {}
     if shift is None:
-        chunks = [jax.lax.cond(jnp.any(counted[k]), exact, skip, hidden[k], targets[k], None)
+        chunks = [jax.lax.cond(jnp.any(counted[k]), exact, skip, hidden[k], targets[k])
                   for k in range(targets.shape[0])]
     else:
         # Per chunk, whether its rows' perturbed lse provably lies within SHIFT_RANGE of the
         # shift; the slots without a target (zero features: lse = log V, shift 0) do for
-        # any V < e^23.
+        # any V < e^23, and whatever shift an uncounted row has, it writes no Q̃ or r.
         largest = jnp.sqrt(jnp.max(jnp.sum(jnp.square(hidden.astype(jnp.float32)), axis=-1),
                                    axis=(1, 2)))
         near = largest * _perturbation_bound(head, hidden.dtype) + 1.0 <= SHIFT_RANGE
         branch = jnp.where(jnp.any(counted, axis=(1, 2)), jnp.where(near, 2, 1), 0)
         chunks = [jax.lax.switch(branch[k], (skip, exact, shifted), hidden[k], targets[k],
-                                 shift[k]) for k in range(targets.shape[0])]
+                                 shift[k], counted[k]) for k in range(targets.shape[0])]
     target_logit, lse = (jnp.stack([c[i] for c in chunks]) for i in (0, 1))
     return target_logit - lse, lse, {name: [c[2][name] for c in chunks] for name in keep}
 
@@ -400,7 +403,7 @@ def _perturbation_bound(head: PerturbedHead, dtype: Any) -> jax.Array:
     return change + 2 * w.shape[-1] * jnp.finfo(jnp.float32).eps * (size + change)
 
 
-def _shifted_chunk(h, w, targets, shift, vocab, keep):
+def _shifted_chunk(h, w, targets, shift, counted, vocab, keep):
     """The kept forward of one chunk of a perturbed head, its float32 logits z = h w′ᵀ read
     once: with s the unperturbed head's lse at each row (within :data:`SHIFT_RANGE` of
     lse(z), :func:`_perturbation_bound`),
@@ -412,22 +415,25 @@ def _shifted_chunk(h, w, targets, shift, vocab, keep):
     One pass over z writes −E in h's dtype and sums E; Q̃'s target entries, Σ − E_target
     (from the gathered target logit), are then written into it in place. The backward
     scales c h by r for ∂W = Q̃ᵀ (r c h) (:func:`_kept_cotangents`), and U = r (Q̃ w′).
-    An lse with log Σ outside the range, which the bound excludes, is NaN: an
-    ``unperturbed_lse`` that is not the unperturbed head's cannot pass unnoticed.
+    The algebra holds for any shift: one within :data:`SHIFT_RANGE` of lse(z) gives the
+    exact pass's numbers (only probabilities under about 3e-28 may flush), and a row whose
+    log Σ falls outside, which the bound excludes for the unperturbed lse, gets a NaN lse,
+    never a wrong number. Uncounted rows (cotangent 0) keep Q̃ = 0 and r = 0 whatever their
+    shift, so no inf reaches the backward's products with their zeros.
     """
     z = logits_from_hidden(h, w)
     target_logit = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
     column = jnp.arange(z.shape[-1])
     e = jnp.where(column < vocab, jnp.exp(z - shift[..., None]), 0.0)
     total = jnp.sum(e.reshape(*e.shape[:-1], -1, HEAD_ALIGNMENT), axis=-1).sum(axis=-1)
-    target_entry = (total - jnp.exp(target_logit - shift)).astype(h.dtype)
+    target_entry = jnp.where(counted, total - jnp.exp(target_logit - shift), 0.0).astype(h.dtype)
     # A row-wise scatter (vmapped: its rows are batch dimensions, so a data-parallel shard
     # writes its own rows without gathering the indices).
     set_target = jax.vmap(jax.vmap(lambda row, t, v: row.at[t].set(v, unique_indices=True)))
-    q = set_target((-e).astype(h.dtype), targets, target_entry)
+    q = set_target(jnp.where(counted[..., None], -e, 0.0).astype(h.dtype), targets, target_entry)
     log_total = jnp.log(total)
     lse = shift + jnp.where(jnp.abs(log_total) <= SHIFT_RANGE, log_total, jnp.nan)
-    scale = 1.0 / total
+    scale = jnp.where(counted, 1.0 / total, 0.0)
     kept = {"head": (q, scale)}
     if "hidden" in keep:
         kept["hidden"] = scale[..., None] * _dot(q, w, "...v,vd->...d")
@@ -603,8 +609,9 @@ def _chunk_layout(shifted, aligned, input_ids, loss_mask, chunk_size):
         return jnp.moveaxis(x.reshape(n, chunks, chunk_size, *x.shape[2:]), 1, 0)
 
     # Target j is predicted from h_{j−1}: shift h right by one so chunks align with targets.
-    h_prev = [jnp.pad(x, ((0, 0), (1, pad - 1 if pad else 0)) + ((0, 0),) * (x.ndim - 2))
-              [:, : chunks * chunk_size] for x in shifted]
+    # h_{T−1} predicts nothing and is left out: every slot without a target holds zeros.
+    h_prev = [jnp.pad(x[:, :-1], ((0, 0), (1, pad)) + ((0, 0),) * (x.ndim - 2))
+              for x in shifted]
     counted = pad_right(loss_mask).at[:, 0].set(0) > 0
     return (split(counted), split(pad_right(input_ids)), [split(x) for x in h_prev],
             [split(pad_right(x)) for x in aligned])

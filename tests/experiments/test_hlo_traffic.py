@@ -118,11 +118,34 @@ PARTIAL = """HloModule jit_step, entry_computation_layout={(f32[64,8]{1,0})->f32
   ROOT %put = f32[64,8]{1,0} scatter(%q0, %q1, %q2), update_window_dims={1}, inserted_window_dims={0}, scatter_dims_to_operand_dims={0}, index_vector_dim=1, to_apply=%add
 }
 
-%fused_update (u0: f32[64,8], u1: f32[1,8], u2: s32[]) -> f32[64,8] {
+%fused_update (u0: f32[64,8], u1: f32[1,8], u2: s32[]) -> f32[512] {
   %u0 = f32[64,8]{1,0} parameter(0)
   %u1 = f32[1,8]{1,0} parameter(1)
   %u2 = s32[] parameter(2)
-  ROOT %into = f32[64,8]{1,0} dynamic-update-slice(%u0, %u1, %u2, %u2)
+  %into = f32[64,8]{1,0} dynamic-update-slice(%u0, %u1, %u2, %u2)
+  ROOT %flat = f32[512]{0} bitcast(%into)
+}
+
+%fused_copy (c0: f32[64,8]) -> f32[512] {
+  %c0 = f32[64,8]{1,0} parameter(0)
+  ROOT %flat = f32[512]{0} reshape(%c0)
+}
+
+%fused_not_root (n0: f32[64,8], n1: s32[1,1], n2: f32[1,8]) -> f32[64,8] {
+  %n0 = f32[64,8]{1,0} parameter(0)
+  %n1 = s32[1,1]{1,0} parameter(1)
+  %n2 = f32[1,8]{1,0} parameter(2)
+  %put = f32[64,8]{1,0} scatter(%n0, %n1, %n2), update_window_dims={1}, inserted_window_dims={0}, scatter_dims_to_operand_dims={0}, index_vector_dim=1, to_apply=%add
+  ROOT %neg = f32[64,8]{1,0} negate(%put)
+}
+
+%fused_pair_scatter (s0: f32[64,8], s1: f32[64,8], s2: s32[1,1], s3: f32[1,8], s4: f32[1,8]) -> (f32[64,8], f32[64,8]) {
+  %s0 = f32[64,8]{1,0} parameter(0)
+  %s1 = f32[64,8]{1,0} parameter(1)
+  %s2 = s32[1,1]{1,0} parameter(2)
+  %s3 = f32[1,8]{1,0} parameter(3)
+  %s4 = f32[1,8]{1,0} parameter(4)
+  ROOT %both = (f32[64,8]{1,0}, f32[64,8]{1,0}) scatter(%s0, %s1, %s2, %s3, %s4), update_window_dims={1}, inserted_window_dims={0}, scatter_dims_to_operand_dims={0}, index_vector_dim=1, to_apply=%add2
 }
 
 %fused_read (r0: f32[64,8], r1: s32[1,1]) -> f32[64,8] {
@@ -138,7 +161,17 @@ PARTIAL = """HloModule jit_step, entry_computation_layout={(f32[64,8]{1,0})->f32
   ROOT %s = f32[] add(%l, %r)
 }
 
-ENTRY %main.1 (x: f32[64,8], i: s32[1,1], v: f32[8]) -> f32[64,8] {
+%add2 (a0: f32[], a1: f32[], b0: f32[], b1: f32[]) -> (f32[], f32[]) {
+  %a0 = f32[] parameter(0)
+  %a1 = f32[] parameter(1)
+  %b0 = f32[] parameter(2)
+  %b1 = f32[] parameter(3)
+  %sum0 = f32[] add(%a0, %b0)
+  %sum1 = f32[] add(%a1, %b1)
+  ROOT %sums = (f32[], f32[]) tuple(%sum0, %sum1)
+}
+
+ENTRY %main.1 (x: f32[64,8], i: s32[1,1], v: f32[8]) -> f32[512] {
   %x = f32[64,8]{1,0} parameter(0)
   %i = s32[1,1]{1,0} parameter(1)
   %v = f32[8]{0} parameter(2)
@@ -146,20 +179,31 @@ ENTRY %main.1 (x: f32[64,8], i: s32[1,1], v: f32[8]) -> f32[64,8] {
   %negated = f32[64,8]{1,0} fusion(%x, %i), kind=kLoop, calls=%fused_read
   %updated = f32[64,8]{1,0} fusion(%negated, %i, %gathered), kind=kInput, calls=%fused_scatter
   %k = s32[] constant(3)
-  ROOT %placed = f32[64,8]{1,0} fusion(%updated, %gathered, %k), kind=kLoop, calls=%fused_update
+  %placed = f32[512]{0} fusion(%updated, %gathered, %k), kind=kLoop, calls=%fused_update
+  %copied = f32[512]{0} fusion(%x), kind=kLoop, calls=%fused_copy
+  %kept = f32[64,8]{1,0} fusion(%x, %i, %gathered), kind=kLoop, calls=%fused_not_root
+  %pair = (f32[64,8]{1,0}, f32[64,8]{1,0}) fusion(%x, %kept, %i, %gathered, %gathered), kind=kInput, calls=%fused_pair_scatter
+  ROOT %out = f32[512]{0} add(%placed, %copied)
 }
 """
 
 
 def test_fused_gathers_and_in_place_scatters_count_what_they_touch():
     """A parameter only gathered from (through bitcasts) costs the rows gathered; the
-    destination of a scatter or a dynamic update slice costs nothing read, and its fusion
-    writes the update alone; a parameter also read whole costs its whole."""
+    destination of the root's scatter or dynamic update slice costs the rows updated, and
+    the fusion writes those alone; a parameter also read whole costs its whole."""
     by_name = {k.name: (k.bytes_read, k.bytes_written) for k in hlo_traffic.kernels(PARTIAL)[0]}
     assert by_name["gathered"] == (32 + 4 + 32, 32)
     assert by_name["negated"] == (64 * 8 * 4 + 4, 64 * 8 * 4)
-    assert by_name["updated"] == (0 + 4 + 32, 32)
+    # A scatter reads the rows it updates (its combiner may add to them) and writes them.
+    assert by_name["updated"] == (32 + 4 + 32, 32)
+    # Under a bitcast root, a dynamic update slice writes its update alone, reading nothing.
     assert by_name["placed"] == (0 + 32 + 4, 32)
+    # Read whole: a parameter only reshaped into the output, a scatter that is not the
+    # root (its result is read again); a scatter of two operands updates both.
+    assert by_name["copied"] == (64 * 8 * 4, 64 * 8 * 4)
+    assert by_name["kept"] == (64 * 8 * 4 + 4 + 32, 64 * 8 * 4)
+    assert by_name["pair"] == (2 * 32 + 4 + 2 * 32, 2 * 32)
 
 
 def test_a_loop_of_unknown_trip_count_is_counted_once_and_said():

@@ -545,3 +545,107 @@ def test_perturbation_bound_bounds_the_change_of_every_rows_lse(dtype):
     assert float(bound) < 10 * float(jnp.max(jnp.linalg.norm(
         (head + e).astype(dtype).astype(jnp.float32) - head.astype(dtype).astype(jnp.float32),
         axis=-1)))
+
+
+def test_the_slot_past_the_last_target_holds_no_features():
+    """T not a multiple of the chunk: the chunk layout's slot T, which predicts no target,
+    holds zeros, not h_{T−1}. The unperturbed lse, which has no entry there, shifts it by 0:
+    with h_{T−1}'s logits (|lse| ≈ 115) there, the perturbed pass's exponentials overflowed
+    and the gradients came out NaN (the value, masked, did not show it). bf16: the kept path
+    by default."""
+    rng = np.random.default_rng(0)
+    n, t, d, v = 2, 7, 16, 11
+    hidden = rng.normal(size=(n, t, d))
+    hidden[:, -1] *= 60
+    hidden = jnp.asarray(hidden, jnp.bfloat16)
+    head = jnp.asarray(rng.normal(size=(v, d)) / 4, jnp.float32)
+    e = jnp.asarray(1e-5 * rng.normal(size=(v, d)), jnp.bfloat16)
+    ids = jnp.asarray(rng.integers(0, v, size=(n, t)), jnp.int32)
+    mask = jnp.zeros((n, t), jnp.int32).at[:, 3:].set(1)
+    assert L.keeps_softmax_gradient(t, 3, jnp.bfloat16)
+    _, lse = L.token_logps(hidden, head, ids, mask, chunk_size=3, with_lse=True)
+
+    def f(h, W, shift):
+        return jnp.sum(L.sequence_logps(h, L.PerturbedHead(W, e, shift), ids, mask,
+                                        chunk_size=3)[0])
+
+    plain = jax.value_and_grad(f, argnums=(0, 1))(hidden, head, None)
+    shifted = jax.value_and_grad(f, argnums=(0, 1))(hidden, head, lse)
+    for a, b in zip(jax.tree_util.tree_leaves(shifted), jax.tree_util.tree_leaves(plain)):
+        assert np.all(np.isfinite(np.asarray(a, np.float32)))
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=2e-2, atol=1e-3)
+    _, _, (h_prev,), _ = L._chunk_layout((hidden,), (), ids, mask, 3)
+    slots = np.asarray(jnp.moveaxis(h_prev, 0, 1).reshape(n, -1, d), np.float32)
+    assert not np.any(slots[:, t]) and np.array_equal(slots[:, 1:t], np.asarray(hidden[:, :-1],
+                                                                               np.float32))
+
+
+@pytest.mark.parametrize("path", ["kept"])
+def test_uncounted_rows_whatever_their_shift_add_nothing(path):
+    """Rows whose target does not count (the prompt's here) have cotangent 0: the shifted
+    pass writes them no Q̃ and no r, so a shift far off there (exp(z − shift) out of range,
+    their lse NaN, masked) leaves the log-probs and gradients as they are."""
+    hidden, head, e, ids, mask = _perturbed_inputs(0.05, seed=15)
+    _, lse = L.token_logps(hidden, head, ids, mask, chunk_size=3, with_lse=True)
+    uncounted = np.asarray(mask[:, 1:]) == 0
+    off = jnp.where(uncounted, lse - 200.0, lse)
+    plain = _perturbed_objective(head, e, ids, mask, 3, None)(hidden, head)
+    shifted = _perturbed_objective(head, e, ids, mask, 3, off)(hidden, head)
+    for a, b in zip(jax.tree_util.tree_leaves(shifted), jax.tree_util.tree_leaves(plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["kept"])
+def test_each_row_is_shifted_by_its_own_unperturbed_lse(path):
+    """Logsumexps 32 nats apart from one position to the next, a tiny e: the perturbed
+    pass takes the shift everywhere, and only each row's own lse keeps it in range (a
+    shift off by one position makes the counted rows NaN)."""
+    _, head, ids, mask = _inputs(12)
+    head = head.at[0].multiply(3.0)  # the longest row: its logit leads, lse ≈ c ‖w_0‖
+    along = head[0] / jnp.linalg.norm(head[0])
+    noise = 0.01 * jax.random.normal(jax.random.PRNGKey(11), (N, T, D))
+    hidden = (5.0 + 10.0 * jnp.arange(T, dtype=jnp.float32))[None, :, None] * along + noise
+    e = 1e-7 * jax.random.normal(jax.random.PRNGKey(12), head.shape)
+    _, lse = L.token_logps(hidden, head, ids, mask, chunk_size=3, with_lse=True)
+    assert np.min(np.abs(np.diff(np.asarray(lse), axis=1))) > L.SHIFT_RANGE
+    bound = L._perturbation_bound(L.PerturbedHead(head, e), hidden.dtype)
+    assert np.max(np.linalg.norm(hidden, axis=-1)) * bound + 1 <= L.SHIFT_RANGE
+    plain = _perturbed_objective(head, e, ids, mask, 3, None)(hidden, head)
+    shifted = _perturbed_objective(head, e, ids, mask, 3, lse)(hidden, head)
+    for a, b in zip(jax.tree_util.tree_leaves(shifted), jax.tree_util.tree_leaves(plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    off_by_one = jnp.pad(lse[:, 1:], ((0, 0), (0, 1)))
+    value, _ = _perturbed_objective(head, e, ids, mask, 3, off_by_one)(hidden, head)
+    assert np.isnan(value)
+
+
+@pytest.mark.parametrize("path", ["kept"])
+def test_a_chunk_out_of_reach_runs_the_exact_pass_beside_chunks_that_shift(path):
+    """The bound is taken chunk by chunk: one chunk of very long feature rows runs the
+    two-read pass (a shift wrong by 2·SHIFT_RANGE there changes nothing), the others the
+    shifted one (the same wrong shift there gives NaN)."""
+    hidden, head, ids, mask = _inputs(13)
+    e = 1e-4 * jax.random.normal(jax.random.PRNGKey(13), head.shape)
+    far = jnp.zeros(T).at[2:5].set(1.0)  # features of slots 3..5: the second chunk of 3
+    hidden = hidden * (1.0 + 1e6 * far)[None, :, None]
+    _, lse = L.token_logps(hidden, head, ids, mask, chunk_size=3, with_lse=True)
+    plain = _perturbed_objective(head, e, ids, mask, 3, None)(hidden, head)
+    in_far_chunk = jnp.zeros(T - 1).at[2:5].set(2 * L.SHIFT_RANGE)
+    shifted = _perturbed_objective(head, e, ids, mask, 3, lse + in_far_chunk)(hidden, head)
+    for a, b in zip(jax.tree_util.tree_leaves(shifted), jax.tree_util.tree_leaves(plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-3)
+    elsewhere = jnp.zeros(T - 1).at[5:].set(2 * L.SHIFT_RANGE)
+    value, _ = _perturbed_objective(head, e, ids, mask, 3, lse + elsewhere)(hidden, head)
+    assert np.isnan(value)
+
+
+def test_perturbation_bound_counts_the_rounding_of_both_products():
+    """With e = 0 the heads are equal, and the bound is what float32 accumulation can
+    move each logit by: 2 d ε max_v ‖w_v‖ (both products, with a factor of 2 to spare)."""
+    rng = np.random.default_rng(14)
+    head = jnp.asarray(rng.normal(size=(40, 24)), jnp.float32)
+    bound = L._perturbation_bound(L.PerturbedHead(head, jnp.zeros_like(head)), jnp.float32)
+    largest = float(np.max(np.linalg.norm(np.asarray(head), axis=-1)))
+    np.testing.assert_allclose(float(bound), 2 * 24 * np.finfo(np.float32).eps * largest,
+                               rtol=1e-6)

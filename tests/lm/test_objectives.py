@@ -558,6 +558,36 @@ def test_scanned_frozen_reference_is_stacked_once_not_every_step():
     assert per_tree > 0 and stacks(params, batch, params) == 2 * per_tree
 
 
+def test_logits_sam_hands_the_inner_lse_to_the_perturbed_head(monkeypatch):
+    """make_grad_fn's logits-SAM step, bf16 with the kept chunked head, gives the perturbed
+    pass the inner pass's logsumexp: it traces the shifted one-read pass, adamw's step does
+    not; the gradients are those of the two-read pass at bf16 rounding."""
+    cfg = builtin_config("gpt2-tiny", dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(7))
+    batch = _batch(vocab=cfg.vocab_size)
+    traced = []
+    shifted_chunk = losses._shifted_chunk
+    monkeypatch.setattr(losses, "_shifted_chunk",
+                        lambda *a: traced.append(1) or shifted_chunk(*a))
+
+    def grads(mode):
+        return jax.jit(O.make_grad_fn(cfg, mode=mode, chunk_size=3, rho=0.05))(
+            params, batch, params)[2]
+
+    length = batch["input_ids"].shape[-1]
+    assert losses.keeps_softmax_gradient(length, 3, jnp.bfloat16)
+    grads("adamw")
+    assert not traced
+    one_read = grads("logits-sam")
+    assert traced  # the chunks' switch traces it once, for all of them
+    monkeypatch.setattr(losses, "SHIFT_RANGE", -1.0)  # no chunk in reach: the two-read pass
+    two_reads = grads("logits-sam")
+    flat = [np.ravel(np.asarray(x, np.float32)) for x in jax.tree_util.tree_leaves(
+        (one_read, two_reads))]
+    a, b = np.concatenate(flat[:len(flat) // 2]), np.concatenate(flat[len(flat) // 2:])
+    assert 0 < np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b)
+
+
 def test_chunked_logits_sam_stores_no_float32_perturbed_head():
     """Under bf16 compute logits-SAM's e is added to W where the head is cast, and the
     perturbed head's bound (lm.losses._perturbation_bound) reads W and e without holding a
