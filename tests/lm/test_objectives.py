@@ -570,13 +570,15 @@ def test_logits_sam_hands_the_inner_lse_to_the_perturbed_head(monkeypatch):
     monkeypatch.setattr(losses, "_shifted_chunk",
                         lambda *a: traced.append(1) or shifted_chunk(*a))
 
+    def step(mode):
+        return O.make_grad_fn(cfg, mode=mode, chunk_size=3, rho=0.05)
+
     def grads(mode):
-        return jax.jit(O.make_grad_fn(cfg, mode=mode, chunk_size=3, rho=0.05))(
-            params, batch, params)[2]
+        return jax.jit(step(mode))(params, batch, params)[2]
 
     length = batch["input_ids"].shape[-1]
     assert losses.keeps_softmax_gradient(length, 3, jnp.bfloat16)
-    grads("adamw")
+    jax.make_jaxpr(step("adamw"))(params, batch, params)
     assert not traced
     one_read = grads("logits-sam")
     assert traced  # the chunks' switch traces it once, for all of them
