@@ -114,9 +114,12 @@ started=$(date +%s)
 # gpt2-large's logits-SAM row and mistral-7b; and 2.65B's MFU was 39.3-40.0% pipelined against
 # the goal's 40%. Since, the gradient norm (clipping and the logged grad_norm) runs in 202
 # kernels instead of 711 at 2.65B (lm.optim.global_norm; 2.7 ms in that loan's profile for
-# 1.2 ms of reads). This session measures those first, then the 2.65B step of the code that
-# loan measured ($BEFORE: 009d577) for what the norm took off. Every case's modes are also
-# interleaved in one process (the goals are held to those).
+# 1.2 ms of reads), and logits-SAM's perturbed head reads its logits once
+# (lm.losses._shifted_chunk; about -0.68 ms expected at 124M: its profile should lose the
+# perturbed pass's pair-reduction logsumexp). This session measures those first, then the
+# code that loan measured ($BEFORE: 009d577) for what the changes took off (2.65B adamw;
+# 124M adamw and logits-SAM). Every case's modes are also interleaved in one process (the
+# goals are held to those).
 chunked=(--chunk-size 128)
 # The baseline, profiled, and logits-SAM interleaved (about 90 s).
 run gpt2-124m 150 "${small[@]}" "${common[@]}" "${chunked[@]}" --modes adamw,logits-sam \
