@@ -118,6 +118,17 @@ def _opcode_and_operands(rest: str) -> tuple[str, str, str]:
     return opcode.strip(), tail, ""
 
 
+def _instructions(lines: list[str]):
+    """Each instruction of a computation's ``lines``: (result name, result type, opcode,
+    operand list, attributes, whether it is the ROOT)."""
+    for line in lines:
+        instruction = _INSTRUCTION.match(line)
+        if instruction:
+            shape, rest = _shape_and_rest(instruction.group(2))
+            yield (instruction.group(1), shape, *_opcode_and_operands(rest),
+                   line.lstrip().startswith("ROOT"))
+
+
 def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
     """({computation name: its instruction lines}, the entry computation's name)."""
     computations: dict[str, list[str]] = {}
@@ -154,20 +165,14 @@ def _partial_access(lines: list[str]) -> tuple[dict[int, float], float | None]:
     producers: dict[str, tuple[str, list[str], float]] = {}
     users: dict[str, list[tuple[str, str, int]]] = {}
     root = None
-    for line in lines:
-        instruction = _INSTRUCTION.match(line)
-        if not instruction:
-            continue
-        result = instruction.group(1)
-        shape, rest = _shape_and_rest(instruction.group(2))
-        opcode, operands, _ = _opcode_and_operands(rest)
+    for result, shape, opcode, operands, _, is_root in _instructions(lines):
         names = re.findall(r"%([\w.\-]+)", operands)
         producers[result] = (opcode, names, sum(_shape_bytes(shape)))
         if opcode == "parameter":
             parameters[result] = int(operands)
         for position, name in enumerate(names):
             users.setdefault(name, []).append((result, opcode, position))
-        if line.lstrip().startswith("ROOT"):
+        if is_root:
             root = result
 
     # The root's in-place update (under bitcasts), its destination parameter, its updates.
@@ -232,14 +237,8 @@ def kernels(hlo_text: str) -> tuple[list[Kernel], int]:
             return
         seen.add(name)
         sizes: dict[str, list[float]] = {}
-        for line in computations[name]:
-            instruction = _INSTRUCTION.match(line)
-            if not instruction:
-                continue
-            result, rhs = instruction.group(1), instruction.group(2)
-            shape, rest = _shape_and_rest(rhs)
+        for result, shape, opcode, operands, attributes, _ in _instructions(computations[name]):
             sizes[result] = _shape_bytes(shape)
-            opcode, operands, attributes = _opcode_and_operands(rest)
             for single, listed in _BRANCHES.findall(attributes):
                 for branch in [single] if single else re.findall(r"%([\w.\-]+)", listed):
                     walk(branch, runs)

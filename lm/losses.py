@@ -58,10 +58,15 @@ def _target_logit_and_lse(logits: jax.Array, targets: jax.Array,
     ``vocab``: the logsumexp of the first ``vocab`` columns only (each reduction masks the
     rest as it reads them: no masked copy of the logits), by :func:`padded_logsumexp`."""
     z = logits.astype(jnp.float32)
-    target_logit = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    target_logit = _target_logit(z, targets)
     if vocab is None:
         return target_logit, jax.nn.logsumexp(z, axis=-1)
     return target_logit, padded_logsumexp(z, vocab)
+
+
+def _target_logit(z: jax.Array, targets: jax.Array) -> jax.Array:
+    """z[target] (...) of logits z (..., V) and int targets (...)."""
+    return jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
 def _two_pass_logsumexp(z: jax.Array, vocab: int) -> jax.Array:
@@ -422,7 +427,7 @@ def _shifted_chunk(h, w, targets, shift, counted, vocab, keep):
     shift, so no inf reaches the backward's products with their zeros.
     """
     z = logits_from_hidden(h, w)
-    target_logit = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+    target_logit = _target_logit(z, targets)
     column = jnp.arange(z.shape[-1])
     e = jnp.where(column < vocab, jnp.exp(z - shift[..., None]), 0.0)
     total = jnp.sum(e.reshape(*e.shape[:-1], -1, HEAD_ALIGNMENT), axis=-1).sum(axis=-1)
