@@ -68,9 +68,10 @@ policy trunk, policy head, and the rest of the pipelined step), which needs no p
 adamw's.
 
 ``--interleave ROUNDS`` times a case's modes once more after their rows, all in one process
-on one shared train state, alternating in rounds (A B, B A, ...): separate processes time the
-same step several percent apart, more than the 1-pp goal on logits-SAM's overhead, which then
-comes from these medians (``interleaved_overhead_vs_adamw``, with the rounds' least and most).
+on one shared train state, alternating in rounds (A B, B A, ...), each block after a few
+untimed steps of its own mode: separate processes time the same step several percent apart,
+more than the 1-pp goal on logits-SAM's overhead, which then comes from these medians
+(``interleaved_overhead_vs_adamw``, with the rounds' least and most).
 
 ``peak_bytes_in_use`` only grows within a process, so on devices that report it each
 (case, mode) runs in its own child process (``--isolate auto``). Cases that do not fit are
@@ -597,10 +598,28 @@ def interleaving(modes: Sequence[str], rounds: int) -> list[str]:
     return [m for r in range(rounds) for m in (unique if r % 2 == 0 else unique[::-1])]
 
 
+def settled_blocks(modes: Sequence[str], rounds: int, steps: int, settle: int
+                   ) -> list[tuple[str, int, bool]]:
+    """(mode, steps, timed) in the order :func:`time_interleaved` runs them: before each timed
+    block of :func:`interleaving`, ``settle`` untimed steps of its mode.
+
+    Unsettled, a mode's block could follow another mode's: on the first H100 loan every
+    case's adamw, listed first, timed 2–5% slower interleaved than in its own process, and
+    logits-SAM within 0.3% of its own (``A B, B A`` after the warm-ups: A follows the other
+    mode in both rounds, B in one), which took 2–4 pp off logits-SAM's overhead. Settled,
+    every timed step follows steps of its own mode, whatever the order."""
+    blocks = []
+    for mode in interleaving(modes, rounds):
+        blocks += [(mode, settle, False)] if settle else []
+        blocks.append((mode, steps, True))
+    return blocks
+
+
 def time_interleaved(case: Case, args: argparse.Namespace) -> dict:
     """Step times of every mode of ``case`` in this one process, on one shared train state,
     in ``--interleave`` rounds of ``--steps`` steps per mode (:func:`interleaving`), each
-    round's steps dispatched back to back (pipelined, as the trainer runs them): a block's
+    after ``--warmup`` (at least one) untimed steps of its own mode (:func:`settled_blocks`),
+    each round's steps dispatched back to back (pipelined, as the trainer runs them): a block's
     fixed cost (its first dispatch, the final wait) is spread over as many steps as a
     pipelined row's, so it dilutes the ratio as little (about 0.07 pp at 124M).
 
@@ -648,8 +667,11 @@ def time_interleaved(case: Case, args: argparse.Namespace) -> dict:
         for mode in modes:  # compiles each step, then its warm-up
             step_parts.pipelined_seconds(runner(mode), max(1, args.warmup))
         round_ms = {m: [] for m in modes}
-        for mode in interleaving(modes, args.interleave):
-            round_ms[mode].append(1e3 * step_parts.pipelined_seconds(runner(mode), args.steps))
+        for mode, n, timed in settled_blocks(modes, args.interleave, args.steps,
+                                             max(1, args.warmup)):
+            seconds = step_parts.pipelined_seconds(runner(mode), n)
+            if timed:
+                round_ms[mode].append(1e3 * seconds)
         _progress(f"{case.shape}: {'/'.join(modes)} interleaved in "
                   f"{time.perf_counter() - t0:.1f} s")
         if int(state.halted_at) >= 0:
@@ -681,9 +703,10 @@ def interleaved_args(rows: Sequence[dict], case: Case, args: argparse.Namespace
 
 def add_interleaved(rows: Sequence[dict], case: Case, result: dict) -> None:
     """:func:`time_interleaved`'s ``result`` on the finished rows of ``case``, in place:
-    ``interleaved_step_ms``, and for the SAM modes ``interleaved_overhead_vs_adamw`` (the
-    medians' ratio − 1) with ``interleaved_overhead_range``, the least and the most of the
-    rounds' ratios − 1; ``interleaved_error`` where it failed."""
+    ``interleaved_step_ms`` and ``interleaved_round_ms`` (its rounds'), and for the SAM
+    modes ``interleaved_overhead_vs_adamw`` (the medians' ratio − 1) with
+    ``interleaved_overhead_range``, the least and the most of the rounds' ratios − 1;
+    ``interleaved_error`` where it failed."""
     for r in rows:
         if Case(r["shape"], r["pairs"], r["seq"], r["prompt"], r["remat"]) != case \
                 or r["status"] != "ok":
@@ -693,6 +716,7 @@ def add_interleaved(rows: Sequence[dict], case: Case, result: dict) -> None:
             continue
         ms, rounds = result["step_ms"], result["round_ms"]
         r["interleaved_step_ms"] = ms[r["mode"]]
+        r["interleaved_round_ms"] = rounds[r["mode"]]
         if r["mode"] != "adamw" and "adamw" in ms:
             r["interleaved_overhead_vs_adamw"] = ms[r["mode"]] / ms["adamw"] - 1.0
             ratios = [a / b - 1.0 for a, b in zip(rounds[r["mode"]], rounds["adamw"])]

@@ -264,6 +264,34 @@ def test_interleaved_rounds_alternate_their_order():
     assert bench.interleaving(["sam"], 2) == ["sam", "sam"]
 
 
+def test_every_timed_interleaved_block_follows_steps_of_its_own_mode():
+    blocks = bench.settled_blocks(["adamw", "logits-sam", "adamw"], 2, steps=20, settle=3)
+    assert blocks == [("adamw", 3, False), ("adamw", 20, True),
+                      ("logits-sam", 3, False), ("logits-sam", 20, True),
+                      ("logits-sam", 3, False), ("logits-sam", 20, True),
+                      ("adamw", 3, False), ("adamw", 20, True)]
+    assert [m for m, _, timed in blocks if timed] == bench.interleaving(["adamw", "logits-sam"], 2)
+    assert bench.settled_blocks(["adamw"], 1, steps=5, settle=0) == [("adamw", 5, True)]
+
+
+def test_interleaved_timing_settles_each_block_untimed(monkeypatch):
+    """The untimed steps run (the time_interleaved loop reads settled_blocks), and only the
+    timed blocks' seconds reach the rounds."""
+    calls = []
+
+    def seconds(call, steps):
+        calls.append(steps)
+        call()
+        return 1.0 if steps == 2 else 100.0
+
+    monkeypatch.setattr(bench.step_parts, "pipelined_seconds", seconds)
+    args = bench.parse_args(["--modes", "adamw,logits-sam", "--steps", "2", "--warmup", "3",
+                             "--interleave", "2"])
+    result = bench.time_interleaved(bench.cases(args)[0], args)
+    assert calls == [3, 3] + [3, 2] * 4  # each mode's warm-up, then settled blocks
+    assert result["round_ms"] == {"adamw": [1e3, 1e3], "logits-sam": [1e3, 1e3]}
+
+
 def test_interleaved_times_go_to_their_cases_rows():
     def row(mode, seq=512, status="ok"):
         return {"shape": "gpt2-2.65b", "pairs": 2, "seq": seq, "prompt": 128, "remat": "none",
@@ -276,6 +304,7 @@ def test_interleaved_times_go_to_their_cases_rows():
               "round_ms": {"adamw": [99.0, 101.0], "logits-sam": [102.0, 101.0]}}
     bench.add_interleaved(rows, bench.Case("gpt2-2.65b", 2, 512, 128, "none"), result)
     assert rows[0]["interleaved_step_ms"] == rows[2]["interleaved_step_ms"] == 100.0
+    assert rows[0]["interleaved_round_ms"] == [99.0, 101.0]
     assert rows[1]["interleaved_overhead_vs_adamw"] == pytest.approx(0.02)
     assert rows[1]["interleaved_overhead_range"] == pytest.approx([0.0, 102 / 99 - 1])
     assert not any("interleaved" in k for r in rows[3:] for k in r)
