@@ -274,24 +274,6 @@ def test_every_timed_interleaved_block_follows_steps_of_its_own_mode():
     assert bench.settled_blocks(["adamw"], 1, steps=5, settle=0) == [("adamw", 5, True)]
 
 
-def test_interleaved_timing_settles_each_block_untimed(monkeypatch):
-    """The untimed steps run (the time_interleaved loop reads settled_blocks), and only the
-    timed blocks' seconds reach the rounds."""
-    calls = []
-
-    def seconds(call, steps):
-        calls.append(steps)
-        call()
-        return 1.0 if steps == 2 else 100.0
-
-    monkeypatch.setattr(bench.step_parts, "pipelined_seconds", seconds)
-    args = bench.parse_args(["--modes", "adamw,logits-sam", "--steps", "2", "--warmup", "3",
-                             "--interleave", "2"])
-    result = bench.time_interleaved(bench.cases(args)[0], args)
-    assert calls == [3, 3] + [3, 2] * 4  # each mode's warm-up, then settled blocks
-    assert result["round_ms"] == {"adamw": [1e3, 1e3], "logits-sam": [1e3, 1e3]}
-
-
 def test_interleaved_times_go_to_their_cases_rows():
     def row(mode, seq=512, status="ok"):
         return {"shape": "gpt2-2.65b", "pairs": 2, "seq": seq, "prompt": 128, "remat": "none",
@@ -347,15 +329,27 @@ def test_rows_that_did_not_fit_are_not_interleaved(monkeypatch):
 
 
 @pytest.mark.parametrize("isolate", ["never", "always"])
-def test_interleaved_timing_of_a_cases_modes_in_one_process(tmp_path, isolate):
+def test_interleaved_timing_of_a_cases_modes_in_one_process(tmp_path, monkeypatch, isolate):
     """``--interleave``: every mode timed again in one process (a child where rows are
-    isolated), logits-SAM's overhead from those medians, and its goals held to it."""
+    isolated), each timed block after an untimed one of its mode, logits-SAM's overhead
+    from those medians, and its goals held to it."""
+    blocks = []
+    timed = bench.step_parts.pipelined_seconds
+
+    def recorded(call, steps, *rest):
+        blocks.append(steps)
+        return timed(call, steps, *rest)
+
+    monkeypatch.setattr(bench.step_parts, "pipelined_seconds", recorded)
     out = tmp_path / "interleaved.json"
     bench.main(["--modes", "adamw,logits-sam", "--steps", "2", "--warmup", "0",
                 "--interleave", "2", "--isolate", isolate, "--out", str(out)])
     result = json.loads(out.read_text())
     adamw, sam = result["rows"]
+    if isolate == "never":  # the rows' pipelined steps, each mode's warm-up, settled blocks
+        assert blocks[-10:] == [1, 1] + [1, 2] * 4
     assert adamw["interleaved_step_ms"] > 0 and sam["interleaved_step_ms"] > 0
+    assert len(adamw["interleaved_round_ms"]) == len(sam["interleaved_round_ms"]) == 2
     assert sam["interleaved_overhead_vs_adamw"] == pytest.approx(
         sam["interleaved_step_ms"] / adamw["interleaved_step_ms"] - 1)
     low, high = sam["interleaved_overhead_range"]
