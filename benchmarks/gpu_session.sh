@@ -77,13 +77,23 @@ large+=(--remat block)
 picked() { [[ $only == "  " || $only == *" $1 "* ]]; }
 
 run() {  # run NAME LIMIT_S [VAR=VALUE...] BENCH_FLAGS...: VAR=VALUE set for this run only;
-  # TREE=DIR runs the bench of the code in DIR instead of this checkout's.
-  local name=$1 limit=$2 vars=() tree=$PWD
+  # TREE=DIR runs the bench of the code in DIR instead of this checkout's; DUMP=1 keeps the
+  # steps as this GPU's XLA compiled them (after its optimizations, gzipped, with its
+  # autotuning results) under hlo/NAME/ in the aot tar, for experiments.hlo_traffic here.
+  local name=$1 limit=$2 vars=() tree=$PWD dump= flags=${XLA_FLAGS:-}
   shift 2
   while [[ ${1:-} == [A-Z]*=* ]]; do
-    if [[ $1 == TREE=* ]]; then tree=${1#TREE=}; else vars+=("$1"); fi
+    case $1 in
+      TREE=*) tree=${1#TREE=} ;;
+      DUMP=1) dump="$aot/hlo/$name" ;;
+      XLA_FLAGS=*) flags=${1#XLA_FLAGS=} ;;
+      *) vars+=("$1") ;;
+    esac
     shift
   done
+  # Each row compiles in a process of its own: the timestamp keeps their files apart.
+  [[ -n $dump ]] && flags+=" --xla_dump_to=$dump --xla_dump_hlo_module_re=jit_step --xla_dump_include_timestamp=true"
+  vars+=("XLA_FLAGS=$flags")
   picked "$name" || return 0
   if [[ ! -d $tree/experiments ]]; then
     echo "== $name: not started (no code in $tree)" | tee -a "$log"
@@ -101,6 +111,11 @@ run() {  # run NAME LIMIT_S [VAR=VALUE...] BENCH_FLAGS...: VAR=VALUE set for thi
     "$@" --out "$out/$json") 2>&1 | tee -a "$log"
   # Written by this run, not left by an earlier one of the same name.
   [[ -f $out/$json && $(stat -c %Y "$out/$json") -ge $started ]] && written+=("$json")
+  if [[ -n $dump && -d $dump ]]; then
+    find "$dump" -type f ! -name '*after_optimizations.txt' ! -name '*autotune_results.pbtxt' \
+      -delete
+    gzip -qf "$dump"/* 2>>"$log"
+  fi
 }
 written=()  # this session's JSON files: only these are ever packed
 started=$(date +%s)
@@ -126,14 +141,20 @@ run gpt2-124m 150 "${small[@]}" "${common[@]}" "${chunked[@]}" --modes adamw,log
 # 1.4 pp over the bound pipelined on the H100, under it interleaved (about 200 s).
 run gpt2-large 230 "${mid[@]}" "${timing[@]}" "${chunked[@]}" --remat none \
   --modes adamw,logits-sam "${paired[@]}"
-# The 2.65B step without remat, logits-SAM between two adamw rows, profiled (about 230 s).
-run gpt2-2.65b-noremat 250 "${large[@]}" "${common[@]}" "${chunked[@]}" --remat none \
+# The 2.65B step without remat, logits-SAM between two adamw rows, profiled, its steps as this
+# GPU's XLA compiled them kept (DUMP=1; about 240 s).
+run gpt2-2.65b-noremat 260 DUMP=1 "${large[@]}" "${common[@]}" "${chunked[@]}" --remat none \
   --modes adamw,logits-sam,adamw "${paired[@]}"
 if [[ $device == h200 ]]; then
   # Mistral-7B's step needs ~114 GiB (compiled for the H200; about 250 s).
   run mistral-7b 280 "${big[@]}" "${timing[@]}" "${chunked[@]}" \
     --remat dots_with_no_batch_dims_saveable --modes adamw,logits-sam "${paired[@]}"
 fi
+# XLA merges the q, k and v projections' GEMMs into one and concatenates their weights for it
+# at every forward pass: 64 copies of 79 MB at 2.65B, 1.8 ms of the H100 profile (its one
+# `wrapped_concatenate` kernel, under layers_0/attn_norm). Unmerged, three GEMMs and no copy.
+run gpt2-2.65b-noremat-no-dot-merger 110 DUMP=1 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_dot_merger_threshold_mb=0" \
+  "${large[@]}" "${common[@]}" "${chunked[@]}" --remat none --modes adamw
 # The optimizer's first moment in bf16 without remat: 70.5 -> 60.5 GB in the AdamW pass
 # (compiled for the H200), about -3 ms on an H100 (a numerics choice, not the goals').
 run gpt2-2.65b-noremat-mu-bf16 90 "${large[@]}" "${timing[@]}" "${chunked[@]}" --remat none \

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import gzip
 import re
 import sys
 from typing import Sequence
@@ -303,16 +304,17 @@ def by_source(found: Sequence[Kernel]) -> list[tuple[str, int, float, float]]:
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m experiments.hlo_traffic", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("file", help="an HLO text file XLA dumped after its optimizations")
+    p.add_argument("file", help="an HLO text file XLA dumped after its optimizations (or it "
+                                "gzipped, *.gz: benchmarks/gpu_session.sh's DUMP=1)")
     p.add_argument("--top", type=int, default=40, help="groups to list (default 40)")
     p.add_argument("--match", default="", help="only the groups this regular expression finds")
     args = p.parse_args(argv)
     try:
-        with open(args.file) as f:
+        with (gzip.open if args.file.endswith(".gz") else open)(args.file, "rt") as f:
             text = f.read()
         found, _ = kernels(text)
         pattern = re.compile(args.match)
-    except (OSError, UnicodeDecodeError, ValueError, re.error) as e:
+    except (OSError, EOFError, UnicodeDecodeError, ValueError, re.error) as e:
         p.exit(2, f"{p.prog}: {args.file if not isinstance(e, re.error) else '--match'}: {e}\n")
     total = summary(text)
     unknown = total["unknown_trip_counts"]

@@ -1,5 +1,7 @@
 """experiments.hlo_traffic: kernels and bytes of an HLO module, by hand and from XLA."""
 
+import gzip
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -247,3 +249,15 @@ def test_cli_prints_the_groups_and_names_a_bad_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         hlo_traffic.main([str(tmp_path / "missing.txt")])
     assert exc.value.code == 2 and "missing.txt" in capsys.readouterr().err
+
+
+def test_cli_reads_a_gzipped_dump(tmp_path, capsys):
+    path = tmp_path / "module.txt.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(MODULE)
+    hlo_traffic.main([str(path), "--match", "layers_"])
+    assert capsys.readouterr().out.splitlines()[0] == "14 kernels, 0.00 GB read and written"
+    path.write_bytes(gzip.compress(MODULE.encode())[:40])
+    with pytest.raises(SystemExit) as exc:
+        hlo_traffic.main([str(path)])
+    assert exc.value.code == 2 and "module.txt.gz" in capsys.readouterr().err
