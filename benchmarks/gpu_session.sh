@@ -129,7 +129,7 @@ started=$(date +%s)
 # (experiments.bench.settled_blocks). This session times logits-SAM's overhead again, settled,
 # in four rounds (--interleave 4 below), first where the goal is closest, then the 2.65B step's
 # levers: the padded vocabulary, bf16 AdamW moments. Mistral-7B needs an H200 (its float32
-# parameters and AdamW moments alone are 116 GB); on an H100 the case is not started.
+# parameters and AdamW moments alone are 87 GB); on an H100 the case is not started.
 # Every case's modes once more in one process, alternating (A B, B A, ...; 20 pipelined steps
 # each, settled): the same step timed in two processes differed by 7% on the third loan, more
 # than the 1-pp goal on logits-SAM.
