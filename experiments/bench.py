@@ -606,7 +606,7 @@ def settled_blocks(modes: Sequence[str], rounds: int, steps: int, settle: int
     Unsettled, a mode's block could follow another mode's: on the first H100 loan every
     case's adamw, listed first, timed 2–5% slower interleaved than in its own process, and
     logits-SAM within 0.3% of its own (``A B, B A`` after the warm-ups: A follows the other
-    mode in both rounds, B in one), which took 2–4 pp off logits-SAM's overhead. Settled,
+    mode in both rounds, B in one), which took 2–5 pp off logits-SAM's overhead. Settled,
     every timed step follows steps of its own mode, whatever the order."""
     blocks = []
     for mode in interleaving(modes, rounds):
